@@ -30,6 +30,7 @@ class Taps:
         level_names: keys of the FPN ``OrderedDict`` (needed to RoI-pool extra maps).
         roi_logits: two-stage detectors only: box-head class logits ``(R, K+1)`` (softmax).
         proposals: two-stage detectors only: the proposals the ``roi_logits`` belong to, per image.
+        batch: the normalised, resized, padded input tensor ``(N, 3, H, W)`` the backbone saw.
     """
 
     features: list[Tensor]
@@ -43,6 +44,7 @@ class Taps:
     level_names: list[str] = field(default_factory=list)
     roi_logits: Optional[Tensor] = None
     proposals: Optional[list[Tensor]] = None
+    batch: Optional[Tensor] = None
 
     @property
     def num_levels(self) -> int:

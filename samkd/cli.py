@@ -1,0 +1,138 @@
+"""The ``samkd`` command line: make-data, train, distill, eval, export-student, visualize, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=required, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.02 (repeatable)")
+
+
+def _cmd_make_data(args) -> int:
+    from .data import make_synthetic_dataset
+    info = make_synthetic_dataset(args.out, args.images, seed=args.seed, image_size=args.image_size,
+                                  val_images=args.val_images, progress=not args.quiet)
+    print(json.dumps({k: str(v) for k, v in info.items()}, indent=2))
+    return 0
+
+
+def _cmd_train(args, need_distill: bool = False) -> int:
+    from .config import ConfigError, load_config
+    from .engine.train import train
+    cfg = load_config(args.config, args.overrides)
+    if need_distill and cfg.distill is None:
+        raise ConfigError(f"{args.config}: `samkd distill` needs a 'distill' block (losses, ...) and a 'teacher'")
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({"metrics": summary["metrics"], "s_per_step": summary["s_per_step"],
+                      "output_dir": summary["output_dir"]}, indent=2))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .config import load_config
+    from .engine.train import evaluate_config
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(evaluate_config(cfg, args.checkpoint), indent=2))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .config import load_config
+    from .engine.export import export_student
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(export_student(cfg, args.checkpoint, args.out, onnx=args.onnx), indent=2))
+    return 0
+
+
+def _cmd_visualize(args) -> int:
+    from .config import load_config
+    from .visualize import visualize
+    cfg = load_config(args.config, args.overrides)
+    for path in visualize(cfg, args.image, args.out, checkpoint=args.checkpoint, level=args.level):
+        print(path)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import run_bench
+    run_bench(out_dir=args.out, quick=args.quick, suite=args.suite, seeds=args.seeds, work_dir=args.work_dir,
+              steps=args.steps, teacher_steps=args.teacher_steps, data_seed=args.data_seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samkd", description="Knowledge distillation for torchvision detectors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-data", help="write the synthetic-shapes detection set (JPEGs + COCO json)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", type=int, default=200, help="training images")
+    p.add_argument("--val-images", type=int, default=None, help="validation images (default: images // 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_make_data)
+
+    for name, helptext in (("train", "train a detector"), ("distill", "distil a teacher into a student")):
+        p = sub.add_parser(name, help=helptext)
+        _add_config_args(p)
+        p.add_argument("--resume", default=None, metavar="PATH|auto", help="continue from a checkpoint")
+        p.set_defaults(func=_cmd_train if name == "train" else (lambda a: _cmd_train(a, need_distill=True)))
+
+    p = sub.add_parser("eval", help="COCO mAP of a model on the config's validation set")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default=None, help="weights to evaluate (default: model.checkpoint)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export-student", help="plain torchvision state dict (+ ONNX) of a trained student")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="samkd checkpoint or student state dict")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--onnx", action="store_true", help="also write student.onnx")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("visualize", help="PNGs of SAMKD's hierarchical masks, teacher attention, SLD weights")
+    _add_config_args(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default=None, help="student weights (default: model.checkpoint)")
+    p.add_argument("--level", type=int, default=0, help="FPN level to show (0 = finest)")
+    p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser("bench", help="the method comparison table on the synthetic benchmark")
+    p.add_argument("--out", default="benchmarks")
+    p.add_argument("--work-dir", default=None, help="cache for data, teacher and runs (default: <out>/work)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (CI): checks it runs and writes files")
+    p.add_argument("--suite", choices=("default", "full"), default="default")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=None, help="student steps per run")
+    p.add_argument("--teacher-steps", type=int, default=None)
+    p.add_argument("--data-seed", type=int, default=None)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .config import ConfigError
+    from .data import DatasetError
+    from .distill import DistillConfigError
+    from .models import ModelConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, ModelConfigError, DistillConfigError, FileNotFoundError) as exc:
+        print(f"samkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("samkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

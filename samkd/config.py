@@ -1,0 +1,258 @@
+"""YAML experiment configs, validated against typed dataclasses.
+
+Every error names the file and the dotted key at fault (``configs/x.yaml: train.lr: expected a number, got
+'fast'``); unknown keys are refused with the closest known key suggested. ``--set key=value`` overrides are
+applied to the raw YAML before validation, their values parsed as YAML (``--set train.lr=0.02``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and key."""
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # a `samkd make-data` folder: fills the four paths below when they are unset
+    train_ann: Optional[str] = None
+    train_images: Optional[str] = None
+    val_ann: Optional[str] = None
+    val_images: Optional[str] = None
+    batch_size: int = 8
+    val_batch_size: int = 8
+    num_workers: int = 0
+    flip_prob: float = 0.5
+    max_val_images: Optional[int] = None  # evaluate on the first N validation images only
+
+    def resolved(self) -> "DataConfig":
+        """Paths filled in from ``root`` where unset."""
+        if not self.root:
+            return self
+        root = Path(self.root)
+        fill = {"train_ann": root / "annotations/train.json", "train_images": root / "images/train",
+                "val_ann": root / "annotations/val.json", "val_images": root / "images/val"}
+        return dataclasses.replace(self, **{k: str(v) for k, v in fill.items() if getattr(self, k) is None})
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "fcos"  # fcos | retinanet | faster_rcnn
+    backbone: str = "resnet18"  # resnet18/34/50/101 | mobilenet_v3_large
+    num_classes: Optional[int] = None  # including background; None: from the training set
+    min_size: int = 800
+    max_size: int = 1333
+    weights: Optional[str] = None  # torchvision detector weights, e.g. DEFAULT
+    backbone_weights: Optional[str] = None  # torchvision ImageNet weights, e.g. IMAGENET1K_V1
+    checkpoint: Optional[str] = None  # local state dict / samkd checkpoint
+    trainable_backbone_layers: Optional[int] = None
+    anchor_sizes: Optional[list[float]] = None  # one base size per FPN level; None: torchvision default
+    score_thresh: Optional[float] = None  # detection score threshold at inference; None: torchvision default
+    detections_per_img: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    max_steps: Optional[int] = None  # total optimiser steps; overrides epochs when set
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"  # cosine | step | constant
+    milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # step scheduler, fractions of steps
+    gamma: float = 0.1
+    warmup_steps: int = 100
+    warmup_factor: float = 0.001
+    grad_clip: Optional[float] = 10.0  # max gradient norm; None: off
+    amp: bool = False  # mixed precision (CUDA only; ignored on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10  # steps
+    eval_every: int = 1  # epochs; 0: only at the end
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class DistillConfig:
+    # {loss name: {param: value}}, e.g. {samkd: {weight: 1.0, mask_ratio: 0.5}}; see samkd.losses.LOSSES
+    losses: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
+    init_student_from_teacher: bool = False
+    stop_distill_at: Optional[int] = None  # epoch
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "runs/exp"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: Optional[ModelConfig] = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: Optional[DistillConfig] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
+    if origin in (list, dict):
+        return "a list" if origin is list else "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check ``value`` against type ``tp``; return it converted (ints accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[tp]
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls, raw: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+    sep = "." if where and not where.endswith(": ") else ""
+    kwargs = {k: _coerce(v, hints[k], f"{where}{sep}{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _check_choices(cfg: Config, where: str) -> None:
+    from .losses import LOSSES
+    from .models.builders import ARCHS, BACKBONES
+
+    def choice(value, allowed, key):
+        if value not in allowed:
+            raise ConfigError(f"{where}{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+    for block in ("model", "teacher"):
+        m = getattr(cfg, block)
+        if m is not None:
+            choice(m.arch, ARCHS, f"{block}.arch")
+            choice(m.backbone, BACKBONES, f"{block}.backbone")
+    choice(cfg.train.optimizer, ("sgd", "adamw"), "train.optimizer")
+    choice(cfg.train.scheduler, ("cosine", "step", "constant"), "train.scheduler")
+    if cfg.distill is not None:
+        for name, params in cfg.distill.losses.items():
+            choice(name, sorted(LOSSES), "distill.losses")
+            accepted = [p for p in inspect.signature(LOSSES[name].__init__).parameters
+                        if p not in ("self", "channels", "num_levels", "args", "kwargs")]
+            for key in params or {}:
+                if key not in accepted:
+                    close = difflib.get_close_matches(key, accepted, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else f" (accepted: {', '.join(accepted)})"
+                    raise ConfigError(f"{where}distill.losses.{name}: unknown parameter '{key}'{hint}")
+        if cfg.teacher is None:
+            raise ConfigError(f"{where}distill needs a 'teacher' block (arch, backbone, checkpoint, ...)")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=0.02", "model.backbone=resnet34"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.02")
+        key, value = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    where = f"{source}: "
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    cfg = _build(Config, raw, where)
+    _check_choices(cfg, where)
+    return cfg
+
+
+def read_yaml(path, _seen: tuple = ()) -> dict:
+    """Raw YAML mapping; a ``_base_: other.yaml`` key (relative to the file) is loaded first and merged under."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if p.resolve() in _seen:
+        raise ConfigError(f"{path}: _base_ chain loops back to itself")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    base = raw.pop("_base_", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: _base_: expected a file name, got {base!r}")
+    return _merge(read_yaml(p.parent / base, _seen + (p.resolve(),)), raw)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (or start from defaults with ``path=None``), apply ``--set`` overrides, validate."""
+    raw = read_yaml(path) if path else {}
+    source = str(path) if path else "<defaults>"
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+        source += " (with --set overrides)"
+    return config_from_dict(raw, source)
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

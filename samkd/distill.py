@@ -1,0 +1,150 @@
+"""Teacher -> student distillation for any pair of torchvision detectors built by :mod:`samkd.models`.
+
+One training step, data flowing one way::
+
+    batch -> student (train mode, hooks)  -> student taps  --\
+          -> teacher (eval, no_grad) on the student's         -> losses -> detection losses + distillation terms
+             transformed batch          -> teacher taps   --/
+
+The teacher never sees a different resize or augmentation than the student: it runs its backbone and
+classification head on the very tensor the student's transform produced.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .losses import build_loss
+from .models.adapter import TapAdapter, detector_kind, num_classes, num_logit_classes
+from .models.taps import Taps
+
+# Settings of GeneralizedRCNNTransform that decide the pixels fed to the backbone.
+_TRANSFORM_FIELDS = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size")
+
+
+class DistillConfigError(ValueError):
+    """Teacher and student cannot be distilled as configured."""
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (BatchNorm statistics fixed) and no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
+    """Fail early, with both values named, when the two detectors cannot be compared level by level."""
+    for field in _TRANSFORM_FIELDS:
+        s, t = getattr(student.transform, field, None), getattr(teacher.transform, field, None)
+        if s != t:
+            raise DistillConfigError(
+                f"teacher and student must share transform.{field} so their FPN maps align: "
+                f"student {s!r}, teacher {t!r} (set the same min_size/max_size in both model blocks)")
+    if num_classes(student) != num_classes(teacher):
+        raise DistillConfigError(f"class counts differ: student {num_classes(student)}, teacher {num_classes(teacher)}")
+    if detector_kind(student) != detector_kind(teacher):
+        raise DistillConfigError(f"cannot mix a one-stage and a two-stage detector: student "
+                                 f"{type(student).__name__}, teacher {type(teacher).__name__}")
+
+
+@torch.no_grad()
+def probe_levels(model: nn.Module, size: int = 128) -> list[tuple[int, int]]:
+    """(channels, stride) of each FPN level, from one forward of a blank image through the backbone."""
+    was_training = model.training
+    model.eval()
+    feats = model.backbone(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    model.train(was_training)
+    return [(f.shape[1], size // f.shape[-2]) for f in feats.values()]
+
+
+def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Copy the teacher's neck (FPN) and head into the student wherever names and shapes match.
+
+    Returns the copied parameter names. A student whose backbone differs still gets a trained FPN/head,
+    which is the usual warm start in detection KD (e.g. MGD, FGD configs in mmrazor).
+    """
+    own = student.state_dict()
+    prefixes = ("backbone.fpn.", "head.", "rpn.", "roi_heads.")
+    copied = {k: v for k, v in teacher.state_dict().items()
+              if k.startswith(prefixes) and k in own and own[k].shape == v.shape}
+    student.load_state_dict(copied, strict=False)
+    return sorted(copied)
+
+
+class Distiller(nn.Module):
+    """A frozen teacher, a trainable student and the distillation losses between them.
+
+    Args:
+        student, teacher: detectors from :func:`samkd.models.build_detector` (any arch pair of the same kind).
+        losses: ``{name: params}``; each entry is built by :func:`samkd.losses.build_loss` (``params`` may
+            hold ``weight``). Several losses may be combined; each returned term is logged separately.
+        init_student_from_teacher: warm-start the student's FPN and head from the teacher where shapes match.
+        stop_distill_at: epoch from which only the detection losses are used (``None``: never stop).
+
+    ``forward(images, targets, epoch)`` returns the detector's own losses plus one ``distill/<term>`` entry
+    per distillation term. Terms whose loss has ``weight == 0`` are not computed at all, so a zero weight
+    reproduces plain student training exactly (no extra random draws, no extra gradients).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, losses: Mapping[str, Mapping] | None = None,
+                 init_student_from_teacher: bool = False, stop_distill_at: Optional[int] = None):
+        super().__init__()
+        check_compatible(student, teacher)
+        self.student = student
+        self.teacher = freeze(teacher)
+        s_levels, t_levels = probe_levels(student), probe_levels(teacher)
+        if [s for _, s in s_levels] != [s for _, s in t_levels]:
+            raise DistillConfigError(f"FPN levels differ: student strides {[s for _, s in s_levels]}, "
+                                     f"teacher strides {[s for _, s in t_levels]}")
+        if num_logit_classes(student) != num_logit_classes(teacher):
+            raise DistillConfigError(f"dense logits differ (anchors, classes): student {num_logit_classes(student)},"
+                                     f" teacher {num_logit_classes(teacher)}; use the same anchor settings")
+        channels = t_levels[0][0]
+        # 1x1 convs bring the student's FPN width to the teacher's (identity when they match).
+        self.align = nn.ModuleList(
+            nn.Conv2d(c, channels, 1) if c != channels else nn.Identity() for c, _ in s_levels)
+        self.losses = nn.ModuleDict({
+            name: build_loss(name, channels=channels, num_levels=len(t_levels), **dict(params or {}))
+            for name, params in (losses or {}).items()})
+        self.stop_distill_at = stop_distill_at
+        self.copied_from_teacher = init_student_from_teacher(student, teacher) if init_student_from_teacher else []
+        self.student_taps = TapAdapter(student)
+        self.teacher_taps = TapAdapter(teacher)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # BatchNorm statistics of the teacher never move
+        return self
+
+    def active_losses(self, epoch: Optional[int] = None) -> dict[str, nn.Module]:
+        if self.stop_distill_at is not None and epoch is not None and epoch >= self.stop_distill_at:
+            return {}
+        return {n: m for n, m in self.losses.items() if getattr(m, "weight", 1.0) != 0}
+
+    def teacher_forward(self, student: Taps) -> Taps:
+        """The teacher on the student's transformed batch (and, two-stage, on the student's proposals)."""
+        with torch.no_grad():
+            return self.teacher_taps.run_on_batch(student.batch.detach(), student.image_sizes, student.targets,
+                                                  proposals=student.proposals)
+
+    def forward(self, images: list[Tensor], targets: list[dict], epoch: Optional[int] = None) -> dict[str, Tensor]:
+        losses = dict(self.student(images, targets))
+        active = self.active_losses(epoch)
+        if not active or not self.training:
+            return losses
+        student = self.student_taps.collect()
+        teacher = self.teacher_forward(student)
+        student.features = [a(f) for a, f in zip(self.align, student.features)]
+        for name, loss in active.items():
+            for term, value in loss(student, teacher).items():
+                losses[f"distill/{term}"] = value
+        return losses
+
+    def distill_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that are not the student's (alignment convs, generators, ...)."""
+        return [p for p in list(self.align.parameters()) + list(self.losses.parameters()) if p.requires_grad]

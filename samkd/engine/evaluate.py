@@ -1,0 +1,317 @@
+"""COCO-style bbox evaluation of torchvision detectors.
+
+The default backend is ``faster_coco_eval`` (C++ implementation, drop-in for
+pycocotools); ``backend="pycocotools"`` is available for cross-validation.
+
+Public API
+----------
+``METRIC_NAMES``
+    ``("AP", "AP50", "AP75", "APs", "APm", "APl")``.
+``coco_metrics(coco_gt, detections, backend="faster", img_ids=None, verbose=False)``
+    COCO bbox metrics in percent (0-100) for detections in COCO results format.
+``detections_to_coco(outputs, image_ids, label_to_cat_id)``
+    torchvision detector outputs -> COCO results list.
+``evaluate(model, loader, coco_gt, label_to_cat_id, device="cpu", progress=True, desc="eval")``
+    Run a detector over a loader and return ``coco_metrics`` on the images seen
+    (DDP aware: detections are gathered from every rank).
+
+Metric conventions: values are ``100 * stats[i]`` of the COCO evaluator.  When a
+metric is undefined (e.g. ``APs`` when the evaluated images have no small
+ground-truth object) COCO reports ``-1``; we keep ``-1.0`` (not scaled) so it is
+distinguishable from a genuine 0.  With no detections at all, every metric is
+``0.0`` and the evaluator is not run.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+__all__ = ["METRIC_NAMES", "coco_metrics", "detections_to_coco", "evaluate"]
+
+_SCORE_DECIMALS = 5
+
+
+# --------------------------------------------------------------------------- #
+# GT conversion helpers
+# --------------------------------------------------------------------------- #
+def _dataset_of(coco_gt: Any) -> dict:
+    """Return the COCO json content (dict) behind ``coco_gt``."""
+    if isinstance(coco_gt, Mapping):
+        return dict(coco_gt)
+    if isinstance(coco_gt, (str, os.PathLike)):
+        import json
+
+        with open(coco_gt) as f:
+            return json.load(f)
+    dataset = getattr(coco_gt, "dataset", None)
+    if isinstance(dataset, dict):
+        return dataset
+    raise TypeError(
+        "coco_gt must be a COCO object (faster_coco_eval or pycocotools), a dict "
+        f"with COCO json content or a path, got {type(coco_gt).__name__}"
+    )
+
+
+def _copy_dataset(dataset: dict) -> dict:
+    """Copy with fresh annotation dicts: both evaluators add keys (``ignore``) to
+    the GT annotations, and the caller's data should stay untouched."""
+    out = dict(dataset)
+    out["annotations"] = [dict(a) for a in dataset.get("annotations", [])]
+    return out
+
+
+def _to_faster_coco(coco_gt: Any):
+    from faster_coco_eval import COCO
+
+    if isinstance(coco_gt, COCO):
+        return coco_gt
+    if isinstance(coco_gt, (str, os.PathLike)):
+        return COCO(os.fspath(coco_gt))
+    return COCO(_copy_dataset(_dataset_of(coco_gt)))
+
+
+def _to_pycocotools_coco(coco_gt: Any):
+    from pycocotools.coco import COCO as PyCOCO
+
+    if isinstance(coco_gt, PyCOCO):
+        return coco_gt
+    if isinstance(coco_gt, (str, os.PathLike)):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return PyCOCO(os.fspath(coco_gt))
+    gt = PyCOCO()
+    gt.dataset = _copy_dataset(_dataset_of(coco_gt))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _zeros() -> Dict[str, float]:
+    return {k: 0.0 for k in METRIC_NAMES}
+
+
+def _stats_to_metrics(stats: Sequence[float]) -> Dict[str, float]:
+    out = {}
+    for name, v in zip(METRIC_NAMES, stats[: len(METRIC_NAMES)]):
+        v = float(v)
+        out[name] = v * 100.0 if v >= 0 else -1.0
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Metrics
+# --------------------------------------------------------------------------- #
+def coco_metrics(
+    coco_gt: Any,
+    detections: List[dict],
+    backend: str = "faster",
+    img_ids: Optional[Iterable[int]] = None,
+    verbose: bool = False,
+) -> Dict[str, float]:
+    """COCO bbox AP metrics (percent) of ``detections`` against ``coco_gt``.
+
+    Args:
+        coco_gt: faster_coco_eval ``COCO``, pycocotools ``COCO``, a dict with COCO
+            json content, or a path to a COCO json file.
+        detections: COCO results format: dicts with ``image_id``, ``category_id``,
+            ``bbox`` (xywh) and ``score``.  Not modified.
+        backend: ``"faster"`` (faster_coco_eval, default) or ``"pycocotools"``.
+        img_ids: restrict evaluation to these image ids (default: every GT image).
+            Detections on other images are ignored.
+        verbose: let the evaluator print its summary table.
+
+    Returns:
+        ``{name: value}`` for ``METRIC_NAMES``; values in 0-100, ``-1.0`` for an
+        undefined metric (no GT in that area range), all ``0.0`` when there are
+        no detections.
+    """
+    if backend not in ("faster", "pycocotools"):
+        raise ValueError(f"unknown backend {backend!r}; expected 'faster' or 'pycocotools'")
+
+    if backend == "faster":
+        gt = _to_faster_coco(coco_gt)
+    else:
+        gt = _to_pycocotools_coco(coco_gt)
+
+    gt_img_ids = set(int(i) for i in gt.getImgIds())
+    if img_ids is None:
+        eval_ids = sorted(gt_img_ids)
+    else:
+        eval_ids = sorted(set(int(i) for i in img_ids))
+        unknown = [i for i in eval_ids if i not in gt_img_ids]
+        if unknown:
+            raise ValueError(f"img_ids not present in the ground truth: {unknown[:10]}")
+    eval_set = set(eval_ids)
+
+    # Copy each detection: loadRes mutates the dicts in place (adds id/area/...).
+    dets = []
+    for d in detections:
+        if int(d["image_id"]) not in eval_set:
+            continue
+        dd = dict(d)
+        dd["image_id"] = int(dd["image_id"])
+        dd["category_id"] = int(dd["category_id"])
+        dd["bbox"] = [float(x) for x in dd["bbox"]]
+        dd["score"] = float(dd["score"])
+        dets.append(dd)
+    if not dets or not eval_ids:
+        return _zeros()
+
+    sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with sink:
+        if backend == "faster":
+            from faster_coco_eval import COCOeval_faster
+
+            quiet = print if verbose else (lambda *a, **k: None)
+            dt = gt.loadRes(dets)
+            try:
+                ev = COCOeval_faster(gt, dt, "bbox", print_function=quiet)
+            except TypeError:  # very old faster_coco_eval without print_function
+                ev = COCOeval_faster(gt, dt, "bbox")
+        else:
+            from pycocotools.cocoeval import COCOeval
+
+            dt = gt.loadRes(dets)
+            ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = list(eval_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return _stats_to_metrics(ev.stats)
+
+
+# --------------------------------------------------------------------------- #
+# Output conversion
+# --------------------------------------------------------------------------- #
+def _as_int(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.item())
+    return int(x)
+
+
+def _map_label(label: int, label_to_cat_id: Any) -> int:
+    if label_to_cat_id is None:
+        return label
+    try:
+        return int(label_to_cat_id[label])
+    except (KeyError, IndexError) as e:
+        raise KeyError(f"label {label} has no COCO category id in label_to_cat_id") from e
+
+
+def detections_to_coco(
+    outputs: Sequence[Mapping[str, torch.Tensor]],
+    image_ids: Sequence[Any],
+    label_to_cat_id: Union[Mapping[int, int], Sequence[int], None],
+) -> List[dict]:
+    """Convert torchvision detector outputs to COCO results format.
+
+    Args:
+        outputs: one dict per image with ``boxes`` (n, 4) xyxy, ``scores`` (n,)
+            and ``labels`` (n,) contiguous labels.
+        image_ids: COCO image id of each output (int or 0-d tensor).
+        label_to_cat_id: mapping (dict, or list indexed by label) from contiguous
+            label to COCO category id; ``None`` means identity.
+
+    Returns:
+        list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` with
+        python numbers (scores rounded to 5 decimals).
+    """
+    if len(outputs) != len(image_ids):
+        raise ValueError(f"got {len(outputs)} outputs for {len(image_ids)} image ids")
+    results: List[dict] = []
+    for out, img_id in zip(outputs, image_ids):
+        img_id = _as_int(img_id)
+        boxes = torch.as_tensor(out["boxes"]).detach().to("cpu", torch.float64).reshape(-1, 4)
+        scores = torch.as_tensor(out["scores"]).detach().to("cpu", torch.float64).reshape(-1)
+        labels = torch.as_tensor(out["labels"]).detach().to("cpu").reshape(-1)
+        if not (len(boxes) == len(scores) == len(labels)):
+            raise ValueError(
+                f"image {img_id}: boxes/scores/labels lengths differ "
+                f"({len(boxes)}, {len(scores)}, {len(labels)})"
+            )
+        if len(boxes) == 0:
+            continue
+        xywh = boxes.clone()
+        xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]
+        for b, s, lab in zip(xywh.tolist(), scores.tolist(), labels.tolist()):
+            results.append(
+                {
+                    "image_id": img_id,
+                    "category_id": _map_label(int(lab), label_to_cat_id),
+                    "bbox": [float(v) for v in b],
+                    "score": round(float(s), _SCORE_DECIMALS),
+                }
+            )
+    return results
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation loop
+# --------------------------------------------------------------------------- #
+def _dist_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable,
+    coco_gt: Any,
+    label_to_cat_id: Union[Mapping[int, int], Sequence[int], None],
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = True,
+    desc: str = "eval",
+    backend: str = "faster",
+    verbose: bool = False,
+) -> Dict[str, float]:
+    """Run ``model`` over ``loader`` and return COCO bbox metrics (percent).
+
+    ``loader`` yields ``(images, targets)`` with ``images`` a list of CHW tensors
+    and ``targets[i]["image_id"]`` an int or 0-d tensor.  Only the images seen are
+    evaluated, so a subset loader evaluates only its images.  If an image is seen
+    more than once (e.g. ``DistributedSampler`` padding) its first predictions
+    are used.  Under DDP (initialised process group, world size > 1) detections
+    are gathered from all ranks with ``all_gather_object`` and every rank returns
+    the same metrics; every rank must call this function.
+
+    The model is put in eval mode and its previous training flag is restored.
+    """
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    per_image: Dict[int, List[dict]] = {}
+    try:
+        for images, targets in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+            images = [img.to(device, non_blocking=True) for img in images]
+            outputs = model(images)
+            ids = [_as_int(t["image_id"]) for t in targets]
+            for img_id, out in zip(ids, outputs):
+                if img_id in per_image:
+                    continue
+                per_image[img_id] = detections_to_coco([out], [img_id], label_to_cat_id)
+    finally:
+        model.train(was_training)
+
+    if _dist_world_size() > 1:
+        gathered: List[Optional[Dict[int, List[dict]]]] = [None] * _dist_world_size()
+        torch.distributed.all_gather_object(gathered, per_image)
+        merged: Dict[int, List[dict]] = {}
+        for part in gathered:
+            for img_id, dets in (part or {}).items():
+                merged.setdefault(int(img_id), dets)
+        per_image = merged
+
+    if not per_image:
+        return _zeros()
+    img_ids = sorted(per_image)
+    detections = [d for i in img_ids for d in per_image[i]]
+    return coco_metrics(coco_gt, detections, backend=backend, img_ids=img_ids, verbose=verbose)

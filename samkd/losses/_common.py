@@ -1,0 +1,221 @@
+"""Building blocks shared by the distillation losses.
+
+Notation used throughout the package: ``F_S``, ``F_T`` are student / teacher FPN maps ``(N, C, H, W)``
+(the student already channel-aligned to the teacher by the caller), ``z_S``, ``z_T`` logits.
+
+* Spatial attention (FGD, eq. 2):  ``A^S(F) = H W softmax_{hw}( mean_c |F| / tau )``  -> ``(N, 1, H, W)``, mean 1.
+* Channel attention (FGD, eq. 3):  ``A^C(F) = C softmax_c( mean_{hw} |F| / tau )``  -> ``(N, C, 1, 1)``, mean 1.
+* Bernoulli KD (Hinton et al. 2015 with one sigmoid per logit):
+  ``KL(p_T || p_S) T^2`` with ``p = sigmoid(z / T)`` and
+  ``KL(p||q) = p log(p/q) + (1-p) log((1-p)/(1-q))``; it is 0 when the logits match.
+* Softmax KD: ``T^2 sum_j p_T,j (log p_T,j - log p_S,j)`` with ``p = softmax(z / T)`` per row.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from samkd.models.taps import Taps
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention maps
+# --------------------------------------------------------------------------------------------------
+def spatial_attention(feat: Tensor, tau: float) -> Tensor:
+    """``H W softmax(mean_c |F| / tau)`` over positions: ``(N, C, H, W) -> (N, 1, H, W)``, mean 1 per image."""
+    n, _, h, w = feat.shape
+    saliency = feat.abs().mean(dim=1).reshape(n, h * w)
+    return (h * w * F.softmax(saliency / tau, dim=1)).reshape(n, 1, h, w)
+
+
+def channel_attention(feat: Tensor, tau: float) -> Tensor:
+    """``C softmax(mean_hw |F| / tau)`` over channels: ``(N, C, H, W) -> (N, C, 1, 1)``, mean 1 per image."""
+    n, c = feat.shape[:2]
+    saliency = feat.abs().mean(dim=(2, 3))
+    return (c * F.softmax(saliency / tau, dim=1)).reshape(n, c, 1, 1)
+
+
+def make_generator(channels: int) -> nn.Sequential:
+    """MGD's generation block: conv3x3 -> ReLU -> conv3x3, keeping the channel count."""
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Logit distillation
+# --------------------------------------------------------------------------------------------------
+def bernoulli_kd(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """Elementwise ``T^2 KL(Bern(sigmoid(z_T/T)) || Bern(sigmoid(z_S/T)))``, same shape as the inputs.
+
+    Written with ``logsigmoid`` (``log(1 - sigmoid(x)) = logsigmoid(-x)``) so that saturated logits
+    neither overflow nor give ``0 * log 0`` NaNs. Computed in float32 at least (AMP safety).
+    """
+    zs = student_logits.float() / T
+    zt = teacher_logits.detach().float() / T
+    log_ps, log_qs = F.logsigmoid(zs), F.logsigmoid(-zs)  # log p_S, log (1 - p_S)
+    log_pt, log_qt = F.logsigmoid(zt), F.logsigmoid(-zt)
+    kl = log_pt.exp() * (log_pt - log_ps) + log_qt.exp() * (log_qt - log_qs)
+    return kl * (T * T)
+
+
+def softmax_kd(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """Per-row ``T^2 KL(softmax(z_T/T) || softmax(z_S/T))``: ``(R, K) -> (R,)``."""
+    log_ps = F.log_softmax(student_logits.float() / T, dim=1)
+    log_pt = F.log_softmax(teacher_logits.detach().float() / T, dim=1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * (T * T)
+
+
+def dense_logits_by_class(logits: Tensor, num_anchors: int, num_classes: int) -> Tensor:
+    """``(N, A*K, H, W) -> (N, A, K, H, W)`` (torchvision heads lay out anchors outermost)."""
+    n, ak, h, w = logits.shape
+    if ak != num_anchors * num_classes:
+        raise ValueError(
+            f"cls_logits have {ak} channels but num_anchors * num_logit_classes = "
+            f"{num_anchors} * {num_classes} = {num_anchors * num_classes}"
+        )
+    return logits.reshape(n, num_anchors, num_classes, h, w)
+
+
+def dense_kd_map(student: Tensor, teacher: Tensor, num_anchors: int, num_classes: int, T: float) -> Tensor:
+    """Bernoulli KD of one level summed over classes and averaged over anchors: ``(N, H, W)``."""
+    s = dense_logits_by_class(student, num_anchors, num_classes)
+    t = dense_logits_by_class(teacher, num_anchors, num_classes)
+    return bernoulli_kd(s, t, T).sum(dim=2).mean(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks on coarse grids
+# --------------------------------------------------------------------------------------------------
+def upsample_cells(grid: Tensor, k: int, size: Sequence[int]) -> Tensor:
+    """Nearest upsampling of a ``k``-cell grid back to ``size``: repeat each cell ``k x k`` then crop.
+
+    Exact inverse of ``ceil_mode`` pooling with kernel = stride = ``k`` (``F.interpolate`` would not
+    align cells when ``H`` is not divisible by ``k``).
+    """
+    if k == 1:
+        return grid[..., : size[0], : size[1]]
+    up = grid.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+    return up[..., : size[0], : size[1]]
+
+
+def round_half_up(x: float) -> int:
+    """Rounding that does not depend on parity (Python's ``round(2.5) == 2``)."""
+    return int(math.floor(x + 0.5))
+
+
+def uniform_noise(shape: Sequence[int], like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``U(0, 1)`` noise on ``like``'s device, drawn from ``generator`` (on its own device) when given."""
+    if generator is None:
+        return torch.rand(tuple(shape), device=like.device)
+    return torch.rand(tuple(shape), generator=generator, device=generator.device).to(like.device)
+
+
+def zero_scalar(*taps: Taps) -> Tensor:
+    """A float32 ``0`` on the device of the first tensor found, as the start of a sum over levels."""
+    for t in taps:
+        for maps in (t.features, t.cls_logits):
+            if maps:
+                return maps[0].new_zeros((), dtype=torch.float32)
+    return torch.zeros(())
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+def _level_name(taps: Taps, index: int) -> str:
+    names = taps.level_names
+    return f"{index} ({names[index]!r})" if index < len(names) else str(index)
+
+
+def check_pairs(loss_name: str, attr: str, student: Taps, teacher: Taps) -> None:
+    """Raise a ``ValueError`` naming the level and both shapes unless ``student.attr`` matches ``teacher.attr``."""
+    s_maps, t_maps = getattr(student, attr), getattr(teacher, attr)
+    if len(s_maps) != len(t_maps):
+        raise ValueError(
+            f"{loss_name}: student has {len(s_maps)} {attr} levels but teacher has {len(t_maps)}"
+        )
+    for i, (s, t) in enumerate(zip(s_maps, t_maps)):
+        if s.shape != t.shape:
+            raise ValueError(
+                f"{loss_name}: {attr} differ at level {_level_name(teacher, i)}: "
+                f"student {tuple(s.shape)} vs teacher {tuple(t.shape)}"
+            )
+
+
+def check_features(loss_name: str, student: Taps, teacher: Taps, channels: int, num_levels: int) -> None:
+    """Student/teacher features match each other, the loss's level count and its channel count."""
+    check_pairs(loss_name, "features", student, teacher)
+    if teacher.num_levels != num_levels:
+        raise ValueError(
+            f"{loss_name} was built for {num_levels} levels but received {teacher.num_levels} feature levels"
+        )
+    for i, t in enumerate(teacher.features):
+        if t.dim() != 4 or t.shape[1] != channels:
+            raise ValueError(
+                f"{loss_name}: features at level {_level_name(teacher, i)} have shape {tuple(t.shape)}, "
+                f"expected (N, {channels}, H, W)"
+            )
+
+
+def check_dense_logits(loss_name: str, student: Taps, teacher: Taps) -> None:
+    """Dense logits match and agree on the anchor/class layout."""
+    check_pairs(loss_name, "cls_logits", student, teacher)
+    if (student.num_anchors, student.num_logit_classes) != (teacher.num_anchors, teacher.num_logit_classes):
+        raise ValueError(
+            f"{loss_name}: student (A={student.num_anchors}, K={student.num_logit_classes}) and teacher "
+            f"(A={teacher.num_anchors}, K={teacher.num_logit_classes}) dense heads differ"
+        )
+
+
+def roi_logit_pair(loss_name: str, student: Taps, teacher: Taps) -> Optional[tuple[Tensor, Tensor]]:
+    """``(student, teacher)`` RoI logits for two-stage detectors, ``None`` for dense ones."""
+    if student.roi_logits is None and teacher.roi_logits is None:
+        return None
+    if student.roi_logits is None or teacher.roi_logits is None:
+        raise ValueError(f"{loss_name}: roi_logits given for only one of student / teacher")
+    if student.roi_logits.shape != teacher.roi_logits.shape:
+        raise ValueError(
+            f"{loss_name}: roi_logits differ: student {tuple(student.roi_logits.shape)} vs "
+            f"teacher {tuple(teacher.roi_logits.shape)} (both must be computed on the student's proposals)"
+        )
+    return student.roi_logits, teacher.roi_logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Constructor argument checks
+# --------------------------------------------------------------------------------------------------
+def check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def check_non_negative(**values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_unit_interval(**values: float) -> None:
+    for name, value in values.items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+
+
+def check_layout(channels: int, num_levels: int) -> None:
+    if int(channels) != channels or channels < 1:
+        raise ValueError(f"channels must be a positive integer, got {channels!r}")
+    if int(num_levels) != num_levels or num_levels < 1:
+        raise ValueError(f"num_levels must be a positive integer, got {num_levels!r}")
+
+
+def check_weight(weight: float) -> None:
+    if not math.isfinite(weight):
+        raise ValueError(f"weight must be finite, got {weight!r}")

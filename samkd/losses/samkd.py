@@ -1,0 +1,382 @@
+r"""SAMKD: Spatial-aware Adaptive Masking Knowledge Distillation.
+
+After "Spatial-aware Adaptive Masking Knowledge Distillation for Object Detection" (arXiv 2501.07101).
+The paper's exact hyper-parameters are not public; every constant below is a constructor argument, and
+the defaults are this library's choices. Two complementary terms:
+
+**SFD — spatially hierarchical feature masking distillation** (:class:`SFDLoss`). For FPN level ``l``
+(maps ``(N, C, H, W)``) and each granularity ``k`` in ``pyramid`` (default ``(4, 2, 1)``):
+
+1. Teacher saliency on the ``k``-grid: ``P_k = maxpool_k(|F_T|)`` (kernel = stride = ``k``,
+   ``ceil_mode``) of size ``H_k x W_k`` with ``H_k = ceil(H / k)``, and spatial attention
+
+       A_k = H_k W_k softmax_{cells}( mean_c P_k / tau )                 (mean 1)
+
+2. Attention-guided mask on the grid: ``m = round(mask_ratio * H_k W_k)`` cells are masked, of which
+   ``m_top = round((1 - random_share) m)`` are the cells with the largest ``A_k`` and the other
+   ``m - m_top`` are drawn uniformly among the remaining cells (so the student also has to rebuild
+   some background and the mask is not deterministic). ``M_k = 0`` on masked cells, 1 elsewhere,
+   upsampled to ``H x W`` by repeating each cell ``k x k`` (then cropping the ``ceil`` overhang).
+   ``round`` is round-half-up.
+
+3. Reconstruction by a per-(level, scale) generator ``G_{l,k}`` (conv3x3-ReLU-conv3x3, as in MGD):
+   ``R_k = G_{l,k}(F_S * M_k)``, fused with learnable scale weights ``pi_l = softmax(w_l)``
+   (``w_l`` initialised to 0, i.e. equal weights): ``F_hat = sum_k pi_{l,k} R_k``.
+
+4. Channel-weighted reconstruction error, with ``A^C_T = C softmax_c(mean_hw |F_T| / channel_tau)``
+   (mean 1; replaced by 1 when ``use_channel_attention=False``):
+
+       L_sfd = weight * alpha_sfd * sum_l 1/N sum_{n,c,h,w} A^C_T (F_hat - F_T)^2
+
+**SLD — adaptive masking logit distillation** (:class:`SLDLoss`). Logit KD re-weighted towards the
+locations where the student's *features* still differ most from the teacher's:
+
+    D     = mean_c (F_T - F_S)^2                        (N, 1, H, W), no gradient
+    D~    = D / mean_hw D                               per image: scale-free, so tau_d is meaningful
+    D~    <- upsample_region(avgpool_region(D~))        only when region > 1 (same cells as SFD)
+    W     = H W softmax_hw( D~ / tau_d )                mean 1 per image
+    kd    = mean_a sum_k T^2 KL(Bern(sigmoid(z_T/T)) || Bern(sigmoid(z_S/T)))      (N, H, W)
+    L_dense = sum_l mean_{n,h,w} W_l * kd_l
+
+Two-stage detectors (``roi_logits`` present, ``(R, K+1)`` softmax logits of both models on the
+student's proposals): each RoI ``r`` gets ``w_r`` = mean of the ``W`` maps RoI-aligned over its box
+(``MultiScaleRoIAlign`` on the first ``roi_levels`` levels, ``roi_output_size``, ``roi_sampling_ratio``),
+normalised so ``mean_r w_r = 1``, and
+
+    L_roi = mean_r w_r T^2 KL(softmax(z_T,r/T) || softmax(z_S,r/T))
+    L_sld = weight * beta_sld * (L_dense + roi_weight * L_roi)
+
+With a uniform discrepancy ``W = 1`` and ``w_r = 1``: SLD equals :class:`~samkd.losses.LogitKDLoss`
+times ``beta_sld``.
+
+:class:`SAMKDLoss` holds both and returns ``{"sfd": ..., "sld": ...}``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import MultiScaleRoIAlign
+
+from samkd.losses._common import (
+    channel_attention,
+    check_dense_logits,
+    check_features,
+    check_layout,
+    check_non_negative,
+    check_positive,
+    check_unit_interval,
+    check_weight,
+    dense_kd_map,
+    make_generator,
+    roi_logit_pair,
+    round_half_up,
+    softmax_kd,
+    spatial_attention,
+    uniform_noise,
+    upsample_cells,
+    zero_scalar,
+)
+from samkd.models.taps import Taps
+
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# SFD: masks
+# --------------------------------------------------------------------------------------------------
+def pool_cells(feat: Tensor, k: int) -> Tensor:
+    """Max-pool ``|F|`` over ``k x k`` cells (``ceil_mode``: a partial last cell is still a cell)."""
+    magnitude = feat.abs()
+    if k == 1:
+        return magnitude
+    return F.max_pool2d(magnitude, kernel_size=k, stride=k, ceil_mode=True)
+
+
+def teacher_spatial_attention(teacher_feat: Tensor, k: int = 1, tau: float = 0.5) -> Tensor:
+    """Teacher attention on the ``k``-grid, ``(N, 1, ceil(H/k), ceil(W/k))``, mean 1 per image.
+
+    Upsample it to ``H x W`` with :func:`samkd.losses._common.upsample_cells` for display.
+    """
+    with torch.no_grad():
+        return spatial_attention(pool_cells(teacher_feat.detach().float(), k), tau)
+
+
+def grid_keep_mask(attention: Tensor, mask_ratio: float, random_share: float,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """Keep-mask (1 = visible, 0 = masked) on the grid of ``attention`` ``(N, 1, Hk, Wk)``.
+
+    Masks ``round(mask_ratio * cells)`` cells per image: the most attended ones first, then a uniform
+    random draw among the rest for the ``random_share`` part.
+    """
+    n, _, hk, wk = attention.shape
+    cells = hk * wk
+    num_masked = min(cells, round_half_up(mask_ratio * cells))
+    num_top = round_half_up((1.0 - random_share) * num_masked)
+    num_random = num_masked - num_top
+    flat = attention.reshape(n, cells)
+    keep = torch.ones_like(flat)
+    if num_top > 0:
+        keep.scatter_(1, flat.topk(num_top, dim=1).indices, 0.0)
+    if num_random > 0:
+        # Uniform subset of the still-visible cells: the largest noise values among them (already
+        # masked cells get -1 so they are never picked again).
+        noise = uniform_noise((n, cells), flat, generator).masked_fill(keep == 0, -1.0)
+        keep.scatter_(1, noise.topk(num_random, dim=1).indices, 0.0)
+    return keep.reshape(n, 1, hk, wk)
+
+
+def hierarchical_masks(teacher_feat: Tensor, pyramid: Sequence[int] = (4, 2, 1), mask_ratio: float = 0.5,
+                       tau: float = 0.5, random_share: float = 0.5,
+                       generator: Optional[torch.Generator] = None) -> list[Tensor]:
+    """One attention-guided keep-mask ``(N, 1, H, W)`` per granularity ``k`` in ``pyramid`` (same order).
+
+    ``H, W`` need not be divisible by ``k``. No gradient flows through the masks.
+    """
+    h, w = teacher_feat.shape[-2:]
+    masks = []
+    with torch.no_grad():
+        for k in pyramid:
+            attention = teacher_spatial_attention(teacher_feat, k, tau)
+            grid = grid_keep_mask(attention, mask_ratio, random_share, generator)
+            masks.append(upsample_cells(grid, k, (h, w)).to(teacher_feat.dtype))
+    return masks
+
+
+# --------------------------------------------------------------------------------------------------
+# SLD: weights
+# --------------------------------------------------------------------------------------------------
+def region_average(x: Tensor, region: int) -> Tensor:
+    """Average ``x`` over ``region x region`` cells and spread it back (the SFD grid for ``k = region``)."""
+    if region == 1:
+        return x
+    pooled = F.avg_pool2d(x, kernel_size=region, stride=region, ceil_mode=True)  # partial cells: mean of valid
+    return upsample_cells(pooled, region, x.shape[-2:])
+
+
+def sld_weights(teacher_feat: Tensor, student_feat: Tensor, tau_d: float = 1.0, region: int = 1) -> Tensor:
+    """Discrepancy weights ``W = H W softmax(D~ / tau_d)``, ``(N, 1, H, W)``, mean 1 per image, no gradient."""
+    with torch.no_grad():
+        n, _, h, w = teacher_feat.shape
+        gap = (teacher_feat.detach().float() - student_feat.detach().float()).pow(2).mean(dim=1, keepdim=True)
+        gap = gap / gap.mean(dim=(2, 3), keepdim=True).clamp(min=_EPS)
+        gap = region_average(gap, region)
+        return (h * w * F.softmax(gap.reshape(n, h * w) / tau_d, dim=1)).reshape(n, 1, h, w)
+
+
+def roi_weights(weight_maps: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
+                level_names: Sequence[str], output_size: int = 7, sampling_ratio: int = 2) -> Tensor:
+    """Mean of the ``W`` maps RoI-aligned over each proposal box, normalised to mean 1: ``(R,)``.
+
+    ``weight_maps`` and ``level_names`` are the levels torchvision's box RoI pooler uses (``'0'..'3'``);
+    the level of each box is picked the same way (``MultiScaleRoIAlign``'s canonical-scale mapper).
+    """
+    names = list(level_names)
+    pooler = MultiScaleRoIAlign(featmap_names=names, output_size=output_size, sampling_ratio=sampling_ratio)
+    maps = {name: m.float() for name, m in zip(names, weight_maps)}
+    boxes = [p.detach().float() for p in proposals]
+    with torch.no_grad():
+        pooled = pooler(maps, boxes, [tuple(s) for s in image_sizes])  # (R, 1, S, S)
+        per_roi = pooled.mean(dim=(1, 2, 3))
+        return per_roi / per_roi.mean().clamp(min=_EPS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+def _check_pyramid(pyramid: Sequence[int]) -> tuple[int, ...]:
+    scales = tuple(pyramid)
+    if not scales or any(int(k) != k or k < 1 for k in scales) or len(set(scales)) != len(scales):
+        raise ValueError(f"pyramid must be distinct positive integers, got {pyramid!r}")
+    return tuple(int(k) for k in scales)
+
+
+class SFDLoss(nn.Module):
+    """Spatially hierarchical feature masking distillation (SAMKD's feature term; module docstring, SFD).
+
+    Args:
+        channels: teacher FPN width (the student is aligned to it by the caller).
+        num_levels: number of FPN levels.
+        pyramid: mask granularities ``k`` (cell side in feature pixels), one generator per (level, k).
+        mask_ratio: fraction of grid cells masked at every granularity.
+        tau: temperature of the teacher spatial attention that guides the mask.
+        random_share: fraction of the masked cells drawn at random instead of by attention.
+        alpha_sfd: loss coefficient (MGD's scale: the error is a sum over C*H*W, divided by N).
+        use_channel_attention: weight the error by the teacher's channel attention.
+        channel_tau: temperature of that channel attention.
+        weight: multiplies the returned term.
+
+    ``forward(student, teacher, generator=None)``: an optional ``torch.Generator`` makes the random
+    part of the masks reproducible. Returns ``{"sfd": scalar}``.
+    """
+
+    def __init__(self, channels: int, num_levels: int, *, pyramid: Sequence[int] = (4, 2, 1),
+                 mask_ratio: float = 0.5, tau: float = 0.5, random_share: float = 0.5, alpha_sfd: float = 2e-5,
+                 use_channel_attention: bool = True, channel_tau: float = 0.5, weight: float = 1.0):
+        super().__init__()
+        check_layout(channels, num_levels)
+        self.pyramid = _check_pyramid(pyramid)
+        check_unit_interval(mask_ratio=mask_ratio, random_share=random_share)
+        check_positive(tau=tau, channel_tau=channel_tau)
+        check_non_negative(alpha_sfd=alpha_sfd)
+        check_weight(weight)
+        self.channels, self.num_levels = channels, num_levels
+        self.mask_ratio, self.tau, self.random_share = mask_ratio, tau, random_share
+        self.alpha_sfd, self.weight = alpha_sfd, weight
+        self.use_channel_attention, self.channel_tau = use_channel_attention, channel_tau
+        self.generation = nn.ModuleList(
+            nn.ModuleList(make_generator(channels) for _ in self.pyramid) for _ in range(num_levels)
+        )
+        # One scale-fusion vector per level; zeros = equal weights at the start.
+        self.fusion_logits = nn.Parameter(torch.zeros(num_levels, len(self.pyramid)))
+
+    def fusion_weights(self) -> Tensor:
+        """``pi``: ``(num_levels, len(pyramid))``, rows sum to 1."""
+        return F.softmax(self.fusion_logits, dim=1)
+
+    def forward(self, student: Taps, teacher: Taps, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        check_features("SFDLoss", student, teacher, self.channels, self.num_levels)
+        pis = self.fusion_weights()
+        total = zero_scalar(student, teacher)
+        for level, (s, t) in enumerate(zip(student.features, teacher.features)):
+            t = t.detach()
+            masks = hierarchical_masks(t, self.pyramid, self.mask_ratio, self.tau, self.random_share, generator)
+            rebuilt = sum(
+                pis[level, i] * gen_block(s * mask).float()
+                for i, (gen_block, mask) in enumerate(zip(self.generation[level], masks))
+            )
+            err = (rebuilt - t.float()).pow(2)
+            if self.use_channel_attention:
+                err = err * channel_attention(t.float(), self.channel_tau)
+            total = total + err.sum() / s.shape[0]
+        return {"sfd": self.weight * self.alpha_sfd * total}
+
+    def extra_repr(self) -> str:
+        return (f"pyramid={self.pyramid}, mask_ratio={self.mask_ratio}, tau={self.tau}, "
+                f"random_share={self.random_share}, alpha_sfd={self.alpha_sfd}, "
+                f"use_channel_attention={self.use_channel_attention}, channel_tau={self.channel_tau}, "
+                f"weight={self.weight}")
+
+
+class SLDLoss(nn.Module):
+    """Adaptive masking logit distillation (SAMKD's logit term; module docstring, SLD).
+
+    Args:
+        channels: teacher FPN width.
+        num_levels: number of FPN levels; ``cls_logits`` must have as many, with the features' H, W.
+        T: distillation temperature (dense sigmoid and RoI softmax terms).
+        tau_d: temperature of the discrepancy softmax (smaller = sharper focus on hard locations).
+        region: side of the cells the discrepancy is averaged over (1 = per location).
+        beta_sld: loss coefficient.
+        roi_weight: factor of the two-stage RoI term relative to the dense term.
+        roi_levels: how many of the first levels the RoI pooler uses (torchvision Faster R-CNN: 4).
+        roi_output_size, roi_sampling_ratio: ``MultiScaleRoIAlign`` settings for the RoI weights.
+        weight: multiplies the returned term.
+
+    Returns ``{"sld": scalar}``.
+    """
+
+    def __init__(self, channels: int, num_levels: int, *, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
+                 beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
+                 roi_sampling_ratio: int = 2, weight: float = 1.0):
+        super().__init__()
+        check_layout(channels, num_levels)
+        check_positive(T=T, tau_d=tau_d, region=region, roi_levels=roi_levels, roi_output_size=roi_output_size)
+        check_non_negative(beta_sld=beta_sld, roi_weight=roi_weight, roi_sampling_ratio=roi_sampling_ratio)
+        if int(region) != region:
+            raise ValueError(f"region must be a positive integer, got {region!r}")
+        check_weight(weight)
+        self.channels, self.num_levels = channels, num_levels
+        self.T, self.tau_d, self.region, self.beta_sld = T, tau_d, int(region), beta_sld
+        self.roi_weight, self.roi_levels = roi_weight, roi_levels
+        self.roi_output_size, self.roi_sampling_ratio = roi_output_size, roi_sampling_ratio
+        self.weight = weight
+
+    def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
+        check_features("SLDLoss", student, teacher, self.channels, self.num_levels)
+        check_dense_logits("SLDLoss", student, teacher)
+        self._check_logits_match_features(teacher)
+        weight_maps = [
+            sld_weights(t, s, self.tau_d, self.region) for s, t in zip(student.features, teacher.features)
+        ]
+        a, k = teacher.num_anchors, teacher.num_logit_classes
+        total = zero_scalar(student, teacher)
+        for w, s, t in zip(weight_maps, student.cls_logits, teacher.cls_logits):
+            total = total + (w[:, 0] * dense_kd_map(s, t, a, k, self.T)).mean()
+        rois = roi_logit_pair("SLDLoss", student, teacher)
+        if rois is not None and rois[0].shape[0] > 0:
+            total = total + self.roi_weight * self._roi_term(student, teacher, weight_maps, *rois)
+        return {"sld": self.weight * self.beta_sld * total}
+
+    def _roi_term(self, student: Taps, teacher: Taps, weight_maps: list[Tensor], s_roi: Tensor,
+                  t_roi: Tensor) -> Tensor:
+        proposals = student.proposals if student.proposals is not None else teacher.proposals
+        if proposals is None:
+            raise ValueError("SLDLoss: roi_logits given but no proposals to place them on the weight maps")
+        if sum(len(p) for p in proposals) != s_roi.shape[0]:
+            raise ValueError(
+                f"SLDLoss: {sum(len(p) for p in proposals)} proposals but {s_roi.shape[0]} roi_logits rows"
+            )
+        used = min(self.roi_levels, len(weight_maps))
+        names = list(teacher.level_names[:used]) or [str(i) for i in range(used)]
+        sizes = student.image_sizes or teacher.image_sizes or [tuple(teacher.batch_shape)] * len(proposals)
+        per_roi = roi_weights(weight_maps[:used], proposals, sizes, names, self.roi_output_size,
+                              self.roi_sampling_ratio)
+        return (per_roi * softmax_kd(s_roi, t_roi, self.T)).mean()
+
+    @staticmethod
+    def _check_logits_match_features(teacher: Taps) -> None:
+        if len(teacher.cls_logits) != len(teacher.features):
+            raise ValueError(
+                f"SLDLoss needs one cls_logits map per feature level: got {len(teacher.cls_logits)} "
+                f"logit levels for {len(teacher.features)} feature levels"
+            )
+        for i, (z, f) in enumerate(zip(teacher.cls_logits, teacher.features)):
+            if z.shape[-2:] != f.shape[-2:]:
+                raise ValueError(
+                    f"SLDLoss: level {i} cls_logits {tuple(z.shape)} and features {tuple(f.shape)} "
+                    "differ in H, W"
+                )
+
+    def extra_repr(self) -> str:
+        return (f"T={self.T}, tau_d={self.tau_d}, region={self.region}, beta_sld={self.beta_sld}, "
+                f"roi_weight={self.roi_weight}, roi_levels={self.roi_levels}, weight={self.weight}")
+
+
+class SAMKDLoss(nn.Module):
+    """SAMKD = SFD (features) + SLD (logits); see the module docstring for both.
+
+    Takes every :class:`SFDLoss` and :class:`SLDLoss` argument (flat, so that a YAML config can set
+    any of them), plus ``use_sfd`` / ``use_sld`` to switch a term off (ablations). ``weight`` scales both.
+    Returns ``{"sfd": ..., "sld": ...}`` (the enabled terms only).
+    """
+
+    def __init__(self, channels: int, num_levels: int, *, use_sfd: bool = True, use_sld: bool = True,
+                 pyramid: Sequence[int] = (4, 2, 1), mask_ratio: float = 0.5, tau: float = 0.5,
+                 random_share: float = 0.5, alpha_sfd: float = 2e-5, use_channel_attention: bool = True,
+                 channel_tau: float = 0.5, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
+                 beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
+                 roi_sampling_ratio: int = 2, weight: float = 1.0):
+        super().__init__()
+        if not (use_sfd or use_sld):
+            raise ValueError("SAMKDLoss: use_sfd and use_sld are both False; enable at least one term")
+        self.sfd = SFDLoss(
+            channels, num_levels, pyramid=pyramid, mask_ratio=mask_ratio, tau=tau, random_share=random_share,
+            alpha_sfd=alpha_sfd, use_channel_attention=use_channel_attention, channel_tau=channel_tau,
+            weight=weight,
+        ) if use_sfd else None
+        self.sld = SLDLoss(
+            channels, num_levels, T=T, tau_d=tau_d, region=region, beta_sld=beta_sld, roi_weight=roi_weight,
+            roi_levels=roi_levels, roi_output_size=roi_output_size, roi_sampling_ratio=roi_sampling_ratio,
+            weight=weight,
+        ) if use_sld else None
+
+    def forward(self, student: Taps, teacher: Taps, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        if self.sfd is not None:
+            terms.update(self.sfd(student, teacher, generator=generator))
+        if self.sld is not None:
+            terms.update(self.sld(student, teacher))
+        return terms

@@ -1,0 +1,162 @@
+"""Forward-hook adapter: FPN features, classification logits and resized targets of a torchvision detector.
+
+In train mode torchvision detectors return only their losses, so the tensors that distillation needs are
+taken with forward hooks on stable public sub-modules:
+
+* ``model.transform``  -> the batched, normalised, resized ``ImageList`` and the resized targets;
+* ``model.backbone``   -> the FPN ``OrderedDict`` (one map per level);
+* ``model.head.classification_head.cls_logits`` (FCOS, RetinaNet) -> dense class logits, called once per level;
+* ``model.rpn.head``   (Faster R-CNN) -> RPN objectness per level;
+* ``model.roi_heads.box_roi_pool`` / ``box_predictor`` (Faster R-CNN) -> sampled proposals and RoI logits.
+
+The teacher never runs its own transform: :meth:`TapAdapter.run_on_batch` feeds it the student's transformed
+batch so both see exactly the same pixels.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .taps import Taps
+
+
+def detector_kind(model: nn.Module) -> str:
+    """``"dense"`` for one-stage detectors with a classification head, ``"two_stage"`` for Faster R-CNN."""
+    if hasattr(model, "roi_heads") and hasattr(model, "rpn"):
+        return "two_stage"
+    head = getattr(model, "head", None)
+    if head is not None and hasattr(getattr(head, "classification_head", None), "cls_logits"):
+        return "dense"
+    raise TypeError(f"{type(model).__name__} is not a supported torchvision detector (FCOS, RetinaNet, Faster R-CNN)")
+
+
+def num_logit_classes(model: nn.Module) -> tuple[int, int]:
+    """(A, K): anchors per location and logits per anchor of the dense classification output."""
+    if detector_kind(model) == "two_stage":
+        return model.rpn.head.cls_logits.out_channels, 1
+    head = model.head.classification_head
+    return head.num_anchors, head.num_classes
+
+
+def num_classes(model: nn.Module) -> int:
+    """Classes including background, as the detector was built."""
+    if detector_kind(model) == "two_stage":
+        return model.roi_heads.box_predictor.cls_score.out_features
+    return model.head.classification_head.num_classes
+
+
+class TapAdapter:
+    """Collects :class:`Taps` from a detector's forward through hooks.
+
+    Usage::
+
+        taps = TapAdapter(model)
+        losses = model(images, targets)   # normal torchvision call
+        t = taps.collect()                # features, logits, resized targets of that call
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.kind = detector_kind(model)
+        self.num_anchors, self.num_logit_classes = num_logit_classes(model)
+        self._handles = []
+        self._reset()
+        hook = self._hook
+        self._handles.append(model.transform.register_forward_hook(hook(self._on_transform)))
+        self._handles.append(model.backbone.register_forward_hook(hook(self._on_backbone)))
+        if self.kind == "dense":
+            self._handles.append(model.head.classification_head.cls_logits.register_forward_hook(hook(self._on_cls)))
+        else:
+            self._handles.append(model.rpn.head.register_forward_hook(hook(self._on_rpn)))
+            self._handles.append(model.roi_heads.box_roi_pool.register_forward_hook(hook(self._on_roi_pool)))
+            self._handles.append(model.roi_heads.box_predictor.register_forward_hook(hook(self._on_box_predictor)))
+
+    @staticmethod
+    def _hook(fn):
+        return lambda module, args, output: fn(args, output)
+
+    def _reset(self) -> None:
+        self._images = None
+        self._targets: list = []
+        self._features: Optional[OrderedDict] = None
+        self._cls: list[Tensor] = []
+        self._proposals = None
+        self._roi_logits = None
+        self._batch = None
+
+    def _on_transform(self, args, output) -> None:
+        self._reset()  # the transform is the first step of every forward
+        self._images, targets = output
+        self._targets = list(targets) if targets is not None else []
+
+    def _on_backbone(self, args, output) -> None:
+        self._features = output
+        self._cls = []
+
+    def _on_cls(self, args, output) -> None:
+        self._cls.append(output)
+
+    def _on_rpn(self, args, output) -> None:
+        self._cls = list(output[0])
+
+    def _on_roi_pool(self, args, output) -> None:
+        self._proposals = args[1]
+
+    def _on_box_predictor(self, args, output) -> None:
+        self._roi_logits = output[0]
+
+    def collect(self) -> Taps:
+        """The taps of the last forward (raises if no forward ran since the adapter was attached)."""
+        if self._features is None:
+            raise RuntimeError("no forward pass was recorded: call the detector before collect()")
+        feats = list(self._features.values())
+        batch = self._images.tensors if self._images is not None else self._batch
+        batch_shape = tuple(batch.shape[-2:])
+        sizes = list(self._images.image_sizes) if self._images is not None else self._image_sizes
+        return Taps(
+            features=feats,
+            cls_logits=list(self._cls),
+            num_anchors=self.num_anchors,
+            num_logit_classes=self.num_logit_classes,
+            targets=self._targets,
+            image_sizes=[tuple(s) for s in sizes],
+            batch_shape=batch_shape,
+            strides=[batch_shape[0] // f.shape[-2] if f.shape[-2] else 0 for f in feats],
+            level_names=list(self._features.keys()),
+            roi_logits=self._roi_logits,
+            proposals=self._proposals,
+            batch=batch,
+        )
+
+    def run_on_batch(self, batch: Tensor, image_sizes: list[tuple[int, int]], targets: Optional[list] = None,
+                     proposals: Optional[list[Tensor]] = None) -> Taps:
+        """Run backbone and classification head on an already transformed batch (the teacher's path).
+
+        For Faster R-CNN, ``proposals`` (the student's sampled proposals) are classified by this model's
+        box head so that teacher and student RoI logits describe the same boxes.
+        """
+        self._reset()
+        self._batch = batch
+        self._image_sizes = list(image_sizes)
+        self._targets = list(targets or [])
+        features = self.model.backbone(batch)
+        levels = list(features.values())
+        if self.kind == "dense":
+            self.model.head(levels)
+        else:
+            self.model.rpn.head(levels)
+            if proposals is not None:
+                heads = self.model.roi_heads
+                pooled = heads.box_roi_pool(features, proposals, image_sizes)
+                self._roi_logits = heads.box_predictor(heads.box_head(pooled))[0]
+                self._proposals = proposals
+        return self.collect()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
