@@ -54,7 +54,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
-def build_datasets(data: DataConfig, max_size: int) -> tuple[CocoDetection, Optional[CocoDetection]]:
+def build_datasets(data: DataConfig) -> tuple[CocoDetection, Optional[CocoDetection]]:
     data = data.resolved()
     if not data.train_ann or not data.train_images:
         raise ValueError("data: set data.root (a `samkd make-data` folder) or data.train_ann and data.train_images")
@@ -166,7 +166,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
 
-    train_set, val_set = build_datasets(cfg.data, cfg.model.max_size)
+    train_set, val_set = build_datasets(cfg.data)
     seed_everything(cfg.seed)
     model = build_model(cfg, train_set.num_classes).to(device)
     params_model = model
@@ -301,7 +301,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
 def evaluate_config(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     """Evaluate the (student) model of ``cfg`` on its validation set; ``checkpoint`` overrides model.checkpoint."""
     device = resolve_device(cfg.train.device)
-    _, val_set = build_datasets(cfg.data, cfg.model.max_size)
+    _, val_set = build_datasets(cfg.data)
     if val_set is None:
         raise ValueError("data: evaluation needs data.val_ann and data.val_images (or data.root)")
     m = cfg.model if checkpoint is None else ModelConfig(**{**cfg.model.__dict__, "checkpoint": checkpoint})

@@ -17,7 +17,9 @@ the defaults are this library's choices. Two complementary terms:
    ``m - m_top`` are drawn uniformly among the remaining cells (so the student also has to rebuild
    some background and the mask is not deterministic). ``M_k = 0`` on masked cells, 1 elsewhere,
    upsampled to ``H x W`` by repeating each cell ``k x k`` (then cropping the ``ceil`` overhang).
-   ``round`` is round-half-up.
+   ``round`` is round-half-up. Unless ``mask_ratio = 1``, at least one cell stays visible
+   (``m <= H_k W_k - 1``), so a single-cell grid (``k >= H, W``) is never masked and that scale
+   degenerates to plain (unmasked) generation.
 
 3. Reconstruction by a per-(level, scale) generator ``G_{l,k}`` (conv3x3-ReLU-conv3x3, as in MGD):
    ``R_k = G_{l,k}(F_S * M_k)``, fused with learnable scale weights ``pi_l = softmax(w_l)``
@@ -114,6 +116,10 @@ def grid_keep_mask(attention: Tensor, mask_ratio: float, random_share: float,
     n, _, hk, wk = attention.shape
     cells = hk * wk
     num_masked = min(cells, round_half_up(mask_ratio * cells))
+    if mask_ratio < 1.0:
+        # Leave at least one cell visible: a fully masked input (e.g. k=4 on a 4x4 map) would give the
+        # generator nothing to work from. A 1-cell grid is therefore never masked.
+        num_masked = min(num_masked, cells - 1)
     num_top = round_half_up((1.0 - random_share) * num_masked)
     num_random = num_masked - num_top
     flat = attention.reshape(n, cells)
@@ -362,6 +368,7 @@ class SAMKDLoss(nn.Module):
         super().__init__()
         if not (use_sfd or use_sld):
             raise ValueError("SAMKDLoss: use_sfd and use_sld are both False; enable at least one term")
+        self.weight = weight  # read by the distiller to skip a zero-weight loss entirely
         self.sfd = SFDLoss(
             channels, num_levels, pyramid=pyramid, mask_ratio=mask_ratio, tau=tau, random_share=random_share,
             alpha_sfd=alpha_sfd, use_channel_attention=use_channel_attention, channel_tau=channel_tau,
