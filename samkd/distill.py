@@ -76,6 +76,9 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[st
     return sorted(copied)
 
 
+_init_student_from_teacher = init_student_from_teacher  # Distiller.__init__'s flag of the same name shadows it
+
+
 class Distiller(nn.Module):
     """A frozen teacher, a trainable student and the distillation losses between them.
 
@@ -112,7 +115,8 @@ class Distiller(nn.Module):
             name: build_loss(name, channels=channels, num_levels=len(t_levels), **dict(params or {}))
             for name, params in (losses or {}).items()})
         self.stop_distill_at = stop_distill_at
-        self.copied_from_teacher = init_student_from_teacher(student, teacher) if init_student_from_teacher else []
+        self.copied_from_teacher = (_init_student_from_teacher(student, teacher) if init_student_from_teacher
+                                    else [])
         self.student_taps = TapAdapter(student)
         self.teacher_taps = TapAdapter(teacher)
 

@@ -240,6 +240,8 @@ def detections_to_coco(
         xywh = boxes.clone()
         xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]
         for b, s, lab in zip(xywh.tolist(), scores.tolist(), labels.tolist()):
+            if int(lab) == 0 and label_to_cat_id is not None:
+                continue  # background: sigmoid heads (FCOS) also score the unused class-0 logit
             results.append(
                 {
                     "image_id": img_id,

@@ -274,10 +274,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 row = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                       "loss": float(total), **{k: float(v) for k, v in losses.items()},
+                       "loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()},
                        "s_per_step": float(np.mean(step_times[-cfg.train.log_every:]))}
                 logger.row("train", row)
-                bar.set_postfix(loss=f"{float(total):.3f}")
+                bar.set_postfix(loss=f"{float(total.detach()):.3f}")
         done = step >= total_steps
         if (cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0) or done:
             metrics = run_eval(epoch) or metrics

@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# On x86_64 this torch/torchvision pair installs offline from the local pip cache here; elsewhere pip finds a build.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv install demo test test-slow bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH) || $(PIP) install -q "torch>=2.2" "torchvision>=0.17"
+	$(PIP) install -q -e ".[test,tensorboard,onnx]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job: synthetic data -> FCOS-R50 teacher -> FCOS-R18 student distilled with SAMKD -> COCO mAP.
+demo: install
+	$(VENV)/bin/samkd make-data --out data/demo --images 160 --val-images 40 --seed 0 --image-size 128
+	$(VENV)/bin/samkd train -c configs/demo_teacher.yaml
+	$(VENV)/bin/samkd distill -c configs/demo_distill.yaml
+	$(VENV)/bin/samkd export-student -c configs/demo_distill.yaml --checkpoint runs/demo_student/student.pt --out runs/demo_student/export
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(VENV)/bin/samkd bench --out benchmarks
+
+bench-quick: install
+	$(VENV)/bin/samkd bench --quick --out /tmp/samkd-bench-quick
+
+clean:
+	rm -rf $(VENV) runs data/demo

@@ -1,0 +1,163 @@
+"""PNG views of what SAMKD computes on one image: teacher attention, hierarchical masks, SLD weights.
+
+Both detectors see the *student's* transformed batch (as in training, :meth:`TapAdapter.run_on_batch`).
+Maps are drawn over the resized image the detectors saw (normalisation undone, padding cropped).
+
+If teacher and student FPN widths differ (not the case for samkd's builders, which all use 256 channels),
+the SLD discrepancy is computed on the channel means of both maps, ``(mean_c F_T - mean_c F_S)^2``: a
+documented approximation, since no trained alignment layer is available here.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config, ConfigError, ModelConfig
+from .engine.export import build_from_state, read_state_dict
+from .models.adapter import TapAdapter, num_classes
+from .models.builders import build_detector
+from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
+
+_SAMKD_DEFAULTS = {"pyramid": (4, 2, 1), "mask_ratio": 0.5, "tau": 0.5, "random_share": 0.5, "tau_d": 1.0,
+                   "region": 1}
+
+
+def _samkd_params(cfg: Config) -> dict:
+    params = dict(_SAMKD_DEFAULTS)
+    if cfg.distill is not None:
+        given = cfg.distill.losses.get("samkd") or {}
+        params.update({k: v for k, v in given.items() if k in params})
+    params["pyramid"] = tuple(int(k) for k in params["pyramid"])
+    return params
+
+
+def _build(m: ModelConfig, checkpoint: Optional[str], fallback_classes: Optional[int], role: str) -> nn.Module:
+    """Detector for ``m``: weights from ``checkpoint`` (num_classes read from it if unset), else as configured."""
+    if checkpoint:
+        return build_from_state(m, read_state_dict(checkpoint), str(checkpoint))
+    if not m.weights:
+        warnings.warn(f"{role} has neither checkpoint nor weights: showing a randomly initialised {role}")
+    num_classes = m.num_classes or fallback_classes or 91
+    extra = {k: getattr(m, k) for k in ("score_thresh", "detections_per_img") if getattr(m, k) is not None}
+    return build_detector(arch=m.arch, backbone=m.backbone, num_classes=num_classes, min_size=m.min_size,
+                          max_size=m.max_size, weights=m.weights, backbone_weights=m.backbone_weights,
+                          trainable_backbone_layers=m.trainable_backbone_layers, anchor_sizes=m.anchor_sizes,
+                          **extra)
+
+
+def _load_image(path) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image {path}: file not found")
+    try:
+        with Image.open(p) as im:
+            return pil_to_tensor(im.convert("RGB")).float() / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image {path}: cannot be read ({exc})") from exc
+
+
+def _to_image_grid(x: torch.Tensor, batch_hw, image_hw) -> torch.Tensor:
+    """``(1, 1, h, w)`` map over the padded batch -> ``(H, W)`` over the resized image (nearest cells)."""
+    up = F.interpolate(x.float(), size=tuple(batch_hw), mode="nearest")
+    return up[0, 0, : image_hw[0], : image_hw[1]]
+
+
+def _save_overlay(path: Path, image, panels: list, title: str, cmap: str, vmin=None, vmax=None) -> Path:
+    from matplotlib.figure import Figure  # no pyplot: Agg canvas, no global state, no display needed
+
+    fig = Figure(figsize=(max(4.0 * len(panels), 6.5), 4.3), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, (name, overlay) in zip(axes[0], panels):
+        ax.imshow(image)
+        im = ax.imshow(overlay, cmap=cmap, alpha=0.55, vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if vmin is None:
+        fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100, format="png")
+    return path
+
+
+def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None, level: int = 0) -> list[Path]:
+    """Write ``teacher_attention.png``, ``hierarchical_masks.png`` and ``sld_weights.png`` to ``out_dir``.
+
+    Args:
+        cfg: config with a ``teacher`` block; ``cfg.model`` is the student. SAMKD parameters come from
+            ``cfg.distill.losses["samkd"]`` when present (else the loss defaults).
+        image_path: any image PIL reads.
+        out_dir: output folder (created).
+        checkpoint: student weights (default ``cfg.model.checkpoint``; random with a warning if neither).
+        level: FPN level to show (0 = finest).
+
+    Returns the paths of the three PNGs.
+    """
+    if cfg.teacher is None:
+        raise ConfigError("visualize needs a 'teacher' block in the config (arch, backbone, checkpoint, ...)")
+    image = _load_image(image_path)
+    teacher_ckpt = cfg.teacher.checkpoint
+    teacher = _build(cfg.teacher, teacher_ckpt, cfg.model.num_classes, "teacher").eval()
+    student = _build(cfg.model, checkpoint or cfg.model.checkpoint, num_classes(teacher), "student").eval()
+    params = _samkd_params(cfg)
+
+    with torch.no_grad():
+        images, _ = student.transform([image])
+        batch, sizes = images.tensors, [tuple(s) for s in images.image_sizes]
+        s_adapter, t_adapter = TapAdapter(student), TapAdapter(teacher)
+        try:
+            s_taps = s_adapter.run_on_batch(batch, sizes)
+            t_taps = t_adapter.run_on_batch(batch, sizes)
+        finally:
+            s_adapter.remove()
+            t_adapter.remove()
+    levels = len(t_taps.features)
+    if not 0 <= level < levels:
+        raise ConfigError(f"level {level} out of range: the FPN has {levels} levels (0..{levels - 1})")
+    t_feat, s_feat = t_taps.features[level][:1], s_taps.features[level][:1]
+
+    # The resized image the detectors saw (normalisation undone), cropped to its unpadded area.
+    mean = torch.tensor(student.transform.image_mean).view(3, 1, 1)
+    std = torch.tensor(student.transform.image_std).view(3, 1, 1)
+    h, w = sizes[0]
+    shown = (batch[0].cpu() * std + mean).clamp(0, 1)[:, :h, :w].permute(1, 2, 0).numpy()
+    batch_hw = batch.shape[-2:]
+    where = f"level {level} ({t_taps.level_names[level]}, {t_feat.shape[-2]}x{t_feat.shape[-1]})"
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    attention = teacher_spatial_attention(t_feat, 1, params["tau"])
+    paths.append(_save_overlay(out / "teacher_attention.png", shown,
+                               [("teacher attention", _to_image_grid(attention, batch_hw, (h, w)).numpy())],
+                               f"teacher spatial attention (tau={params['tau']}), {where}", "jet"))
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    masks = hierarchical_masks(t_feat.float(), params["pyramid"], params["mask_ratio"], params["tau"],
+                               params["random_share"], generator=generator)
+    # Masked cells drawn dark, visible cells left transparent.
+    panels = [(f"k={k}: masked = dark", np.ma.masked_equal(1.0 - _to_image_grid(mk, batch_hw, (h, w)).numpy(), 0.0))
+              for k, mk in zip(params["pyramid"], masks)]
+    paths.append(_save_overlay(out / "hierarchical_masks.png", shown, panels,
+                               f"SFD keep-masks (mask_ratio={params['mask_ratio']}, "
+                               f"random_share={params['random_share']}), {where}", "Greys", vmin=0.0, vmax=1.0))
+
+    if t_feat.shape[1] != s_feat.shape[1]:
+        warnings.warn(f"teacher ({t_feat.shape[1]}) and student ({s_feat.shape[1]}) FPN widths differ: SLD weights "
+                      "from the channel means of both maps (approximation)")
+        t_feat, s_feat = t_feat.mean(dim=1, keepdim=True), s_feat.mean(dim=1, keepdim=True)
+    weights = sld_weights(t_feat, s_feat, params["tau_d"], params["region"])
+    paths.append(_save_overlay(out / "sld_weights.png", shown,
+                               [("SLD weights", _to_image_grid(weights, batch_hw, (h, w)).numpy())],
+                               f"SLD discrepancy weights (tau_d={params['tau_d']}, region={params['region']}), "
+                               f"{where}", "jet"))
+    return paths

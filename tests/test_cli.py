@@ -1,0 +1,159 @@
+"""The command line: make-data, config errors (exit 2, file and key named), overrides, _base_ inheritance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config_dict
+from samkd.cli import main
+from samkd.config import ConfigError, load_config, parse_overrides
+
+
+def _write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def _err(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("samkd: error:")
+    return err
+
+
+def test_make_data_writes_files(tmp_path, capsys):
+    out = tmp_path / "data"
+    rc = main(["make-data", "--out", str(out), "--images", "3", "--val-images", "2", "--image-size", "64",
+               "--quiet"])
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out)
+    assert Path(info["root"]) == out
+    assert len(list((out / "images/train").glob("*.jpg"))) == 3
+    assert len(list((out / "images/val").glob("*.jpg"))) == 2
+    ann = json.loads((out / "annotations/train.json").read_text())
+    assert len(ann["images"]) == 3 and len(ann["categories"]) == 5
+    assert (out / "annotations/val.json").is_file()
+
+
+@pytest.mark.parametrize("patch,key,fragment", [
+    ({"train": {"lr_rate": 0.1}}, "train", "unknown key 'lr_rate'"),
+    ({"train": {"lr": "fast"}}, "train.lr", "expected a number"),
+    ({"train": {"epochs": 1.5}}, "train.epochs", "expected an integer"),
+    ({"model": {"arch": "yolo"}}, "model.arch", "'yolo'"),
+    ({"teacher": {"arch": "fcos"}, "distill": {"losses": {"mgd": {"alpha": 1.0}}}}, "distill.losses.mgd",
+     "unknown parameter 'alpha'"),
+    ({"teacher": {"arch": "fcos"}, "distill": {"losses": {"kd_magic": {}}}}, "distill.losses", "'kd_magic'"),
+    ({"distill": {"losses": {"fitnet": {}}}}, "distill", "teacher"),
+])
+def test_config_errors_exit_2_naming_file_and_key(tmp_path, capsys, patch, key, fragment):
+    raw = tiny_config_dict(tmp_path / "data", tmp_path / "out")
+    for k, v in patch.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(raw.get(k), dict) else v
+    cfg = _write(tmp_path / "bad.yaml", raw)
+    err = _err(capsys, ["train", "--config", str(cfg)])
+    assert str(cfg) in err
+    assert key in err
+    assert fragment in err
+
+
+def test_unknown_key_suggests_closest(tmp_path, capsys):
+    cfg = _write(tmp_path / "typo.yaml", {"train": {"epoch": 3}})
+    err = _err(capsys, ["train", "--config", str(cfg)])
+    assert "typo.yaml" in err and "unknown key 'epoch'" in err and "did you mean 'epochs'" in err
+
+
+def test_set_override_errors_name_the_key(tmp_path, capsys):
+    cfg = _write(tmp_path / "ok.yaml", {"seed": 1})
+    err = _err(capsys, ["train", "--config", str(cfg), "--set", "train.lr=fast"])
+    assert "ok.yaml" in err and "--set" in err and "train.lr" in err
+    err = _err(capsys, ["train", "--config", str(cfg), "--set", "train.lr"])
+    assert "expected key=value" in err
+
+
+def test_distill_command_needs_distill_block(tmp_path, capsys):
+    cfg = _write(tmp_path / "plain.yaml", {"seed": 1})
+    err = _err(capsys, ["distill", "--config", str(cfg)])
+    assert "plain.yaml" in err and "distill" in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    err = _err(capsys, ["train", "--config", str(missing)])
+    assert str(missing) in err and "not found" in err
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    cfg = _write(tmp_path / "broken.yaml", "train: {lr: [0.1\n")
+    err = _err(capsys, ["train", "--config", str(cfg)])
+    assert "broken.yaml" in err and "not valid YAML" in err
+
+
+def test_parse_overrides():
+    got = parse_overrides(["train.lr=0.02", "model.backbone=resnet34", "model.anchor_sizes=[4, 8]",
+                           "distill.losses.samkd.weight=0", "output_dir=runs/a=b", "train.grad_clip=null"])
+    assert got == {"train": {"lr": 0.02, "grad_clip": None}, "model": {"backbone": "resnet34", "anchor_sizes": [4, 8]},
+                   "distill": {"losses": {"samkd": {"weight": 0}}}, "output_dir": "runs/a=b"}
+    assert isinstance(got["train"]["lr"], float)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["novalue"])
+
+
+def test_set_overrides_apply_over_file(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", {"train": {"lr": 0.1, "epochs": 3}, "model": {"backbone": "resnet50"}})
+    c = load_config(str(cfg), ["train.lr=0.02", "model.backbone=resnet34", "train.scheduler=constant"])
+    assert c.train.lr == 0.02 and c.train.epochs == 3
+    assert c.model.backbone == "resnet34" and c.train.scheduler == "constant"
+    d = load_config(None, ["train.epochs=5"])
+    assert d.train.epochs == 5 and d.model.arch == "fcos"
+
+
+def test_base_inheritance(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    _write(tmp_path / "base.yaml", {"seed": 3, "train": {"lr": 0.1, "epochs": 7},
+                                    "model": {"arch": "retinanet", "min_size": 128}})
+    _write(sub / "mid.yaml", {"_base_": "../base.yaml", "train": {"epochs": 2}})
+    child = _write(sub / "child.yaml", {"_base_": "mid.yaml", "model": {"backbone": "resnet34"}})
+    c = load_config(str(child), ["train.lr=0.05"])
+    assert c.seed == 3 and c.train.epochs == 2 and c.train.lr == 0.05
+    assert c.model.arch == "retinanet" and c.model.min_size == 128 and c.model.backbone == "resnet34"
+
+
+def test_base_loop_and_missing_base(tmp_path, capsys):
+    a = _write(tmp_path / "a.yaml", {"_base_": "b.yaml"})
+    _write(tmp_path / "b.yaml", {"_base_": "a.yaml"})
+    err = _err(capsys, ["train", "--config", str(a)])
+    assert "loops" in err
+    c = _write(tmp_path / "c.yaml", {"_base_": "gone.yaml"})
+    err = _err(capsys, ["train", "--config", str(c)])
+    assert "gone.yaml" in err and "not found" in err
+
+
+def test_dataset_error_exit_2_names_file(tmp_path, capsys):
+    empty = tmp_path / "empty_data"
+    empty.mkdir()
+    cfg = _write(tmp_path / "cfg.yaml", tiny_config_dict(empty, tmp_path / "out"))
+    err = _err(capsys, ["train", "--config", str(cfg)])
+    assert str(empty / "annotations" / "train.json") in err
+
+
+def test_dataset_error_bad_json(tmp_path, capsys):
+    root = tmp_path / "bad_data"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images/train").mkdir(parents=True)
+    (root / "annotations/train.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    cfg = _write(tmp_path / "cfg.yaml", tiny_config_dict(root, tmp_path / "out"))
+    err = _err(capsys, ["train", "--config", str(cfg)])
+    assert "train.json" in err
+
+
+def test_bad_teacher_checkpoint_exit_2(tmp_path, capsys, tiny_data):
+    raw = tiny_config_dict(tiny_data, tmp_path / "out", teacher={"arch": "fcos", "checkpoint": str(tmp_path / "t.pt")},
+                           distill={"losses": {"fitnet": {}}})
+    cfg = _write(tmp_path / "kd.yaml", raw)
+    err = _err(capsys, ["distill", "--config", str(cfg)])
+    assert "t.pt" in err

@@ -1,0 +1,189 @@
+"""The Distiller: frozen teacher, gradients, zero-weight equivalence, compatibility checks, end-to-end runs."""
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torchvision.models import resnet18
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from conftest import tiny_config
+from samkd.distill import Distiller, DistillConfigError, init_student_from_teacher
+from samkd.engine.train import train
+from samkd.models.builders import build_detector
+
+NUM_CLASSES = 6
+ANCHORS = [4, 8, 16, 32, 64]
+
+
+def _det(arch="fcos", backbone="resnet18", seed=0, **kw):
+    torch.manual_seed(seed)
+    opts = dict(min_size=64, max_size=64, anchor_sizes=ANCHORS)
+    opts.update(kw)
+    return build_detector(arch, backbone, num_classes=NUM_CLASSES, **opts)
+
+
+def _batch(n=2, size=64):
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 34.0], [20.0, 10.0, 60.0, 50.0]]),
+                "labels": torch.tensor([1, 3])} for _ in range(n)]
+    return images, targets
+
+
+@pytest.mark.parametrize("arch", ["fcos", "faster_rcnn"])
+def test_teacher_gets_no_gradient_student_and_losses_do(arch):
+    student, teacher = _det(arch, seed=0), _det(arch, seed=1)
+    d = Distiller(student, teacher, losses={"samkd": {"weight": 1.0, "alpha_sfd": 1.0}}).train()
+    images, targets = _batch()
+    losses = d(images, targets)
+    assert {"distill/sfd", "distill/sld"} <= set(losses)
+    for k, v in losses.items():
+        assert torch.isfinite(v), k
+    sum(losses.values()).backward()
+    for name, p in d.teacher.named_parameters():
+        assert not p.requires_grad, name
+        assert p.grad is None, name
+    student_grads = [p.grad for p in d.student.parameters() if p.grad is not None]
+    assert student_grads and any(g.abs().sum() > 0 for g in student_grads)
+    loss_params = list(d.losses.parameters())
+    assert loss_params, "SAMKD's SFD has generators"
+    gens = [p for n, p in d.losses.named_parameters() if "fusion" not in n]
+    assert all(p.grad is not None for p in gens)
+    assert sum(float(p.grad.abs().sum()) for p in gens) > 0
+    assert d.distill_parameters() and all(p.requires_grad for p in d.distill_parameters())
+
+
+def test_teacher_stays_in_eval_mode():
+    d = Distiller(_det(), _det(seed=1), losses={"fitnet": {}})
+    d.train()
+    assert d.student.training
+    assert not d.teacher.training
+    assert not any(m.training for m in d.teacher.modules())
+    d.eval()
+    assert not d.student.training
+    d.train(True)
+    assert not any(m.training for m in d.teacher.modules())
+
+
+def test_teacher_batchnorm_statistics_do_not_move():
+    d = Distiller(_det(), _det(seed=1), losses={"fitnet": {}}).train()
+    before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    images, targets = _batch()
+    d(images, targets)
+    for k, v in d.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_eval_mode_returns_detections_without_distill():
+    d = Distiller(_det(), _det(seed=1), losses={"fitnet": {}}).eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        out = d.student(images)
+    assert len(out) == 2 and "boxes" in out[0]
+
+
+def test_zero_weight_reproduces_plain_training(tiny_data, tmp_path):
+    common = dict(train={"max_steps": 3, "checkpoint_every": 0}, data={"max_val_images": 1})
+    plain = tiny_config(tiny_data, tmp_path / "plain", **common)
+    kd = tiny_config(tiny_data, tmp_path / "kd", **common, teacher=dict(plain.model.__dict__),
+                     distill={"losses": {"samkd": {"weight": 0.0}}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s1 = train(plain)
+        s2 = train(kd)
+    assert s1["steps"] == s2["steps"] == 3
+    a = torch.load(tmp_path / "plain" / "student.pt")
+    b = torch.load(tmp_path / "kd" / "student.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    header = (tmp_path / "kd" / "train.csv").read_text().splitlines()[0]
+    assert "distill/" not in header
+
+
+def test_mismatched_min_size_is_refused():
+    with pytest.raises(DistillConfigError, match="min_size"):
+        Distiller(_det(min_size=64), _det(min_size=96), losses={"fitnet": {}})
+
+
+def test_mixed_kinds_and_class_counts_refused():
+    with pytest.raises(DistillConfigError, match="one-stage and a two-stage"):
+        Distiller(_det("fcos"), _det("faster_rcnn"), losses={"fitnet": {}})
+    other = build_detector("fcos", "resnet18", num_classes=NUM_CLASSES + 1, min_size=64, max_size=64,
+                           anchor_sizes=ANCHORS)
+    with pytest.raises(DistillConfigError, match="class counts"):
+        Distiller(_det("fcos"), other, losses={"fitnet": {}})
+
+
+def test_init_student_from_teacher_copies_fpn_and_head():
+    student, teacher = _det(backbone="resnet18", seed=0), _det(backbone="resnet34", seed=1)
+    copied = init_student_from_teacher(student, teacher)
+    assert copied
+    assert any(k.startswith("backbone.fpn.") for k in copied) and any(k.startswith("head.") for k in copied)
+    s, t = student.state_dict(), teacher.state_dict()
+    for k, v in s.items():
+        if k.startswith(("backbone.fpn.", "head.")):
+            assert torch.equal(v, t[k]), k
+    assert not any(k.startswith("backbone.body.") for k in copied)
+    # through the Distiller flag as well
+    d = Distiller(_det(seed=2), _det(backbone="resnet34", seed=3), losses={"fitnet": {}},
+                  init_student_from_teacher=True)
+    assert d.copied_from_teacher
+    for k in d.copied_from_teacher:
+        assert torch.equal(d.student.state_dict()[k], d.teacher.state_dict()[k]), k
+
+
+def _narrow_fcos(width: int = 128):
+    torch.manual_seed(0)
+    body = BackboneWithFPN(resnet18(norm_layer=nn.BatchNorm2d), {"layer2": "0", "layer3": "1", "layer4": "2"},
+                           [128, 256, 512], width, extra_blocks=LastLevelP6P7(width, width))
+    anchors = AnchorGenerator(tuple((float(s),) for s in ANCHORS), ((1.0,),) * 5)
+    return FCOS(body, NUM_CLASSES, min_size=64, max_size=64, anchor_generator=anchors)
+
+
+def test_alignment_conv_when_widths_differ():
+    d = Distiller(_narrow_fcos(128), _det(seed=1), losses={"fitnet": {}}).train()
+    assert len(d.align) == 5
+    for conv in d.align:
+        assert isinstance(conv, nn.Conv2d) and (conv.in_channels, conv.out_channels) == (128, 256)
+    images, targets = _batch()
+    losses = d(images, targets)
+    assert torch.isfinite(losses["distill/fitnet"])
+    losses["distill/fitnet"].backward()
+    assert all(p.grad is not None for p in d.align.parameters())
+    assert any(p is q for p in d.distill_parameters() for q in d.align.parameters())
+    same = Distiller(_det(), _det(seed=1), losses={"fitnet": {}})
+    assert all(isinstance(m, nn.Identity) for m in same.align)
+
+
+RUNS = [("fcos", m) for m in ("fitnet", "logit_kd", "mgd", "fgd", "samkd")] + [
+    (a, m) for a in ("retinanet", "faster_rcnn") for m in ("mgd", "samkd")]
+
+
+@pytest.mark.parametrize("arch,method", RUNS)
+def test_tiny_distillation_run(tiny_data, tmp_path, arch, method):
+    model = {"arch": arch}
+    cfg = tiny_config(tiny_data, tmp_path / "run", model=model, teacher={**tiny_config(tiny_data, tmp_path).model.__dict__, **model},
+                      distill={"losses": {method: {}}},
+                      train={"max_steps": 2, "checkpoint_every": 0}, data={"max_val_images": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = train(cfg)
+    assert summary["steps"] == 2
+    rows = list(csv.DictReader((tmp_path / "run" / "train.csv").open()))
+    assert len(rows) == 2
+    keys = [k for k in rows[0] if k.startswith("distill/")]
+    assert keys, rows[0].keys()
+    for row in rows:
+        for k in keys:
+            assert math.isfinite(float(row[k])), (k, row[k])
+        assert math.isfinite(float(row["loss"]))
+    assert (tmp_path / "run" / "student.pt").is_file()
