@@ -33,6 +33,9 @@ class DataConfig:
     num_workers: int = 0
     flip_prob: float = 0.5
     max_val_images: Optional[int] = None  # evaluate on the first N validation images only
+    # contiguous: labels 1..K in category-id order | category_id: label = COCO category id (torchvision's
+    # COCO-pretrained detectors use that label space: 91 classes with gaps)
+    label_mode: str = "contiguous"
 
     def resolved(self) -> "DataConfig":
         """Paths filled in from ``root`` where unset."""
@@ -176,6 +179,7 @@ def _check_choices(cfg: Config, where: str) -> None:
         if m is not None:
             choice(m.arch, ARCHS, f"{block}.arch")
             choice(m.backbone, BACKBONES, f"{block}.backbone")
+    choice(cfg.data.label_mode, ("contiguous", "category_id"), "data.label_mode")
     choice(cfg.train.optimizer, ("sgd", "adamw"), "train.optimizer")
     choice(cfg.train.scheduler, ("cosine", "step", "constant"), "train.scheduler")
     if cfg.distill is not None:

@@ -76,6 +76,13 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[st
     return sorted(copied)
 
 
+def _build_named_loss(name: str, params: Optional[Mapping], channels: int, num_levels: int) -> nn.Module:
+    try:
+        return build_loss(name, channels=channels, num_levels=num_levels, **dict(params or {}))
+    except (TypeError, ValueError) as exc:  # bad hyper-parameter value: name the config entry
+        raise DistillConfigError(f"distill.losses.{name}: {exc}") from exc
+
+
 _init_student_from_teacher = init_student_from_teacher  # Distiller.__init__'s flag of the same name shadows it
 
 
@@ -111,9 +118,8 @@ class Distiller(nn.Module):
         # 1x1 convs bring the student's FPN width to the teacher's (identity when they match).
         self.align = nn.ModuleList(
             nn.Conv2d(c, channels, 1) if c != channels else nn.Identity() for c, _ in s_levels)
-        self.losses = nn.ModuleDict({
-            name: build_loss(name, channels=channels, num_levels=len(t_levels), **dict(params or {}))
-            for name, params in (losses or {}).items()})
+        self.losses = nn.ModuleDict({name: _build_named_loss(name, params, channels, len(t_levels))
+                                     for name, params in (losses or {}).items()})
         self.stop_distill_at = stop_distill_at
         self.copied_from_teacher = (_init_student_from_teacher(student, teacher) if init_student_from_teacher
                                     else [])

@@ -22,14 +22,16 @@ from .config import Config, ConfigError, ModelConfig
 from .engine.export import build_from_state, read_state_dict
 from .models.adapter import TapAdapter, num_classes
 from .models.builders import build_detector
+from .losses import loss_params
 from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
 
-_SAMKD_DEFAULTS = {"pyramid": (4, 2, 1), "mask_ratio": 0.5, "tau": 0.5, "random_share": 0.5, "tau_d": 1.0,
-                   "region": 1}
+_SHOWN_PARAMS = ("pyramid", "mask_ratio", "tau", "random_share", "tau_d", "region")
 
 
 def _samkd_params(cfg: Config) -> dict:
-    params = dict(_SAMKD_DEFAULTS)
+    """The SAMKD settings that shape the maps: the loss defaults, overridden by the config's samkd block."""
+    defaults = loss_params("samkd")
+    params = {k: defaults[k] for k in _SHOWN_PARAMS}
     if cfg.distill is not None:
         given = cfg.distill.losses.get("samkd") or {}
         params.update({k: v for k, v in given.items() if k in params})

@@ -426,9 +426,9 @@ PINNED = {
     ("logit_kd", "logit_kd"): 1.9799965620040894,
     ("logit_kd_roi", "logit_kd"): 2.863003969192505,
     ("mgd", "mgd"): 0.10767257213592529,
-    ("samkd", "sfd"): 0.107915498316288,
+    ("samkd", "sfd"): 0.10789491981267929,
     ("samkd", "sld"): 1.9506125450134277,
-    ("sfd", "sfd"): 0.107915498316288,
+    ("sfd", "sfd"): 0.10789491981267929,
     ("sld", "sld"): 1.9506125450134277,
     ("sld_roi", "sld"): 2.8233213424682617,
 }
@@ -483,3 +483,12 @@ def test_level_count_mismatch():
     s2.features, t2.features = s2.features[:2], t2.features[:2]
     with pytest.raises(ValueError, match="built for 3 levels"):
         build("mgd")(s2, t2)
+
+
+def test_sfd_generator_width():
+    half, full = build("sfd"), build("sfd", generator_ratio=1.0)
+    assert half.generation[0][0][0].out_channels == C // 2 and half.generation[0][0][2].in_channels == C // 2
+    assert full.generation[0][0][0].out_channels == C  # MGD's block
+    assert sum(p.numel() for p in full.parameters()) > 1.9 * sum(p.numel() for p in half.parameters())
+    with pytest.raises(ValueError, match="generator_ratio"):
+        build("sfd", generator_ratio=0.0)

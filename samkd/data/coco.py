@@ -7,7 +7,10 @@ through a training run.
 
 Label convention (torchvision): COCO category ids are mapped to contiguous
 labels ``1..K`` in sorted category-id order; label ``0`` is the background, so
-detectors are built with ``num_classes = K + 1``.
+detectors are built with ``num_classes = K + 1``. With ``label_mode="category_id"``
+the category id *is* the label (``num_classes = max id + 1``): that is the label
+space of torchvision's COCO-pretrained detectors (91 classes with gaps), needed
+to fine-tune or distil from them on COCO itself.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class CocoDetection(Dataset):
             ``categories``).
         img_dir: directory the images' ``file_name`` entries are relative to.
         transforms: optional callable ``(image, target) -> (image, target)``.
+        label_mode: ``"contiguous"`` (labels ``1..K``) or ``"category_id"`` (label = category id).
 
     ``__getitem__(i)`` returns ``(image, target)`` where ``image`` is a float
     tensor ``(3, H, W)`` in ``[0, 1]`` and ``target`` is a dict with
@@ -79,14 +83,20 @@ class CocoDetection(Dataset):
     Attributes:
         image_ids: COCO image ids in dataset order.
         label_to_cat_id / cat_id_to_label: label <-> category id maps.
-        class_names: category names, ``class_names[label - 1]``.
-        num_classes: ``K + 1`` (includes background).
+        class_names: category names, ``class_names[label - 1]`` (``""`` for unused ids in
+            ``category_id`` mode).
+        num_classes: ``K + 1`` (includes background); ``max id + 1`` in ``category_id`` mode.
         num_skipped_boxes: annotations dropped as degenerate.
         num_clipped_boxes: annotations whose box was clipped to the image.
     """
 
-    def __init__(self, ann_file, img_dir, transforms: Optional[Callable] = None):
+    LABEL_MODES = ("contiguous", "category_id")
+
+    def __init__(self, ann_file, img_dir, transforms: Optional[Callable] = None, label_mode: str = "contiguous"):
         super().__init__()
+        if label_mode not in self.LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {', '.join(self.LABEL_MODES)}, got {label_mode!r}")
+        self.label_mode = label_mode
         self.ann_file = os.fspath(ann_file)
         self.img_dir = os.fspath(img_dir)
         self.transforms = transforms
@@ -150,10 +160,19 @@ class CocoDetection(Dataset):
             raise DatasetError(f"{name}: 'categories' is empty; at least one category is required")
 
         sorted_ids = sorted(cats)
-        self.label_to_cat_id: Dict[int, int] = {i + 1: cid for i, cid in enumerate(sorted_ids)}
-        self.cat_id_to_label: Dict[int, int] = {cid: lab for lab, cid in self.label_to_cat_id.items()}
-        self.class_names: List[str] = [cats[cid] for cid in sorted_ids]
-        self.num_classes: int = len(sorted_ids) + 1
+        if self.label_mode == "category_id":
+            if sorted_ids[0] < 1:
+                raise DatasetError(f"{name}: label_mode 'category_id' needs category ids >= 1 (0 is the "
+                                   f"background), got id {sorted_ids[0]}")
+            # Every id up to the largest is a label (unused ones too: a pretrained head predicts them, and
+            # COCOeval ignores categories that are not in the ground truth).
+            self.label_to_cat_id: Dict[int, int] = {i: i for i in range(1, sorted_ids[-1] + 1)}
+            self.class_names: List[str] = [cats.get(i, "") for i in range(1, sorted_ids[-1] + 1)]
+        else:
+            self.label_to_cat_id = {i + 1: cid for i, cid in enumerate(sorted_ids)}
+            self.class_names = [cats[cid] for cid in sorted_ids]
+        self.cat_id_to_label: Dict[int, int] = {cid: lab for lab, cid in self.label_to_cat_id.items() if cid in cats}
+        self.num_classes: int = len(self.class_names) + 1
 
         # ---- images
         if not data["images"]:

@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import Config, DataConfig, ModelConfig, dump_config
-from ..data import CocoDetection, build_loader, build_transforms, set_epoch
+from ..config import Config, ConfigError, DataConfig, ModelConfig, dump_config
+from ..data import CocoDetection, DatasetError, build_loader, build_transforms, set_epoch
 from ..distill import Distiller
 from ..models import build_detector
 from .checkpoint import capture_rng_state, load_checkpoint, prune_checkpoints, restore_rng_state, save_checkpoint
@@ -57,16 +57,24 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 def build_datasets(data: DataConfig) -> tuple[CocoDetection, Optional[CocoDetection]]:
     data = data.resolved()
     if not data.train_ann or not data.train_images:
-        raise ValueError("data: set data.root (a `samkd make-data` folder) or data.train_ann and data.train_images")
+        raise ConfigError("data: set data.root (a `samkd make-data` folder) or data.train_ann and data.train_images")
     train_tf = build_transforms(True, flip_prob=data.flip_prob)
-    train_set = CocoDetection(data.train_ann, data.train_images, transforms=train_tf)
+    train_set = CocoDetection(data.train_ann, data.train_images, transforms=train_tf, label_mode=data.label_mode)
     val_set = None
     if data.val_ann and data.val_images:
-        val_set = CocoDetection(data.val_ann, data.val_images, transforms=build_transforms(False))
+        val_set = CocoDetection(data.val_ann, data.val_images, transforms=build_transforms(False),
+                                label_mode=data.label_mode)
+        if val_set.label_to_cat_id != train_set.label_to_cat_id:
+            raise DatasetError(f"{data.val_ann}: categories {sorted(val_set.cat_id_to_label)} differ from those of "
+                               f"{data.train_ann} {sorted(train_set.cat_id_to_label)}: labels would not line up")
     return train_set, val_set
 
 
 def model_from_config(m: ModelConfig, num_classes: int) -> nn.Module:
+    """Build the detector of a model block; ``num_classes`` (from the data) is used unless the block sets one."""
+    if m.num_classes is not None and m.num_classes < num_classes:
+        raise ConfigError(f"num_classes {m.num_classes} is smaller than the data set's {num_classes} "
+                          "(classes + background): leave it unset to take it from the data")
     extra = {k: getattr(m, k) for k in ("score_thresh", "detections_per_img") if getattr(m, k) is not None}
     return build_detector(
         arch=m.arch, backbone=m.backbone, num_classes=m.num_classes or num_classes, min_size=m.min_size,
@@ -303,7 +311,7 @@ def evaluate_config(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     device = resolve_device(cfg.train.device)
     _, val_set = build_datasets(cfg.data)
     if val_set is None:
-        raise ValueError("data: evaluation needs data.val_ann and data.val_images (or data.root)")
+        raise ConfigError("data: evaluation needs data.val_ann and data.val_images (or data.root)")
     m = cfg.model if checkpoint is None else ModelConfig(**{**cfg.model.__dict__, "checkpoint": checkpoint})
     model = model_from_config(m, val_set.num_classes).to(device)
     subset = val_set

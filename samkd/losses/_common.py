@@ -39,12 +39,16 @@ def channel_attention(feat: Tensor, tau: float) -> Tensor:
     return (c * F.softmax(saliency / tau, dim=1)).reshape(n, c, 1, 1)
 
 
-def make_generator(channels: int) -> nn.Sequential:
-    """MGD's generation block: conv3x3 -> ReLU -> conv3x3, keeping the channel count."""
+def make_generator(channels: int, hidden: Optional[int] = None) -> nn.Sequential:
+    """MGD's generation block: conv3x3 -> ReLU -> conv3x3 from ``channels`` back to ``channels``.
+
+    ``hidden`` is the width between the two convs (MGD: ``channels``); its cost scales linearly with it.
+    """
+    hidden = channels if hidden is None else hidden
     return nn.Sequential(
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+        nn.Conv2d(channels, hidden, kernel_size=3, padding=1),
         nn.ReLU(inplace=True),
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+        nn.Conv2d(hidden, channels, kernel_size=3, padding=1),
     )
 
 

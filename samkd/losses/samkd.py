@@ -21,7 +21,9 @@ the defaults are this library's choices. Two complementary terms:
    (``m <= H_k W_k - 1``), so a single-cell grid (``k >= H, W``) is never masked and that scale
    degenerates to plain (unmasked) generation.
 
-3. Reconstruction by a per-(level, scale) generator ``G_{l,k}`` (conv3x3-ReLU-conv3x3, as in MGD):
+3. Reconstruction by a per-(level, scale) generator ``G_{l,k}`` (conv3x3-ReLU-conv3x3, as in MGD, with
+   ``round(generator_ratio * C)`` channels between the two convs; MGD uses ``C``. The default 0.5 keeps
+   three scales at about 1.5x the cost of MGD's single full-width generator):
    ``R_k = G_{l,k}(F_S * M_k)``, fused with learnable scale weights ``pi_l = softmax(w_l)``
    (``w_l`` initialised to 0, i.e. equal weights): ``F_hat = sum_k pi_{l,k} R_k``.
 
@@ -210,6 +212,7 @@ class SFDLoss(nn.Module):
         tau: temperature of the teacher spatial attention that guides the mask.
         random_share: fraction of the masked cells drawn at random instead of by attention.
         alpha_sfd: loss coefficient (MGD's scale: the error is a sum over C*H*W, divided by N).
+        generator_ratio: hidden width of each generator as a fraction of ``channels`` (1.0 = MGD's block).
         use_channel_attention: weight the error by the teacher's channel attention.
         channel_tau: temperature of that channel attention.
         weight: multiplies the returned term.
@@ -220,10 +223,13 @@ class SFDLoss(nn.Module):
 
     def __init__(self, channels: int, num_levels: int, *, pyramid: Sequence[int] = (4, 2, 1),
                  mask_ratio: float = 0.5, tau: float = 0.5, random_share: float = 0.5, alpha_sfd: float = 2e-5,
-                 use_channel_attention: bool = True, channel_tau: float = 0.5, weight: float = 1.0):
+                 use_channel_attention: bool = True, channel_tau: float = 0.5, generator_ratio: float = 0.5,
+                 weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)
         self.pyramid = _check_pyramid(pyramid)
+        check_positive(generator_ratio=generator_ratio)
+        hidden = max(1, round_half_up(generator_ratio * channels))
         check_unit_interval(mask_ratio=mask_ratio, random_share=random_share)
         check_positive(tau=tau, channel_tau=channel_tau)
         check_non_negative(alpha_sfd=alpha_sfd)
@@ -232,8 +238,9 @@ class SFDLoss(nn.Module):
         self.mask_ratio, self.tau, self.random_share = mask_ratio, tau, random_share
         self.alpha_sfd, self.weight = alpha_sfd, weight
         self.use_channel_attention, self.channel_tau = use_channel_attention, channel_tau
+        self.generator_ratio = generator_ratio
         self.generation = nn.ModuleList(
-            nn.ModuleList(make_generator(channels) for _ in self.pyramid) for _ in range(num_levels)
+            nn.ModuleList(make_generator(channels, hidden) for _ in self.pyramid) for _ in range(num_levels)
         )
         # One scale-fusion vector per level; zeros = equal weights at the start.
         self.fusion_logits = nn.Parameter(torch.zeros(num_levels, len(self.pyramid)))
@@ -263,7 +270,7 @@ class SFDLoss(nn.Module):
         return (f"pyramid={self.pyramid}, mask_ratio={self.mask_ratio}, tau={self.tau}, "
                 f"random_share={self.random_share}, alpha_sfd={self.alpha_sfd}, "
                 f"use_channel_attention={self.use_channel_attention}, channel_tau={self.channel_tau}, "
-                f"weight={self.weight}")
+                f"generator_ratio={self.generator_ratio}, weight={self.weight}")
 
 
 class SLDLoss(nn.Module):
@@ -362,7 +369,7 @@ class SAMKDLoss(nn.Module):
     def __init__(self, channels: int, num_levels: int, *, use_sfd: bool = True, use_sld: bool = True,
                  pyramid: Sequence[int] = (4, 2, 1), mask_ratio: float = 0.5, tau: float = 0.5,
                  random_share: float = 0.5, alpha_sfd: float = 2e-5, use_channel_attention: bool = True,
-                 channel_tau: float = 0.5, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
+                 channel_tau: float = 0.5, generator_ratio: float = 0.5, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
                  beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
                  roi_sampling_ratio: int = 2, weight: float = 1.0):
         super().__init__()
@@ -372,7 +379,7 @@ class SAMKDLoss(nn.Module):
         self.sfd = SFDLoss(
             channels, num_levels, pyramid=pyramid, mask_ratio=mask_ratio, tau=tau, random_share=random_share,
             alpha_sfd=alpha_sfd, use_channel_attention=use_channel_attention, channel_tau=channel_tau,
-            weight=weight,
+            generator_ratio=generator_ratio, weight=weight,
         ) if use_sfd else None
         self.sld = SLDLoss(
             channels, num_levels, T=T, tau_d=tau_d, region=region, beta_sld=beta_sld, roi_weight=roi_weight,
