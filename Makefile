@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # On x86_64 this torch/torchvision pair installs offline from the local pip cache here; elsewhere pip finds a build.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv install demo test test-slow bench bench-quick clean
+.PHONY: install demo test test-slow bench bench-tune bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,10 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 bench: install
-	$(VENV)/bin/samkd bench --out benchmarks
+	$(VENV)/bin/samkd bench --out benchmarks --jobs 2
+
+bench-tune: install
+	$(VENV)/bin/samkd bench --tune --out benchmarks --jobs 2
 
 bench-quick: install
 	$(VENV)/bin/samkd bench --quick --out /tmp/samkd-bench-quick

@@ -1,18 +1,34 @@
 """``samkd bench``: the paper's comparison table in miniature, on the synthetic-shapes benchmark.
 
 One FCOS-ResNet-50 teacher is trained once (longer schedule) and cached; then the FCOS-ResNet-18 student is
-trained under an equal step budget with each method, for each seed. Everything a run produces is cached under
-``work_dir`` keyed by its config, so an interrupted bench picks up where it stopped.
+trained under an equal step budget with each method, for each seed. Every run is cached under ``work_dir``
+keyed by a hash of its config, so an interrupted bench picks up where it stopped, and ``--jobs N`` trains N
+runs at once (one thread each: on a 2-core machine two single-thread runs train ~1.6x faster than one
+two-thread run).
 
-Outputs: ``<out>/results.md`` (table + cost ratios + goals), ``<out>/results.json``, ``<out>/results.png``
-(mAP per method with the seed spread, and training-loss curves).
+Costs are measured in the same invocation, in one process, interleaved so that load on the machine affects
+both sides of each ratio alike:
+
+* step ratio: a full distillation step (student + teacher + loss, forward, backward, optimiser) divided by a
+  student-only step on the same batch;
+* loss cost: forward + backward of each loss alone on the same real FPN tensors, relative to MGD's, and as a
+  share of its distillation step.
+
+``--tune`` runs the SAMKD variants of :data:`TUNE_GRID` on a *validation* data set (data seed + 1: other
+train and val images) with other training seeds; the reported table never feeds back into the defaults.
+
+Outputs: ``<out>/results.md`` (table, cost ratios, goals), ``results.json``, ``results.png`` (mAP per method
+with the seed spread, and training-loss curves); with ``--tune``: ``tuning.md`` and ``tuning.json``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -37,30 +53,30 @@ METHODS: dict[str, Optional[dict]] = {
 # Optional rows (`--suite full`): the same comparison for the other detector families.
 FULL_PAIRS = {"retinanet": ("student", "mgd", "samkd"), "faster_rcnn": ("student", "mgd", "samkd")}
 
+# SAMKD variants tried by `--tune`, one change at a time from the defaults, plus the references they are
+# judged against. The winner becomes SAMKDLoss's default by hand (see benchmarks/tuning.md).
+TUNE_GRID: dict[str, Optional[dict]] = {
+    "student": None,
+    "mgd": {"mgd": {}},
+    "samkd": {"samkd": {}},
+    "samkd mask_ratio=0.75": {"samkd": {"mask_ratio": 0.75}},
+    "samkd alpha_sfd=5e-5": {"samkd": {"alpha_sfd": 5e-5}},
+    "samkd beta_sld=3": {"samkd": {"beta_sld": 3.0}},
+}
+TUNE_SEEDS = (100,)
+
 # From-scratch detectors (no pretrained weights can be fetched here) learn far faster with AdamW than with
-# SGD in a few hundred CPU steps; both teacher and students use it.
+# SGD in a few hundred CPU steps; teacher and students all use it.
 DEFAULTS = dict(image_size=128, train_images=600, val_images=150, data_seed=0, seeds=(0, 1),
                 teacher_steps=1000, steps=300, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.05)
 QUICK = dict(image_size=96, train_images=16, val_images=8, data_seed=0, seeds=(0,),
              teacher_steps=4, steps=3, batch_size=4, optimizer="adamw", lr=1e-3, weight_decay=0.05)
 
 
+# ------------------------------------------------------------------------------------------------ run configs
 def _model_block(arch: str, backbone: str, size: int) -> dict:
-    block = {"arch": arch, "backbone": backbone, "min_size": size, "max_size": size, "score_thresh": 0.05,
-             "anchor_sizes": [4, 8, 16, 32, 64] if arch == "fcos" else [8, 16, 32, 64, 128]}
-    return block
-
-
-def _run(raw: dict, work: Path, name: str) -> dict:
-    """Train one config, cached by a hash of the config."""
-    from .engine.train import train
-    key = hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
-    out = work / "runs" / f"{name}-{key}"
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    cfg = config_from_dict({**raw, "output_dir": str(out)}, source=f"bench:{name}")
-    return train(cfg)
+    return {"arch": arch, "backbone": backbone, "min_size": size, "max_size": size, "score_thresh": 0.05,
+            "anchor_sizes": [4, 8, 16, 32, 64] if arch == "fcos" else [8, 16, 32, 64, 128]}
 
 
 def _train_raw(p: dict, data_root: Path, seed: int, steps: int) -> dict:
@@ -71,39 +87,121 @@ def _train_raw(p: dict, data_root: Path, seed: int, steps: int) -> dict:
                       "progress": False, "tensorboard": False}}
 
 
-def _loss_cost(teacher_ckpt: str, arch: str, p: dict, data_root: Path, reps: int) -> dict:
-    """Forward+backward seconds of each loss on the same real FPN tensors, and the ratio to MGD's."""
+def _teacher_raw(p: dict, data_root: Path, arch: str) -> dict:
+    return {**_train_raw(p, data_root, 0, p["teacher_steps"]), "model": _model_block(arch, "resnet50", p["image_size"])}
+
+
+def _student_raw(p: dict, data_root: Path, arch: str, seed: int, losses: Optional[dict],
+                 teacher_ckpt: str) -> dict:
+    raw = {**_train_raw(p, data_root, seed, p["steps"]), "model": _model_block(arch, "resnet18", p["image_size"])}
+    if losses is not None:
+        raw["teacher"] = {**_model_block(arch, "resnet50", p["image_size"]), "checkpoint": teacher_ckpt}
+        raw["distill"] = {"losses": losses}
+    return raw
+
+
+def _dataset(work: Path, p: dict, data_seed: int, quiet: bool) -> Path:
+    root = work / f"data_s{data_seed}_{p['image_size']}px_{p['train_images']}"
+    if not (root / "annotations/val.json").exists():
+        make_synthetic_dataset(root, p["train_images"], seed=data_seed, image_size=p["image_size"],
+                               val_images=p["val_images"], progress=not quiet)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ execution
+def _run(raw: dict, work: Path, name: str) -> dict:
+    """Train one config, cached by a hash of the config."""
+    from .engine.train import train
+    key = hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
+    out = work / "runs" / f"{name.replace(' ', '_').replace('=', '')}-{key}"
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    cfg = config_from_dict({**raw, "output_dir": str(out)}, source=f"bench:{name}")
+    return train(cfg)
+
+
+def _run_in_worker(args: tuple) -> dict:
+    raw, work, name, threads = args
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    summary = _run(raw, work, name)
+    print(f"[bench] done {name}: AP {summary['metrics'].get('AP', 0.0):.2f} "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return summary
+
+
+def _run_all(runs: list[tuple[dict, str]], work: Path, jobs: int) -> list[dict]:
+    """Train every ``(raw, name)`` run, ``jobs`` at a time; summaries in the same order."""
+    if jobs <= 1 or len(runs) <= 1:
+        return [_run_in_worker((raw, work, name, torch.get_num_threads())) for raw, name in runs]
+    threads = max(1, (os.cpu_count() or jobs) // jobs)
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        return list(pool.map(_run_in_worker, [(raw, work, name, threads) for raw, name in runs]))
+
+
+# ------------------------------------------------------------------------------------------------ costs
+def _costs(teacher_ckpt: str, arch: str, p: dict, data_root: Path, methods: dict, reps: int) -> dict:
+    """Step and loss costs of each method, measured interleaved in this process on one real batch.
+
+    Returns ``{method: {"step_ratio", "distill_step_s", "student_step_s", "loss_s", "loss_vs_mgd",
+    "loss_share"}}``. The optimiser has lr 0, so every measurement sees the same weights.
+    """
+    from .config import ModelConfig
     from .data import CocoDetection, collate_fn
     from .distill import Distiller
     from .engine.train import model_from_config
-    from .config import ModelConfig
+    from .losses import build_loss
+
     ds = CocoDetection(str(data_root / "annotations/train.json"), str(data_root / "images/train"))
     images, targets = collate_fn([ds[i] for i in range(p["batch_size"])])
+    torch.manual_seed(0)
     student = model_from_config(ModelConfig(**_model_block(arch, "resnet18", p["image_size"])), ds.num_classes)
     teacher = model_from_config(ModelConfig(**{**_model_block(arch, "resnet50", p["image_size"]),
                                                "checkpoint": teacher_ckpt}), ds.num_classes)
-    losses = {m: spec for m, spec in METHODS.items() if spec}
-    distiller = Distiller(student, teacher, losses={"mgd": {}}).train()
-    distiller(images, targets)
-    s_taps = distiller.student_taps.collect()
-    t_taps = distiller.teacher_forward(s_taps)
-    seconds = {}
-    for method, spec in losses.items():
-        (name, params), = spec.items()
-        from .losses import build_loss
-        loss = build_loss(name, channels=256, num_levels=len(t_taps.features), **params)
-        times = []
-        for _ in range(reps + 1):
-            feats = [f.detach().requires_grad_(True) for f in s_taps.features]
-            logits = [c.detach().requires_grad_(True) for c in s_taps.cls_logits]
-            s = type(s_taps)(**{**s_taps.__dict__, "features": feats, "cls_logits": logits})
+
+    def timed_step(model, call) -> float:
+        optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.0)
+        t0 = time.perf_counter()
+        total = sum(call().values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        return time.perf_counter() - t0
+
+    out = {}
+    for method, spec in methods.items():
+        if spec is None:
+            continue
+        distiller = Distiller(student, teacher, losses=spec).train()
+        student_times, distill_times, loss_times = [], [], []
+        for _ in range(reps + 1):  # the first round warms up allocations and is dropped
+            student_times.append(timed_step(student, lambda: student(images, targets)))
+            distill_times.append(timed_step(distiller, lambda: distiller(images, targets)))
+            s_taps = distiller.student_taps.collect()
+            t_taps = distiller.teacher_forward(s_taps)
+            s_taps.features = [f.detach().requires_grad_(True) for f in s_taps.features]
+            s_taps.cls_logits = [c.detach().requires_grad_(True) for c in s_taps.cls_logits]
+            if s_taps.roi_logits is not None:
+                s_taps.roi_logits = s_taps.roi_logits.detach().requires_grad_(True)
             t0 = time.perf_counter()
-            sum(loss(s, t_taps).values()).backward()
-            times.append(time.perf_counter() - t0)
-        seconds[method] = float(np.median(times[1:]))
-    return {m: {"seconds": s, "vs_mgd": s / seconds["mgd"]} for m, s in seconds.items()}
+            sum(sum(loss(s_taps, t_taps).values()) for loss in distiller.losses.values()).backward()
+            loss_times.append(time.perf_counter() - t0)
+        distiller.student_taps.remove()
+        distiller.teacher_taps.remove()
+        med = {k: float(np.median(v[1:])) for k, v in
+               (("student", student_times), ("distill", distill_times), ("loss", loss_times))}
+        out[method] = {"distill_step_s": med["distill"], "student_step_s": med["student"],
+                       "step_ratio": med["distill"] / med["student"], "loss_s": med["loss"],
+                       "loss_share": med["loss"] / med["distill"]}
+    if "mgd" in out:
+        for c in out.values():
+            c["loss_vs_mgd"] = c["loss_s"] / out["mgd"]["loss_s"]
+    return out
 
 
+# ------------------------------------------------------------------------------------------------ reporting
 def _aggregate(runs: list[dict]) -> dict:
     row = {}
     for k in METRIC_NAMES:
@@ -111,14 +209,24 @@ def _aggregate(runs: list[dict]) -> dict:
         row[k], row[k + "_spread"] = float(np.mean(vals)), float((max(vals) - min(vals)) / 2)
     row["s_per_step"] = float(np.mean([r["s_per_step"] for r in runs]))
     row["seeds"] = len(runs)
+    row["per_seed_AP"] = [float(r["metrics"].get("AP", 0.0)) for r in runs]
     return row
 
 
+def _detection_loss_curve(run_dir: str) -> tuple[list[int], list[float]]:
+    import csv
+    with open(Path(run_dir) / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    skip = ("step", "epoch", "lr", "loss", "s_per_step")
+    det = [k for k in rows[0] if k not in skip and not k.startswith("distill/")]
+    return [int(r["step"]) for r in rows], [sum(float(r[k]) for k in det) for r in rows]
+
+
 def _plot(results: dict, curves: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    fig = Figure(figsize=(13, 4.5), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
     names = list(results)
     ax1.bar(names, [results[n]["AP"] for n in names], yerr=[results[n]["AP_spread"] for n in names], capsize=4,
             color=["#888" if n.endswith("student") else "#3a7" if "samkd" in n else "#48c" for n in names])
@@ -129,45 +237,40 @@ def _plot(results: dict, curves: dict, path: Path) -> None:
         ax2.plot(steps, loss, label=name)
     ax2.set_xlabel("step")
     ax2.set_ylabel("detection loss (student)")
-    ax2.set_title("training curves (seed 0)")
+    ax2.set_title("training curves (first seed)")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def _detection_loss_curve(run_dir: str) -> tuple[list[int], list[float]]:
-    import csv
-    rows = list(csv.DictReader(open(Path(run_dir) / "train.csv")))
-    det = [k for k in rows[0] if k not in ("step", "epoch", "lr", "loss", "s_per_step") and not k.startswith("distill/")]
-    return [int(r["step"]) for r in rows], [sum(float(r[k]) for k in det) for r in rows]
+def _student_ref(results: dict, name: str) -> dict:
+    """The no-distillation row of the same detector family as ``name``."""
+    family = name.split("/")[0] + "/" if "/" in name else ""
+    return results.get(family + "student", {})
 
 
 def _markdown(results: dict, cost: dict, goals: dict, meta: dict) -> str:
-    base = results.get("student", {}).get("AP", 0.0)
-    step_base = results.get("student", {}).get("s_per_step", float("nan"))
     lines = [f"# samkd bench — {meta['date']}", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
              f"Setup: teacher FCOS-ResNet-50 ({meta['teacher_steps']} steps, AP {meta['teacher_AP']:.1f}); "
-             f"student FCOS-ResNet-18, {meta['steps']} steps each, batch {meta['batch_size']}, "
-             f"{meta['image_size']} px, synthetic shapes (data seed {meta['data_seed']}: "
-             f"{meta['train_images']} train / {meta['val_images']} val images), seeds {meta['seeds']}. "
-             "Numbers: mean ± half-range over seeds.", "",
+             f"student FCOS-ResNet-18 from scratch, {meta['steps']} steps each, batch {meta['batch_size']}, "
+             f"{meta['optimizer']} lr {meta['lr']}, {meta['image_size']} px, synthetic shapes (data seed "
+             f"{meta['data_seed']}: {meta['train_images']} train / {meta['val_images']} val images), training "
+             f"seeds {meta['seeds']}, {meta['jobs']} run(s) at a time. AP: mean ± half-range over seeds.", "",
              "| method | AP | AP50 | AP75 | APs | APm | APl | gain over student | s/step | step / student step |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         cells = [f"{r[k]:.1f} ± {r[k + '_spread']:.1f}" for k in METRIC_NAMES]
-        gain = r["AP"] - (results.get(name.split("/")[0] + "/student", {}).get("AP", base) if "/" in name else base)
-        ref_step = results.get(name.split("/")[0] + "/student", {}).get("s_per_step", step_base) if "/" in name else step_base
+        gain = r["AP"] - _student_ref(results, name).get("AP", r["AP"])
+        ratio = cost.get(name, {}).get("step_ratio")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {gain:+.1f} | {r['s_per_step']:.2f} | "
-                     f"{r['s_per_step'] / ref_step:.2f} |")
-    lines += ["", "Loss cost: forward+backward of each loss alone on the same real FPN tensors (batch of "
-              f"{meta['batch_size']}), median of {meta['cost_reps']} repeats.", "",
-              "| loss | seconds | vs MGD | share of its distill step |", "|---|---|---|---|"]
+                     + (f"{ratio:.2f} |" if ratio else "1.00 |" if name.endswith("student") else "n/a |"))
+    lines += ["", f"Costs (FCOS, one batch of {meta['batch_size']}, median of {meta['cost_reps']} interleaved "
+              "repeats in one process): the step ratio above is a full distillation step over a student-only "
+              "step; loss = forward + backward of the distillation loss alone on the same FPN tensors.", "",
+              "| loss | loss seconds | vs MGD | share of its distillation step |", "|---|---|---|---|"]
     for name, c in cost.items():
-        step = results.get(name, {}).get("s_per_step")
-        share = f"{100 * c['seconds'] / step:.1f}%" if step else "n/a"
-        lines.append(f"| {name} | {c['seconds']:.4f} | {c['vs_mgd']:.2f}x | {share} |")
+        lines.append(f"| {name} | {c['loss_s']:.4f} | {c.get('loss_vs_mgd', float('nan')):.2f}x | "
+                     f"{100 * c['loss_share']:.1f}% |")
     lines += ["", "Goals:", ""]
     for goal, (ok, detail) in goals.items():
         lines.append(f"- {'PASS' if ok else 'MISS'}: {goal} — {detail}")
@@ -175,83 +278,134 @@ def _markdown(results: dict, cost: dict, goals: dict, meta: dict) -> str:
 
 
 def _goals(results: dict, cost: dict) -> dict:
-    base = results["student"]["AP"]
     goals = {}
-    shares = {n: c["seconds"] / results[n]["s_per_step"] for n, c in cost.items() if n in results}
-    if shares:
-        worst = max(shares, key=shares.get)
-        goals["loss cost under 5% of a distillation step"] = (
-            max(shares.values()) < 0.05, f"largest share {100 * shares[worst]:.1f}% ({worst})")
-    if "samkd" in cost:
-        ratio = cost["samkd"]["vs_mgd"]
+    samkd_cost = {n: c for n, c in cost.items() if n.startswith("samkd")}
+    if samkd_cost:
+        worst = max(samkd_cost, key=lambda n: samkd_cost[n]["loss_share"])
+        goals["SAMKD loss cost under 5% of a distillation step"] = (
+            samkd_cost[worst]["loss_share"] < 0.05,
+            f"largest share {100 * samkd_cost[worst]['loss_share']:.1f}% ({worst}); MGD "
+            f"{100 * cost['mgd']['loss_share']:.1f}%" if "mgd" in cost else "")
+    if "samkd" in cost and "loss_vs_mgd" in cost["samkd"]:
+        ratio = cost["samkd"]["loss_vs_mgd"]
         goals["SAMKD loss at most 2x MGD's"] = (ratio <= 2.0, f"{ratio:.2f}x")
-    if "samkd" in results and "mgd" in results:
+    if {"samkd", "mgd", "student"} <= set(results):
+        base = results["student"]["AP"]
         g_s, g_m = results["samkd"]["AP"] - base, results["mgd"]["AP"] - base
         ok = g_s > 0 and (g_m <= 0 or g_s >= 1.2 * g_m)
         goals["SAMKD gain over the student at least 1.2x MGD's gain"] = (
-            ok, f"SAMKD {g_s:+.1f} AP, MGD {g_m:+.1f} AP")
+            ok, f"SAMKD {g_s:+.1f} AP, MGD {g_m:+.1f} AP" + (f" ({g_s / g_m:.2f}x)" if g_m > 0 else ""))
     return goals
 
 
-def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "default",
-              seeds: Optional[list[int]] = None, work_dir: Optional[str] = None, steps: Optional[int] = None,
-              teacher_steps: Optional[int] = None, data_seed: Optional[int] = None, methods=None) -> dict:
-    """Run the benchmark and write results.md / results.json / results.png under ``out_dir``."""
+def _machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}")
+
+
+def _params(quick: bool, **overrides) -> dict:
     p = dict(QUICK if quick else DEFAULTS)
-    for k, v in (("seeds", seeds), ("steps", steps), ("teacher_steps", teacher_steps), ("data_seed", data_seed)):
+    for k, v in overrides.items():
         if v is not None:
             p[k] = tuple(v) if k == "seeds" else v
+    return p
+
+
+def _command(quick: bool, suite: str, jobs: int, tune: bool = False) -> str:
+    return ("samkd bench" + (" --tune" if tune else "") + (" --quick" if quick else "")
+            + (f" --suite {suite}" if suite != "default" else "") + (f" --jobs {jobs}" if jobs > 1 else ""))
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "default",
+              seeds: Optional[list[int]] = None, work_dir: Optional[str] = None, steps: Optional[int] = None,
+              teacher_steps: Optional[int] = None, data_seed: Optional[int] = None, methods=None,
+              jobs: int = 1) -> dict:
+    """Run the benchmark and write results.md / results.json / results.png under ``out_dir``."""
+    p = _params(quick, seeds=seeds, steps=steps, teacher_steps=teacher_steps, data_seed=data_seed)
     out = Path(out_dir)
     work = Path(work_dir) if work_dir else out / "work"
     out.mkdir(parents=True, exist_ok=True)
-    data_root = work / f"data_s{p['data_seed']}_{p['image_size']}px_{p['train_images']}"
-    if not (data_root / "annotations/val.json").exists():
-        make_synthetic_dataset(data_root, p["train_images"], seed=p["data_seed"], image_size=p["image_size"],
-                               val_images=p["val_images"], progress=not quick)
+    data_root = _dataset(work, p, p["data_seed"], quick)
     pairs = {"fcos": list(methods or METHODS)}
     if suite == "full":
         pairs.update({a: list(m) for a, m in FULL_PAIRS.items()})
 
-    results, curves, teacher_ap = {}, {}, {}
-    for arch, method_names in pairs.items():
-        t_raw = {**_train_raw(p, data_root, 0, p["teacher_steps"]),
-                 "model": _model_block(arch, "resnet50", p["image_size"])}
-        print(f"[bench] teacher {arch}-resnet50: {p['teacher_steps']} steps", flush=True)
-        t_sum = _run(t_raw, work, f"teacher-{arch}")
-        teacher_ckpt = str(Path(t_sum["output_dir"]) / "student.pt")
-        teacher_ap[arch] = t_sum["metrics"].get("AP", 0.0)
-        for method in method_names:
-            runs = []
-            for seed in p["seeds"]:
-                raw = {**_train_raw(p, data_root, seed, p["steps"]), "model": _model_block(arch, "resnet18", p["image_size"])}
-                if METHODS[method] is not None:
-                    raw["teacher"] = {**_model_block(arch, "resnet50", p["image_size"]), "checkpoint": teacher_ckpt}
-                    raw["distill"] = {"losses": METHODS[method]}
-                print(f"[bench] {arch} {method} seed {seed}: {p['steps']} steps", flush=True)
-                runs.append(_run(raw, work, f"{arch}-{method}-s{seed}"))
-            name = method if arch == "fcos" else f"{arch}/{method}"
-            results[name] = _aggregate(runs)
-            if arch == "fcos":
-                curves[method] = _detection_loss_curve(runs[0]["output_dir"])
-            print(f"[bench] {name}: AP {results[name]['AP']:.2f} ± {results[name]['AP_spread']:.2f}", flush=True)
+    print(f"[bench] teachers ({', '.join(pairs)}-resnet50): {p['teacher_steps']} steps", flush=True)
+    teacher_runs = _run_all([(_teacher_raw(p, data_root, arch), f"teacher-{arch}") for arch in pairs], work, jobs)
+    teachers = {arch: t for arch, t in zip(pairs, teacher_runs)}
+    ckpt = {arch: str(Path(t["output_dir"]) / "student.pt") for arch, t in teachers.items()}
 
-    fcos_teacher = str(Path(_run({**_train_raw(p, data_root, 0, p["teacher_steps"]),
-                                  "model": _model_block("fcos", "resnet50", p["image_size"])},
-                                 work, "teacher-fcos")["output_dir"]) / "student.pt")
-    cost_reps = 2 if quick else 10
-    cost = _loss_cost(fcos_teacher, "fcos", p, data_root, cost_reps)
-    cost = {m: c for m, c in cost.items() if m in results}
-    goals = _goals(results, cost) if "student" in results else {}
-    meta = {"date": time.strftime("%Y-%m-%d"), "command": "samkd bench" + (" --quick" if quick else "")
-            + (f" --suite {suite}" if suite != "default" else ""),
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                       f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}",
-            "teacher_AP": teacher_ap.get("fcos", 0.0), "cost_reps": cost_reps,
+    plan = [(arch, method, seed) for arch, names in pairs.items() for method in names for seed in p["seeds"]]
+    print(f"[bench] {len(plan)} student runs of {p['steps']} steps, {jobs} at a time", flush=True)
+    summaries = _run_all([(_student_raw(p, data_root, arch, seed, METHODS[method], ckpt[arch]),
+                           f"{arch}-{method}-s{seed}") for arch, method, seed in plan], work, jobs)
+    by_row: dict[str, list[dict]] = {}
+    for (arch, method, _), summary in zip(plan, summaries):
+        by_row.setdefault(method if arch == "fcos" else f"{arch}/{method}", []).append(summary)
+    results = {name: _aggregate(runs) for name, runs in by_row.items()}
+    curves = {name: _detection_loss_curve(runs[0]["output_dir"]) for name, runs in by_row.items() if "/" not in name}
+
+    cost_reps = 2 if quick else 5
+    print("[bench] measuring step and loss costs", flush=True)
+    cost = _costs(ckpt["fcos"], "fcos", p, data_root, {m: METHODS[m] for m in pairs["fcos"]}, cost_reps)
+    goals = _goals(results, cost)
+    meta = {"date": time.strftime("%Y-%m-%d"), "command": _command(quick, suite, jobs), "machine": _machine(),
+            "teacher_AP": teachers["fcos"]["metrics"].get("AP", 0.0), "cost_reps": cost_reps, "jobs": jobs,
+            "teachers": {a: t["metrics"] for a, t in teachers.items()},
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}}
     (out / "results.md").write_text(_markdown(results, cost, goals, meta))
-    payload = {"meta": meta, "results": results, "loss_cost": cost,
+    payload = {"meta": meta, "results": results, "cost": cost,
                "goals": {g: {"pass": ok, "detail": d} for g, (ok, d) in goals.items()}}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     _plot(results, curves, out / "results.png")
     print((out / "results.md").read_text())
+    return payload
+
+
+def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optional[str] = None,
+               steps: Optional[int] = None, teacher_steps: Optional[int] = None, data_seed: Optional[int] = None,
+               seeds: Optional[list[int]] = None, jobs: int = 1) -> dict:
+    """Try the SAMKD variants of :data:`TUNE_GRID` on validation data; write tuning.md / tuning.json.
+
+    The validation data set is generated with ``data_seed + 1`` (other train *and* val images than the
+    reported benchmark) and the students use the training seeds :data:`TUNE_SEEDS`. The teacher is the
+    benchmark's cached teacher: it saw only the benchmark's *training* images, never its val images.
+    """
+    p = _params(quick, steps=steps, teacher_steps=teacher_steps, data_seed=data_seed,
+                seeds=seeds if seeds is not None else list(TUNE_SEEDS))
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir else out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = _run_all([(_teacher_raw(p, _dataset(work, p, p["data_seed"], quick), "fcos"), "teacher-fcos")],
+                       work, 1)[0]
+    ckpt = str(Path(teacher["output_dir"]) / "student.pt")
+    tune_seed = p["data_seed"] + 1
+    data_root = _dataset(work, p, tune_seed, quick)
+    plan = [(name, seed) for name in TUNE_GRID for seed in p["seeds"]]
+    summaries = _run_all([(_student_raw(p, data_root, "fcos", seed, TUNE_GRID[name], ckpt), f"tune-{name}-s{seed}")
+                          for name, seed in plan], work, jobs)
+    by_row: dict[str, list[dict]] = {}
+    for (name, _), summary in zip(plan, summaries):
+        by_row.setdefault(name, []).append(summary)
+    results = {name: _aggregate(runs) for name, runs in by_row.items()}
+    samkd_rows = [n for n in results if n.startswith("samkd")]
+    best = max(samkd_rows, key=lambda n: results[n]["AP"])
+    base = results["student"]["AP"]
+    lines = [f"# SAMKD tuning — {time.strftime('%Y-%m-%d')}", "",
+             f"Command: `{_command(quick, 'default', jobs, tune=True)}`  ", f"Machine: {_machine()}  ",
+             f"Validation data: synthetic shapes, data seed {tune_seed} ({p['train_images']} train / "
+             f"{p['val_images']} val images; the reported benchmark uses data seed {p['data_seed']}), training "
+             f"seeds {list(p['seeds'])}, {p['steps']} steps, teacher = the benchmark's cached FCOS-ResNet-50 "
+             "(trained on the benchmark's training images only).", "",
+             "| variant | AP | AP50 | AP75 | APs | APm | gain over student |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name}{' (best SAMKD)' if name == best else ''} | "
+                     + " | ".join(f"{r[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm"))
+                     + f" | {r['AP'] - base:+.1f} |")
+    (out / "tuning.md").write_text("\n".join(lines) + "\n")
+    payload = {"results": results, "best": best, "grid": TUNE_GRID, "data_seed": tune_seed,
+               "seeds": list(p["seeds"])}
+    (out / "tuning.json").write_text(json.dumps(payload, indent=2))
+    print((out / "tuning.md").read_text())
     return payload
