@@ -61,6 +61,13 @@ class ModelConfig:
     anchor_sizes: Optional[list[float]] = None  # one base size per FPN level; None: torchvision default
     score_thresh: Optional[float] = None  # detection score threshold at inference; None: torchvision default
     detections_per_img: Optional[int] = None
+    # any other keyword of the torchvision detector class, e.g. {box_batch_size_per_image: 128} (Faster R-CNN)
+    detector_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def torchvision_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the torchvision detector class beyond the ones build_detector names."""
+        named = {k: getattr(self, k) for k in ("score_thresh", "detections_per_img") if getattr(self, k) is not None}
+        return {**self.detector_kwargs, **named}
 
 
 @dataclass

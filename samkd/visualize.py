@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from .config import Config, ConfigError, ModelConfig
 from .engine.export import build_from_state, read_state_dict
+from .engine.train import model_from_config
 from .models.adapter import TapAdapter, num_classes
-from .models.builders import build_detector
 from .losses import loss_params
 from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
 
@@ -45,12 +45,7 @@ def _build(m: ModelConfig, checkpoint: Optional[str], fallback_classes: Optional
         return build_from_state(m, read_state_dict(checkpoint), str(checkpoint))
     if not m.weights:
         warnings.warn(f"{role} has neither checkpoint nor weights: showing a randomly initialised {role}")
-    num_classes = m.num_classes or fallback_classes or 91
-    extra = {k: getattr(m, k) for k in ("score_thresh", "detections_per_img") if getattr(m, k) is not None}
-    return build_detector(arch=m.arch, backbone=m.backbone, num_classes=num_classes, min_size=m.min_size,
-                          max_size=m.max_size, weights=m.weights, backbone_weights=m.backbone_weights,
-                          trainable_backbone_layers=m.trainable_backbone_layers, anchor_sizes=m.anchor_sizes,
-                          **extra)
+    return model_from_config(m, fallback_classes or 91)
 
 
 def _load_image(path) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn as nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from ..config import Config, ModelConfig
-from ..models.builders import ModelConfigError, build_detector, extract_state_dict
+from ..models.builders import ModelConfigError, build_detector, detector_class_kwargs, extract_state_dict
 
 _CLASS_NAMES = {"fcos": "FCOS", "retinanet": "RetinaNet", "faster_rcnn": "FasterRCNN"}
 _MODULES = {"fcos": "fcos", "retinanet": "retinanet", "faster_rcnn": "faster_rcnn"}
@@ -68,10 +68,6 @@ def _freeze_batchnorm(module: nn.Module) -> None:
             _freeze_batchnorm(child)
 
 
-def _detector_kwargs(m: ModelConfig) -> dict:
-    return {k: getattr(m, k) for k in ("score_thresh", "detections_per_img") if getattr(m, k) is not None}
-
-
 def build_from_state(m: ModelConfig, state: dict, source: str = "<state dict>") -> nn.Module:
     """Build the detector described by ``m`` (no downloads) and load ``state`` strictly into it.
 
@@ -81,7 +77,7 @@ def build_from_state(m: ModelConfig, state: dict, source: str = "<state dict>") 
     num_classes = m.num_classes or num_classes_from_state(m.arch, state, source)
     model = build_detector(arch=m.arch, backbone=m.backbone, num_classes=num_classes, min_size=m.min_size,
                            max_size=m.max_size, trainable_backbone_layers=m.trainable_backbone_layers,
-                           anchor_sizes=m.anchor_sizes, **_detector_kwargs(m))
+                           anchor_sizes=m.anchor_sizes, **m.torchvision_kwargs())
     if _uses_frozen_bn(state):
         _freeze_batchnorm(model.backbone.body)
     own = model.state_dict()
@@ -121,7 +117,7 @@ def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool) -> str:
         lines.append(f"backbone = mobilenet_backbone(backbone_name={m.backbone!r}, weights=None, fpn=True, "
                      f"norm_layer={norm}, trainable_layers=6, returned_layers={returned}, extra_blocks={extra})")
     kwargs = [f"min_size={m.min_size}", f"max_size={m.max_size}"]
-    kwargs += [f"{k}={v!r}" for k, v in _detector_kwargs(m).items()]
+    kwargs += [f"{k}={v!r}" for k, v in detector_class_kwargs(arch, m.torchvision_kwargs()).items()]
     if m.anchor_sizes is not None:
         sizes = [float(s) for s in m.anchor_sizes]
         if arch == "fcos":
@@ -185,7 +181,7 @@ def export_student(cfg: Config, checkpoint, out_dir, onnx: bool = False) -> dict
         "arch": m.arch, "backbone": m.backbone, "num_classes": num_classes, "min_size": m.min_size,
         "max_size": m.max_size, "anchor_sizes": m.anchor_sizes, "norm_layer":
             "FrozenBatchNorm2d" if frozen else "BatchNorm2d",
-        **_detector_kwargs(m),
+        **m.torchvision_kwargs(),
         "source_checkpoint": str(checkpoint),
         "torchvision_code": torchvision_code(m, num_classes, frozen),
     }

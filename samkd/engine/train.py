@@ -75,11 +75,11 @@ def model_from_config(m: ModelConfig, num_classes: int) -> nn.Module:
     if m.num_classes is not None and m.num_classes < num_classes:
         raise ConfigError(f"num_classes {m.num_classes} is smaller than the data set's {num_classes} "
                           "(classes + background): leave it unset to take it from the data")
-    extra = {k: getattr(m, k) for k in ("score_thresh", "detections_per_img") if getattr(m, k) is not None}
     return build_detector(
         arch=m.arch, backbone=m.backbone, num_classes=m.num_classes or num_classes, min_size=m.min_size,
         max_size=m.max_size, weights=m.weights, backbone_weights=m.backbone_weights, checkpoint=m.checkpoint,
-        trainable_backbone_layers=m.trainable_backbone_layers, anchor_sizes=m.anchor_sizes, **extra)
+        trainable_backbone_layers=m.trainable_backbone_layers, anchor_sizes=m.anchor_sizes,
+        **m.torchvision_kwargs())
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:

@@ -6,6 +6,7 @@ and a student are described by the same config block.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,6 +30,21 @@ TORCHVISION_DETECTORS = {
     ("faster_rcnn", "resnet50"): "fasterrcnn_resnet50_fpn",
     ("faster_rcnn", "mobilenet_v3_large"): "fasterrcnn_mobilenet_v3_large_fpn",
 }
+
+
+# Faster R-CNN names the inference settings of the one-stage detectors after its box head.
+_RCNN_NAMES = {"score_thresh": "box_score_thresh", "detections_per_img": "box_detections_per_img",
+               "nms_thresh": "box_nms_thresh"}
+
+
+def detector_class_kwargs(arch: str, kwargs: dict) -> dict:
+    """``kwargs`` with the one-stage names (``score_thresh``, ...) renamed for Faster R-CNN.
+
+    FasterRCNN would otherwise pass an unknown ``score_thresh`` on to its transform, which ignores it.
+    """
+    if arch != "faster_rcnn":
+        return dict(kwargs)
+    return {_RCNN_NAMES.get(k, k): v for k, v in kwargs.items()}
 
 
 class ModelConfigError(ValueError):
@@ -114,18 +130,21 @@ def build_detector(
     body = _backbone(arch, backbone, backbone_weights, trainable_backbone_layers)
     num_levels = 5
     anchors = _anchor_generator(arch, anchor_sizes, num_levels)
+    detector_kwargs = detector_class_kwargs(arch, detector_kwargs)
     common = dict(min_size=min_size, max_size=max_size, **detector_kwargs)
     if anchors is not None:
         common["rpn_anchor_generator" if arch == "faster_rcnn" else "anchor_generator"] = anchors
-    if arch == "fcos":
-        model = FCOS(body, num_classes, **common)
-    elif arch == "retinanet":
-        if anchors is not None:  # the head must be built for the anchor count per location
-            from torchvision.models.detection.retinanet import RetinaNetHead
-            common["head"] = RetinaNetHead(body.out_channels, anchors.num_anchors_per_location()[0], num_classes)
-        model = RetinaNet(body, num_classes, **common)
-    else:
-        model = FasterRCNN(body, num_classes, **common)
+    if arch == "retinanet" and anchors is not None:  # the head must be built for the anchor count per location
+        from torchvision.models.detection.retinanet import RetinaNetHead
+        common["head"] = RetinaNetHead(body.out_channels, anchors.num_anchors_per_location()[0], num_classes)
+    detector_class = {"fcos": FCOS, "retinanet": RetinaNet, "faster_rcnn": FasterRCNN}[arch]
+    accepted = inspect.signature(detector_class.__init__).parameters
+    unknown = sorted(set(detector_kwargs) - set(accepted))
+    if unknown:
+        known = ", ".join(p for p in accepted if p not in ("self", "backbone", "num_classes", "kwargs"))
+        raise ModelConfigError(f"{detector_class.__name__} takes no argument(s) {', '.join(unknown)}; "
+                               f"it accepts: {known}")
+    model = detector_class(body, num_classes, **common)
     if weights:
         _load_torchvision_weights(model, arch, backbone, weights)
     if checkpoint:
