@@ -346,7 +346,7 @@ def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "de
     results = {name: _aggregate(runs) for name, runs in by_row.items()}
     curves = {name: _detection_loss_curve(runs[0]["output_dir"]) for name, runs in by_row.items() if "/" not in name}
 
-    cost_reps = 2 if quick else 5
+    cost_reps = 1 if quick else 5
     print("[bench] measuring step and loss costs", flush=True)
     cost = _costs(ckpt["fcos"], "fcos", p, data_root, {m: METHODS[m] for m in pairs["fcos"]}, cost_reps)
     goals = _goals(results, cost)

@@ -1,4 +1,4 @@
-"""The ``samkd`` command line: make-data, train, distill, eval, export-student, visualize, bench."""
+"""The ``samkd`` command line: make-data, train, distill, eval, export-student, visualize, summary, bench."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,25 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_summary(args) -> int:
+    from pathlib import Path
+
+    from .engine.evaluate import METRIC_NAMES
+    rows = []
+    for run in args.runs:
+        path = Path(run) / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no summary.json (has `samkd train` finished in {run}?)")
+        summary = json.loads(path.read_text())
+        metrics = summary.get("metrics") or {}
+        rows.append(f"| {run} | " + " | ".join(f"{metrics.get(k, float('nan')):.1f}" for k in METRIC_NAMES)
+                    + f" | {summary.get('steps', '?')} | {summary.get('s_per_step', float('nan')):.2f} |")
+    print("| run | " + " | ".join(METRIC_NAMES) + " | steps | s/step |")
+    print("|---" * (len(METRIC_NAMES) + 3) + "|")
+    print("\n".join(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samkd", description="Knowledge distillation for torchvision detectors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="student weights (default: model.checkpoint)")
     p.add_argument("--level", type=int, default=0, help="FPN level to show (0 = finest)")
     p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser("summary", help="table of the final COCO metrics of finished runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of a train/distill run")
+    p.set_defaults(func=_cmd_summary)
 
     p = sub.add_parser("bench", help="the method comparison table on the synthetic benchmark")
     p.add_argument("--out", default="benchmarks")

@@ -157,3 +157,25 @@ def test_bad_teacher_checkpoint_exit_2(tmp_path, capsys, tiny_data):
     cfg = _write(tmp_path / "kd.yaml", raw)
     err = _err(capsys, ["distill", "--config", str(cfg)])
     assert "t.pt" in err
+
+
+def test_bad_loss_value_and_class_count_exit_2(tmp_path, capsys, tiny_data):
+    raw = tiny_config_dict(tiny_data, tmp_path / "out", teacher={"arch": "fcos", "min_size": 128, "max_size": 128,
+                                                                  "anchor_sizes": [4, 8, 16, 32, 64]},
+                           distill={"losses": {"samkd": {"mask_ratio": 1.5}}})
+    err = _err(capsys, ["distill", "--config", str(_write(tmp_path / "kd.yaml", raw))])
+    assert "distill.losses.samkd" in err and "mask_ratio" in err
+    raw = tiny_config_dict(tiny_data, tmp_path / "out", model={"num_classes": 3})
+    err = _err(capsys, ["train", "--config", str(_write(tmp_path / "few.yaml", raw))])
+    assert "num_classes 3" in err and "6" in err
+
+
+def test_val_categories_must_match_train(tmp_path, capsys, tiny_data):
+    val = json.loads((tiny_data / "annotations/val.json").read_text())
+    val["categories"] = val["categories"][:3]
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] <= 3]
+    bad = tmp_path / "val.json"
+    bad.write_text(json.dumps(val))
+    raw = tiny_config_dict(tiny_data, tmp_path / "out", data={"val_ann": str(bad)})
+    err = _err(capsys, ["train", "--config", str(_write(tmp_path / "c.yaml", raw))])
+    assert "val.json" in err and "differ" in err

@@ -433,3 +433,20 @@ def test_loader_on_dataset(synth):
     ds = CocoDetection(synth["train_ann_file"], synth["train_img_dir"], transforms=build_transforms(True))
     imgs, tgts = next(iter(build_loader(ds, batch_size=4, train=True, seed=0)))
     assert len(imgs) == 4 and all(i.shape[0] == 3 for i in imgs) and all("boxes" in t for t in tgts)
+
+
+def test_label_mode_category_id(tmp_path):
+    images = [_img(1)]
+    anns = [_ann(1, 1, 7, [1, 2, 10, 5]), _ann(2, 1, 3, [0, 0, 4, 4])]
+    ann_file, img_dir = _write_dataset(tmp_path, images, anns)  # categories 3 and 7
+    ds = CocoDetection(ann_file, img_dir, label_mode="category_id")
+    assert ds.num_classes == 8  # ids 1..7 + background: torchvision's COCO label space has gaps too
+    assert ds.label_to_cat_id == {i: i for i in range(1, 8)}
+    assert ds.cat_id_to_label == {3: 3, 7: 7}
+    assert ds.class_names[2] == "a" and ds.class_names[6] == "b" and ds.class_names[0] == ""
+    assert ds[0][1]["labels"].tolist() == [7, 3]
+    with pytest.raises(ValueError, match="label_mode"):
+        CocoDetection(ann_file, img_dir, label_mode="names")
+    ann_file, img_dir = _write_dataset(tmp_path, images, [], categories=[{"id": 0, "name": "zero"}])
+    with pytest.raises(DatasetError, match="ann.json.*category ids >= 1"):
+        CocoDetection(ann_file, img_dir, label_mode="category_id")

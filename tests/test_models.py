@@ -184,3 +184,19 @@ def test_unknown_arch_backbone():
         build_detector("fcos", "resnet18", num_classes=1)
     with pytest.raises(ModelConfigError, match="anchor_sizes"):
         build_detector("fcos", "resnet18", num_classes=3, anchor_sizes=[8, 16])
+
+
+def test_inference_settings_reach_every_family():
+    for arch in ARCHS:
+        model = build_detector(arch, "resnet18", num_classes=NUM_CLASSES, score_thresh=0.3, detections_per_img=7,
+                               **SMALL)
+        holder = model.roi_heads if arch == "faster_rcnn" else model
+        assert (holder.score_thresh, holder.detections_per_img) == (0.3, 7), arch
+
+
+def test_detector_kwargs_passed_and_unknown_named():
+    model = build_detector("faster_rcnn", "resnet18", num_classes=NUM_CLASSES, box_batch_size_per_image=64,
+                           **SMALL)
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    with pytest.raises(ModelConfigError, match="FCOS takes no argument.*box_batch_size_per_image.*accepts"):
+        build_detector("fcos", "resnet18", num_classes=NUM_CLASSES, box_batch_size_per_image=64, **SMALL)
