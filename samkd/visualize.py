@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, ModelConfig
-from .engine.export import build_from_state, read_state_dict
+from .engine.export import build_from_state
+from .models.builders import read_state_dict
 from .engine.train import model_from_config
 from .models.adapter import TapAdapter, num_classes
 from .losses import loss_params

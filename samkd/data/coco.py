@@ -52,6 +52,15 @@ def _rec(kind: str, index: int, rec: Any) -> str:
     return f"{plural}[{index}]"
 
 
+def _require_fields(file: str, where: str, rec: Any, fields: Tuple[str, ...]) -> None:
+    """A json record must be an object holding ``fields``; the error names the file, record and field."""
+    if not isinstance(rec, dict):
+        raise DatasetError(f"{file}: {where}: must be an object, got {type(rec).__name__}")
+    for field in fields:
+        if field not in rec:
+            raise DatasetError(f"{file}: {where}: missing required field '{field}'")
+
+
 def _load_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")  # handles L, LA, P, RGBA, CMYK, I;16 ...
@@ -143,10 +152,7 @@ class CocoDetection(Dataset):
         cats: Dict[int, str] = {}
         for i, c in enumerate(data["categories"]):
             where = _rec("category", i, c)
-            if not isinstance(c, dict):
-                raise DatasetError(f"{name}: {where}: must be an object, got {type(c).__name__}")
-            if "id" not in c:
-                raise DatasetError(f"{name}: {where}: missing required field 'id'")
+            _require_fields(name, where, c, ("id",))
             if not _is_int(c["id"]):
                 raise DatasetError(f"{name}: {where}: field 'id' must be an integer, got {c['id']!r}")
             cid = int(c["id"])
@@ -180,11 +186,7 @@ class CocoDetection(Dataset):
         images: Dict[int, Dict[str, Any]] = {}
         for i, im in enumerate(data["images"]):
             where = _rec("image", i, im)
-            if not isinstance(im, dict):
-                raise DatasetError(f"{name}: {where}: must be an object, got {type(im).__name__}")
-            for field in ("id", "file_name", "width", "height"):
-                if field not in im:
-                    raise DatasetError(f"{name}: {where}: missing required field '{field}'")
+            _require_fields(name, where, im, ("id", "file_name", "width", "height"))
             if not _is_int(im["id"]):
                 raise DatasetError(f"{name}: {where}: field 'id' must be an integer, got {im['id']!r}")
             if not isinstance(im["file_name"], str) or not im["file_name"]:
@@ -208,11 +210,7 @@ class CocoDetection(Dataset):
         clipped = 0
         for i, a in enumerate(data["annotations"]):
             where = _rec("annotation", i, a)
-            if not isinstance(a, dict):
-                raise DatasetError(f"{name}: {where}: must be an object, got {type(a).__name__}")
-            for field in ("id", "image_id", "category_id", "bbox"):
-                if field not in a:
-                    raise DatasetError(f"{name}: {where}: missing required field '{field}'")
+            _require_fields(name, where, a, ("id", "image_id", "category_id", "bbox"))
             for field in ("id", "image_id", "category_id"):
                 if not _is_int(a[field]):
                     raise DatasetError(

@@ -15,26 +15,11 @@ import torch.nn as nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from ..config import Config, ModelConfig
-from ..models.builders import ModelConfigError, build_detector, detector_class_kwargs, extract_state_dict
+from ..models.builders import (ModelConfigError, build_detector, detector_class_kwargs, load_state_strict,
+                               read_state_dict)
 
 _CLASS_NAMES = {"fcos": "FCOS", "retinanet": "RetinaNet", "faster_rcnn": "FasterRCNN"}
 _MODULES = {"fcos": "fcos", "retinanet": "retinanet", "faster_rcnn": "faster_rcnn"}
-
-
-def read_state_dict(path) -> dict:
-    """The model state dict in a samkd checkpoint or a bare state dict file; errors name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelConfigError(f"checkpoint {path}: file not found")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle/zip errors: say which file
-        raise ModelConfigError(f"checkpoint {path}: cannot be read ({exc})") from exc
-    state = extract_state_dict(obj)
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise ModelConfigError(f"checkpoint {path}: holds no model state dict (expected a 'student' entry "
-                               "or a mapping of tensors)")
-    return state
 
 
 def num_classes_from_state(arch: str, state: dict, source: str = "<state dict>") -> int:
@@ -80,16 +65,7 @@ def build_from_state(m: ModelConfig, state: dict, source: str = "<state dict>") 
                            anchor_sizes=m.anchor_sizes, **m.torchvision_kwargs())
     if _uses_frozen_bn(state):
         _freeze_batchnorm(model.backbone.body)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if missing or unexpected or wrong_shape:
-        raise ModelConfigError(
-            f"checkpoint {source} does not fit a {m.arch}/{m.backbone} detector with {num_classes} classes: "
-            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
-            f"{len(wrong_shape)} of another shape {wrong_shape[:3]} (check arch, backbone and num_classes)")
-    model.load_state_dict(state, strict=True)
+    load_state_strict(model, state, source, f"a {m.arch}/{m.backbone} detector with {num_classes} classes")
     return model
 
 

@@ -175,8 +175,8 @@ def extract_state_dict(obj: dict) -> dict:
     return obj
 
 
-def load_state_dict_file(model: nn.Module, path: str) -> None:
-    """Load a local checkpoint into ``model`` strictly, with an error that names the file and the keys."""
+def read_state_dict(path) -> dict:
+    """The model state dict in a samkd checkpoint or a bare state dict file; errors name the file."""
     p = Path(path)
     if not p.is_file():
         raise ModelConfigError(f"checkpoint {path}: file not found")
@@ -185,13 +185,26 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
     except Exception as exc:  # pickle/zip errors: say which file
         raise ModelConfigError(f"checkpoint {path}: cannot be read ({exc})") from exc
     state = extract_state_dict(obj)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ModelConfigError(f"checkpoint {path}: holds no model state dict (expected a 'student' entry "
+                               "or a mapping of tensors)")
+    return state
+
+
+def load_state_strict(model: nn.Module, state: dict, source, what: str = "this detector") -> None:
+    """``model.load_state_dict(state, strict=True)`` with an error naming ``source`` and the keys at fault."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or unexpected or wrong_shape:
         raise ModelConfigError(
-            f"checkpoint {path} does not fit this detector: {len(missing)} missing keys {missing[:3]}, "
+            f"checkpoint {source} does not fit {what}: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong_shape)} of another shape "
             f"{wrong_shape[:3]} (check arch, backbone and num_classes)")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=True)
+
+
+def load_state_dict_file(model: nn.Module, path: str) -> None:
+    """Load a local checkpoint into ``model`` strictly, with an error that names the file and the keys."""
+    load_state_strict(model, read_state_dict(path), path)
