@@ -179,3 +179,21 @@ def test_val_categories_must_match_train(tmp_path, capsys, tiny_data):
     raw = tiny_config_dict(tiny_data, tmp_path / "out", data={"val_ann": str(bad)})
     err = _err(capsys, ["train", "--config", str(_write(tmp_path / "c.yaml", raw))])
     assert "val.json" in err and "differ" in err
+
+
+def test_eval_command(tmp_path, capsys, tiny_data):
+    import torch
+
+    from samkd.models import build_detector
+    raw = tiny_config_dict(tiny_data, tmp_path / "out")
+    cfg = _write(tmp_path / "c.yaml", raw)
+    model = {k: v for k, v in raw["model"].items() if k not in ("arch", "backbone")}
+    ckpt = tmp_path / "model.pt"
+    torch.save({"student": build_detector("fcos", "resnet18", num_classes=6, **model).state_dict()}, ckpt)
+    assert main(["eval", "--config", str(cfg), "--checkpoint", str(ckpt)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        assert main(["eval", "--config", str(cfg)]) == 0
+    err = _err(capsys, ["eval", "--config", str(cfg), "--checkpoint", str(tmp_path / "none.pt")])
+    assert "none.pt" in err

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -89,7 +90,6 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
         return student
     teacher = model_from_config(cfg.teacher, num_classes)
     if not cfg.teacher.checkpoint and not cfg.teacher.weights:
-        import warnings
         warnings.warn("teacher has neither checkpoint nor weights: distilling from a random teacher")
     return Distiller(student, teacher, losses=cfg.distill.losses,
                      init_student_from_teacher=cfg.distill.init_student_from_teacher,
@@ -313,6 +313,9 @@ def evaluate_config(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     if val_set is None:
         raise ConfigError("data: evaluation needs data.val_ann and data.val_images (or data.root)")
     m = cfg.model if checkpoint is None else ModelConfig(**{**cfg.model.__dict__, "checkpoint": checkpoint})
+    if not m.checkpoint and not m.weights:
+        warnings.warn("model has neither checkpoint nor weights: evaluating a randomly initialised detector "
+                      "(pass --checkpoint)")
     model = model_from_config(m, val_set.num_classes).to(device)
     subset = val_set
     if cfg.data.max_val_images:
