@@ -96,7 +96,7 @@ def _student_raw(p: dict, data_root: Path, arch: str, seed: int, losses: Optiona
     raw = {**_train_raw(p, data_root, seed, p["steps"]), "model": _model_block(arch, "resnet18", p["image_size"])}
     if losses is not None:
         raw["teacher"] = {**_model_block(arch, "resnet50", p["image_size"]), "checkpoint": teacher_ckpt}
-        raw["distill"] = {"losses": losses}
+        raw["distill"] = {"losses": losses, "feature_norm": "standardize"}
     return raw
 
 

@@ -100,6 +100,9 @@ class DistillConfig:
     losses: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
     init_student_from_teacher: bool = False
     stop_distill_at: Optional[int] = None  # epoch
+    # standardize: each FPN map of both models -> zero mean, unit variance per image before the losses (scale
+    # free: a teacher trained another way may have features 50x the student's) | none: the published formulas
+    feature_norm: str = "standardize"
 
 
 @dataclass
@@ -174,6 +177,7 @@ def _build(cls, raw: dict, where: str):
 
 
 def _check_choices(cfg: Config, where: str) -> None:
+    from .distill import FEATURE_NORMS
     from .losses import LOSSES
     from .models.builders import ARCHS, BACKBONES
 
@@ -190,6 +194,7 @@ def _check_choices(cfg: Config, where: str) -> None:
     choice(cfg.train.optimizer, ("sgd", "adamw"), "train.optimizer")
     choice(cfg.train.scheduler, ("cosine", "step", "constant"), "train.scheduler")
     if cfg.distill is not None:
+        choice(cfg.distill.feature_norm, FEATURE_NORMS, "distill.feature_norm")
         for name, params in cfg.distill.losses.items():
             choice(name, sorted(LOSSES), "distill.losses")
             accepted = [p for p in inspect.signature(LOSSES[name].__init__).parameters

@@ -207,3 +207,34 @@ def test_tiny_distillation_run(tiny_data, tmp_path, pretrained_teachers, arch, m
             assert math.isfinite(float(row[k])) and float(row[k]) > 0, (k, row[k])
         assert math.isfinite(float(row["loss"]))
     assert (tmp_path / "run" / "student.pt").is_file()
+
+
+def test_standardize_is_per_image_and_scale_free():
+    from samkd.distill import standardize
+    x = torch.randn(3, 8, 4, 5) * torch.tensor([1.0, 50.0, 0.1]).view(3, 1, 1, 1) + 7.0
+    y = standardize(x)
+    torch.testing.assert_close(y.flatten(1).mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.flatten(1).std(1), torch.ones(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standardize(x * 40 - 3), y, atol=1e-4, rtol=1e-4)
+    assert standardize(torch.randn(2, 256, 1, 1)).isfinite().all()  # a 1x1 level still has C values
+
+
+@pytest.mark.parametrize("method", ["fitnet", "mgd"])
+def test_feature_norm_makes_losses_independent_of_teacher_scale(method):
+    images, targets = _batch()
+
+    def loss_with_teacher_scale(scale, norm):
+        student, teacher = _det(seed=0), _det(seed=1)
+        with torch.no_grad():  # FPN outputs scale with the output convs (no normalisation after them)
+            for name, p in teacher.backbone.fpn.named_parameters():
+                p.mul_(scale)
+        torch.manual_seed(0)
+        d = Distiller(student, teacher, losses={method: {}}, feature_norm=norm).train()
+        torch.manual_seed(1)
+        return d(images, targets)[f"distill/{method}"].item()
+
+    assert loss_with_teacher_scale(30.0, "standardize") == pytest.approx(loss_with_teacher_scale(1.0, "standardize"),
+                                                                         rel=1e-3)
+    assert loss_with_teacher_scale(30.0, "none") > 50 * loss_with_teacher_scale(1.0, "none")
+    with pytest.raises(DistillConfigError, match="feature_norm"):
+        Distiller(_det(), _det(seed=1), losses={method: {}}, feature_norm="l2")

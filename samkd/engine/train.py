@@ -93,7 +93,7 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
         warnings.warn("teacher has neither checkpoint nor weights: distilling from a random teacher")
     return Distiller(student, teacher, losses=cfg.distill.losses,
                      init_student_from_teacher=cfg.distill.init_student_from_teacher,
-                     stop_distill_at=cfg.distill.stop_distill_at)
+                     stop_distill_at=cfg.distill.stop_distill_at, feature_norm=cfg.distill.feature_norm)
 
 
 def student_of(model: nn.Module) -> nn.Module:
