@@ -78,11 +78,11 @@ def probe_levels(model: nn.Module, size: int = 128) -> list[tuple[int, int]]:
     return [(f.shape[1], size // f.shape[-2]) for f in feats.values()]
 
 
-def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:
+def copy_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
     """Copy the teacher's neck (FPN) and head into the student wherever names and shapes match.
 
     Returns the copied parameter names. A student whose backbone differs still gets a trained FPN/head,
-    which is the usual warm start in detection KD (e.g. MGD, FGD configs in mmrazor).
+    a common warm start in detection KD when the two share their neck and head design.
     """
     own = student.state_dict()
     prefixes = ("backbone.fpn.", "head.", "rpn.", "roi_heads.")
@@ -97,9 +97,6 @@ def _build_named_loss(name: str, params: Optional[Mapping], channels: int, num_l
         return build_loss(name, channels=channels, num_levels=num_levels, **dict(params or {}))
     except (TypeError, ValueError) as exc:  # bad hyper-parameter value: name the config entry
         raise DistillConfigError(f"distill.losses.{name}: {exc}") from exc
-
-
-_init_student_from_teacher = init_student_from_teacher  # Distiller.__init__'s flag of the same name shadows it
 
 
 class Distiller(nn.Module):
@@ -144,8 +141,7 @@ class Distiller(nn.Module):
         self.losses = nn.ModuleDict({name: _build_named_loss(name, params, channels, len(t_levels))
                                      for name, params in (losses or {}).items()})
         self.stop_distill_at = stop_distill_at
-        self.copied_from_teacher = (_init_student_from_teacher(student, teacher) if init_student_from_teacher
-                                    else [])
+        self.copied_from_teacher = copy_neck_and_head(student, teacher) if init_student_from_teacher else []
         self.student_taps = TapAdapter(student)
         self.teacher_taps = TapAdapter(teacher)
 

@@ -15,7 +15,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from conftest import tiny_config
-from samkd.distill import Distiller, DistillConfigError, init_student_from_teacher
+from samkd.distill import Distiller, DistillConfigError, copy_neck_and_head
 from samkd.engine.train import train
 from samkd.models.builders import build_detector
 
@@ -125,7 +125,7 @@ def test_mixed_kinds_and_class_counts_refused():
 
 def test_init_student_from_teacher_copies_fpn_and_head():
     student, teacher = _det(backbone="resnet18", seed=0), _det(backbone="resnet34", seed=1)
-    copied = init_student_from_teacher(student, teacher)
+    copied = copy_neck_and_head(student, teacher)
     assert copied
     assert any(k.startswith("backbone.fpn.") for k in copied) and any(k.startswith("head.") for k in copied)
     s, t = student.state_dict(), teacher.state_dict()
