@@ -19,12 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, ModelConfig
+from .distill import standardize
 from .engine.export import build_from_state
-from .models.builders import read_state_dict
 from .engine.train import model_from_config
-from .models.adapter import TapAdapter, num_classes
 from .losses import loss_params
 from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
+from .models.adapter import TapAdapter, num_classes
+from .models.builders import read_state_dict
 
 _SHOWN_PARAMS = ("pyramid", "mask_ratio", "tau", "random_share", "tau_d", "region")
 
@@ -121,6 +122,9 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
     if not 0 <= level < levels:
         raise ConfigError(f"level {level} out of range: the FPN has {levels} levels (0..{levels - 1})")
     t_feat, s_feat = t_taps.features[level][:1], s_taps.features[level][:1]
+    feature_norm = cfg.distill.feature_norm if cfg.distill is not None else "standardize"
+    if feature_norm == "standardize":  # the maps the losses see in training (Distiller), not the raw ones
+        t_feat, s_feat = standardize(t_feat), standardize(s_feat)
 
     # The resized image the detectors saw (normalisation undone), cropped to its unpadded area.
     mean = torch.tensor(student.transform.image_mean).view(3, 1, 1)
