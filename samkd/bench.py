@@ -109,10 +109,21 @@ def _dataset(work: Path, p: dict, data_seed: int, quiet: bool) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ execution
+def _cache_key(raw: dict) -> str:
+    """Hash of a run's config and, for distillation runs, of every loss parameter *with its default*.
+
+    ``{"samkd": {}}`` alone would keep naming the same cached run after a default changed.
+    """
+    from .losses import loss_params
+    losses = (raw.get("distill") or {}).get("losses") or {}
+    what = [raw, {name: {**loss_params(name), **(params or {})} for name, params in losses.items()}] if losses else raw
+    return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def _run(raw: dict, work: Path, name: str) -> dict:
-    """Train one config, cached by a hash of the config."""
+    """Train one config, cached by :func:`_cache_key`."""
     from .engine.train import train
-    key = hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
+    key = _cache_key(raw)
     out = work / "runs" / f"{name.replace(' ', '_').replace('=', '')}-{key}"
     summary_path = out / "summary.json"
     if summary_path.exists():

@@ -69,3 +69,19 @@ def test_goal_verdicts():
     # SAMKD gains while MGD loses: the ratio goal holds
     goals = _goals({"student": _row(10.0), "mgd": _row(9.0), "samkd": _row(10.5)}, cost)
     assert goals["SAMKD gain over the student at least 1.2x MGD's gain"][0]
+
+
+def test_cache_key_follows_loss_defaults(monkeypatch):
+    import hashlib
+
+    from samkd import bench
+    from samkd.losses import samkd as samkd_module
+    raw = {"seed": 0, "distill": {"losses": {"samkd": {}}}}
+    key = bench._cache_key(raw)
+    monkeypatch.setitem(samkd_module.SAMKDLoss.__init__.__kwdefaults__, "mask_ratio", 0.75)
+    assert bench._cache_key(raw) != key  # a changed default is a new run, not the cached one
+    monkeypatch.undo()
+    assert bench._cache_key(raw) == key
+    # runs without losses (teachers, plain students) keep the plain hash of their config
+    plain = {"seed": 0, "model": {"arch": "fcos"}}
+    assert bench._cache_key(plain) == hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
