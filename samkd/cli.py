@@ -61,7 +61,8 @@ def _cmd_visualize(args) -> int:
 def _cmd_bench(args) -> int:
     from .bench import run_bench, run_tuning
     common = dict(out_dir=args.out, quick=args.quick, seeds=args.seeds, work_dir=args.work_dir, steps=args.steps,
-                  teacher_steps=args.teacher_steps, data_seed=args.data_seed, jobs=args.jobs)
+                  teacher_steps=args.teacher_steps, data_seed=args.data_seed, jobs=args.jobs,
+                  batch_size=args.batch_size)
     if args.tune:
         run_tuning(**common)
     else:
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None, help="student steps per run")
     p.add_argument("--teacher-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="student batch size (default 4)")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the benchmark data (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")
     p.add_argument("--tune", action="store_true",

@@ -89,7 +89,7 @@ class TrainConfig:
     log_every: int = 10  # steps
     eval_every: int = 1  # epochs; 0: only at the end
     checkpoint_every: int = 1  # epochs
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # step_*.pt files kept; 0: write none (no --resume), only student.pt
     progress: bool = True
     tensorboard: bool = True
 

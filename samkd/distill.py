@@ -150,6 +150,20 @@ class Distiller(nn.Module):
         self.teacher.eval()  # BatchNorm statistics of the teacher never move
         return self
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """``state_dict()`` without the frozen teacher, which is rebuilt from its own checkpoint.
+
+        A training checkpoint that carried the teacher would be several times the student's size.
+        """
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`trainable_state_dict`; every other key must match exactly, the teacher's stay as built."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise RuntimeError(f"distiller state does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
     def active_losses(self, epoch: Optional[int] = None) -> dict[str, nn.Module]:
         if self.stop_distill_at is not None and epoch is not None and epoch >= self.stop_distill_at:
             return {}

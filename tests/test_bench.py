@@ -82,6 +82,17 @@ def test_cache_key_follows_loss_defaults(monkeypatch):
     assert bench._cache_key(raw) != key  # a changed default is a new run, not the cached one
     monkeypatch.undo()
     assert bench._cache_key(raw) == key
+    # a parameter spelled out at its default value is the same run; what is kept on disk does not matter
+    default_ratio = samkd_module.SAMKDLoss.__init__.__kwdefaults__["mask_ratio"]
+    assert bench._cache_key({"seed": 0, "distill": {"losses": {"samkd": {"mask_ratio": default_ratio}}}}) == key
+    assert bench._cache_key({**raw, "train": {"keep_checkpoints": 0}}) == bench._cache_key({**raw, "train": {}})
     # runs without losses (teachers, plain students) keep the plain hash of their config
     plain = {"seed": 0, "model": {"arch": "fcos"}}
     assert bench._cache_key(plain) == hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def test_command_names_every_override():
+    from samkd.bench import _command
+    assert _command(False, "default", 2) == "samkd bench --jobs 2"
+    assert (_command(False, "full", 1, tune=True, batch_size=8, seeds=[0, 1], steps=None)
+            == "samkd bench --tune --suite full --batch-size 8 --seeds 0 1")

@@ -153,7 +153,7 @@ def test_mgd_equals_independent_reimplementation():
         x = F.conv2d(fs * mask, gen[0].weight, gen[0].bias, padding=1).relu()
         x = F.conv2d(x, gen[2].weight, gen[2].bias, padding=1)
         ref = ref + ((x - ft) ** 2).sum() / n
-    torch.testing.assert_close(out, 2e-5 * ref)
+    torch.testing.assert_close(out, 2e-5 * ref)  # alpha_mgd default
 
 
 def test_fgd_box_masks():
@@ -248,7 +248,7 @@ def test_sfd_equals_formula():
         pi = torch.softmax(torch.tensor([0.3, -0.2]), 0)
         rebuilt = sum(pi[i] * sfd.generation[level][i](fs * m) for i, m in enumerate(masks))
         ref = ref + (channel_attention(ft, 0.5) * (rebuilt - ft) ** 2).sum() / N
-    torch.testing.assert_close(out, 2e-5 * ref)
+    torch.testing.assert_close(out, 5e-5 * ref)  # alpha_sfd default
     plain = build("sfd", seed=4, pyramid=(2, 1), use_channel_attention=False)
     assert not torch.isclose(plain(s, t)["sfd"], out)
 
@@ -426,9 +426,9 @@ PINNED = {
     ("logit_kd", "logit_kd"): 1.9799965620040894,
     ("logit_kd_roi", "logit_kd"): 2.863003969192505,
     ("mgd", "mgd"): 0.10767257213592529,
-    ("samkd", "sfd"): 0.10789491981267929,
+    ("samkd", "sfd"): 0.2697373032569885,
     ("samkd", "sld"): 1.9506125450134277,
-    ("sfd", "sfd"): 0.10789491981267929,
+    ("sfd", "sfd"): 0.2697373032569885,
     ("sld", "sld"): 1.9506125450134277,
     ("sld_roi", "sld"): 2.8233213424682617,
 }

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from conftest import tiny_config, tiny_config_dict
+from samkd.config import config_from_dict
 from samkd.data import build_loader, make_synthetic_dataset
 from samkd.engine.evaluate import evaluate
 from samkd.engine.train import build_datasets, model_from_config, train
@@ -60,6 +61,7 @@ def test_resume_is_exact(tiny_data, tmp_path):
     assert b1["steps"] == 2
     last = tmp_path / "B" / "checkpoints" / "last.pt"
     assert last.is_file()
+    assert os.path.samefile(last, tmp_path / "B" / "checkpoints" / "step_2.pt")  # a link, not a second copy
     b2 = train(_resume_cfg(tiny_data, tmp_path / "B", 2), resume=str(last))
     assert a["steps"] == b2["steps"] == 4
     rows = list(csv.DictReader((tmp_path / "B" / "train.csv").open()))
@@ -72,6 +74,35 @@ def test_resume_is_exact(tiny_data, tmp_path):
     # the logged losses of the resumed steps match the straight run too
     rows_a = list(csv.DictReader((tmp_path / "A" / "train.csv").open()))
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows]
+
+
+def _distill_resume_cfg(data, out, epochs):
+    raw = _resume_cfg(data, out, epochs).to_dict()
+    return config_from_dict({**raw, "teacher": raw["model"], "distill": {"losses": {"samkd": {}}}}, "<tiny>")
+
+
+def test_distill_resume_is_exact_and_checkpoint_has_no_teacher(tiny_data, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random teacher
+        a = train(_distill_resume_cfg(tiny_data, tmp_path / "A", 2))
+        train(_distill_resume_cfg(tiny_data, tmp_path / "B", 1))
+        state = torch.load(tmp_path / "B" / "checkpoints" / "last.pt", weights_only=False)
+        assert not [k for k in state["model"] if k.startswith("teacher.")]
+        assert any(k.startswith("losses.samkd.") for k in state["model"])  # the generators resume too
+        b = train(_distill_resume_cfg(tiny_data, tmp_path / "B", 2), resume="auto")
+    assert a["steps"] == b["steps"] == 4
+    sa, sb = torch.load(tmp_path / "A" / "student.pt"), torch.load(tmp_path / "B" / "student.pt")
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_keep_checkpoints_zero_writes_only_the_student(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 1, "keep_checkpoints": 0},
+                      data={"max_val_images": 1})
+    summary = train(cfg)
+    assert summary["checkpoint"] is None
+    assert (tmp_path / "run" / "student.pt").is_file()
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
 
 def test_resume_auto(tiny_data, tmp_path):

@@ -5,6 +5,8 @@ Public API
 ``save_checkpoint(path, state)``
     Atomic ``torch.save``: written to a temp file in the same directory, fsynced
     and ``os.replace``-d onto ``path``; ``path`` is never left half-written.
+``link_checkpoint(source, alias)``
+    Atomically point ``alias`` (``last.pt``) at ``source``: a hard link, not a second copy.
 ``load_checkpoint(path, map_location="cpu") -> dict``
     ``torch.load(..., weights_only=False)``.  **Only load checkpoints you trust**:
     unpickling can execute arbitrary code.  Raises ``FileNotFoundError`` for a
@@ -21,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Union
@@ -29,6 +32,7 @@ import torch
 
 __all__ = [
     "save_checkpoint",
+    "link_checkpoint",
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
@@ -83,6 +87,29 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
         raise
     _fsync_dir(parent)
     return path
+
+
+def link_checkpoint(source: PathLike, alias: PathLike) -> Path:
+    """Point ``alias`` (e.g. ``last.pt``) at ``source`` atomically: a hard link, a copy where links fail.
+
+    A second ``torch.save`` of the same state would double the disk a run uses.
+    """
+    source, alias = Path(source), Path(alias)
+    fd, tmp_name = tempfile.mkstemp(dir=str(alias.parent), prefix=f".{alias.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, alias)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(alias.parent)
+    return alias
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:

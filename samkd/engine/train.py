@@ -26,7 +26,8 @@ from ..config import Config, ConfigError, DataConfig, ModelConfig, dump_config
 from ..data import CocoDetection, DatasetError, build_loader, build_transforms, set_epoch
 from ..distill import Distiller
 from ..models import build_detector
-from .checkpoint import capture_rng_state, load_checkpoint, prune_checkpoints, restore_rng_state, save_checkpoint
+from .checkpoint import (capture_rng_state, link_checkpoint, load_checkpoint, prune_checkpoints, restore_rng_state,
+                         save_checkpoint)
 from .evaluate import evaluate
 
 
@@ -205,7 +206,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         resume = str(ckpt_dir / "last.pt") if (ckpt_dir / "last.pt").exists() else None
     if resume:
         state = load_checkpoint(resume, map_location=device)
-        model.load_state_dict(state["model"])
+        if isinstance(model, Distiller):
+            model.load_trainable_state_dict(state["model"])
+        else:
+            model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -235,12 +239,13 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     def save(epoch: int, name: str) -> Path:
         path = ckpt_dir / name
         if is_main:
-            state = {"model": model.state_dict(), "student": student_of(model).state_dict(),
+            own = model.trainable_state_dict() if isinstance(model, Distiller) else model.state_dict()
+            state = {"model": own, "student": student_of(model).state_dict(),  # storage shared: no extra bytes
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "rng": capture_rng_state(),
                      "config": cfg.to_dict()}
             save_checkpoint(path, state)
-            save_checkpoint(ckpt_dir / "last.pt", state)
+            link_checkpoint(path, ckpt_dir / "last.pt")
             prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
         return path
 
@@ -289,7 +294,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         done = step >= total_steps
         if (cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0) or done:
             metrics = run_eval(epoch) or metrics
-        if (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0) or done:
+        wants_ckpt = (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0) or done
+        if wants_ckpt and cfg.train.keep_checkpoints > 0:  # 0: no resumable checkpoints, only student.pt
             last_ckpt = save(epoch + 1 if not done or step % steps_per_epoch == 0 else epoch, f"step_{step}.pt")
         if done:
             break
