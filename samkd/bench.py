@@ -274,7 +274,8 @@ def _student_ref(results: dict, name: str) -> dict:
 def _markdown(results: dict, cost: dict, goals: dict, meta: dict) -> str:
     lines = [f"# samkd bench — {meta['date']}", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
-             f"Setup: teacher FCOS-ResNet-50 ({meta['teacher_steps']} steps of batch {meta['teacher_batch_size']}, AP {meta['teacher_AP']:.1f}); "
+             f"Setup: teacher FCOS-ResNet-50 ({meta['teacher_steps']} steps of batch {meta['teacher_batch_size']}, "
+             f"AP {meta['teacher_AP']:.1f}); "
              f"student FCOS-ResNet-18 from scratch, {meta['steps']} steps each, batch {meta['batch_size']}, "
              f"{meta['optimizer']} lr {meta['lr']}, {meta['image_size']} px, synthetic shapes (data seed "
              f"{meta['data_seed']}: {meta['train_images']} train / {meta['val_images']} val images), training "
@@ -378,7 +379,8 @@ def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "de
     print("[bench] measuring step and loss costs", flush=True)
     cost = _costs(ckpt["fcos"], "fcos", p, data_root, {m: METHODS[m] for m in pairs["fcos"]}, cost_reps)
     goals = _goals(results, cost)
-    meta = {"date": time.strftime("%Y-%m-%d"), "command": _command(quick, suite, jobs, **overrides), "machine": _machine(),
+    meta = {"date": time.strftime("%Y-%m-%d"), "command": _command(quick, suite, jobs, **overrides),
+            "machine": _machine(),
             "teacher_AP": teachers["fcos"]["metrics"].get("AP", 0.0), "cost_reps": cost_reps, "jobs": jobs,
             "teachers": {a: t["metrics"] for a, t in teachers.items()},
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}}
@@ -425,7 +427,8 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
              f"Command: `{_command(quick, 'default', jobs, tune=True, **overrides)}`  ", f"Machine: {_machine()}  ",
              f"Validation data: synthetic shapes, data seed {tune_seed} ({p['train_images']} train / "
              f"{p['val_images']} val images; the reported benchmark uses data seed {p['data_seed']}), training "
-             f"seeds {list(p['seeds'])}, {p['steps']} steps of batch {p['batch_size']}, teacher = the benchmark's cached FCOS-ResNet-50 "
+             f"seeds {list(p['seeds'])}, {p['steps']} steps of batch {p['batch_size']}, teacher = the benchmark's "
+             "cached FCOS-ResNet-50 "
              "(trained on the benchmark's training images only).", "",
              "| variant | AP | AP50 | AP75 | APs | APm | gain over student |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config, ConfigError, ModelConfig
+from .config import Config, ConfigError, DistillConfig, ModelConfig
 from .distill import standardize
 from .engine.export import build_from_state
 from .engine.train import model_from_config
@@ -122,8 +122,8 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
     if not 0 <= level < levels:
         raise ConfigError(f"level {level} out of range: the FPN has {levels} levels (0..{levels - 1})")
     t_feat, s_feat = t_taps.features[level][:1], s_taps.features[level][:1]
-    feature_norm = cfg.distill.feature_norm if cfg.distill is not None else "standardize"
-    if feature_norm == "standardize":  # the maps the losses see in training (Distiller), not the raw ones
+    # the maps the losses see in training (Distiller), not the raw ones; no distill block: its default
+    if (cfg.distill or DistillConfig()).feature_norm == "standardize":
         t_feat, s_feat = standardize(t_feat), standardize(s_feat)
 
     # The resized image the detectors saw (normalisation undone), cropped to its unpadded area.
