@@ -178,7 +178,7 @@ def _build(cls, raw: dict, where: str):
 
 def _check_choices(cfg: Config, where: str) -> None:
     from .distill import FEATURE_NORMS
-    from .losses import LOSSES
+    from .losses import LOSSES, loss_params
     from .models.builders import ARCHS, BACKBONES
 
     def choice(value, allowed, key):
@@ -197,8 +197,7 @@ def _check_choices(cfg: Config, where: str) -> None:
         choice(cfg.distill.feature_norm, FEATURE_NORMS, "distill.feature_norm")
         for name, params in cfg.distill.losses.items():
             choice(name, sorted(LOSSES), "distill.losses")
-            accepted = [p for p in inspect.signature(LOSSES[name].__init__).parameters
-                        if p not in ("self", "channels", "num_levels", "args", "kwargs")]
+            accepted = list(loss_params(name))
             for key in params or {}:
                 if key not in accepted:
                     close = difflib.get_close_matches(key, accepted, n=1)

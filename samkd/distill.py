@@ -11,17 +11,22 @@ classification head on the very tensor the student's transform produced.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .losses import build_loss
-from .models.adapter import TapAdapter, detector_kind, num_classes, num_logit_classes
+from .losses import build_loss, loss_params
+from .models.adapter import TapAdapter
+from .models.families import family_of, preset_losses
 from .models.taps import Taps
 
 FEATURE_NORMS = ("standardize", "none")
+# How the teacher's forward runs: "auto" = autocast to bfloat16 on CUDA (float16 where bf16 is unsupported),
+# float32 elsewhere; or one of the dtypes by name. The losses upcast to float32 where they need it.
+TEACHER_PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 # Settings of GeneralizedRCNNTransform that decide the pixels fed to the backbone.
 _TRANSFORM_FIELDS = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size")
@@ -39,6 +44,7 @@ def standardize(feat: Tensor, eps: float = 1e-6) -> Tensor:
     for O(1) features (MGD's and FGD's coefficients, attention temperatures) then blow up; standardising both
     maps makes them scale free. Per image and level, not per channel: a 1x1 P7 map still has C values.
     """
+    feat = feat.float()  # a bf16/fp16 map (autocast teacher) is standardised in float32
     flat = feat.flatten(1)
     mean = flat.mean(dim=1).view(-1, 1, 1, 1)
     std = flat.std(dim=1).view(-1, 1, 1, 1)
@@ -61,11 +67,26 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
             raise DistillConfigError(
                 f"teacher and student must share transform.{field} so their FPN maps align: "
                 f"student {s!r}, teacher {t!r} (set the same min_size/max_size in both model blocks)")
-    if num_classes(student) != num_classes(teacher):
-        raise DistillConfigError(f"class counts differ: student {num_classes(student)}, teacher {num_classes(teacher)}")
-    if detector_kind(student) != detector_kind(teacher):
+    s_family, t_family = family_of(student), family_of(teacher)
+    if s_family.kind != t_family.kind:
         raise DistillConfigError(f"cannot mix a one-stage and a two-stage detector: student "
                                  f"{type(student).__name__}, teacher {type(teacher).__name__}")
+    if s_family.num_classes(student) != t_family.num_classes(teacher):
+        raise DistillConfigError(f"class counts differ: student {s_family.num_classes(student)}, "
+                                 f"teacher {t_family.num_classes(teacher)}")
+
+
+def teacher_autocast(precision: str, device: torch.device):
+    """The autocast context the teacher's forward runs in (a no-op context for float32)."""
+    if precision not in TEACHER_PRECISIONS:
+        raise DistillConfigError(f"teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
 @torch.no_grad()
@@ -105,12 +126,16 @@ class Distiller(nn.Module):
     Args:
         student, teacher: detectors from :func:`samkd.models.build_detector` (any arch pair of the same kind).
         losses: ``{name: params}``; each entry is built by :func:`samkd.losses.build_loss` (``params`` may
-            hold ``weight``). Several losses may be combined; each returned term is logged separately.
+            hold ``weight``). Several losses may be combined; each returned term is logged separately. With
+            ``feature_norm: none`` the teacher family's published coefficients
+            (:attr:`samkd.models.families.Family.loss_presets`) fill the parameters left unset.
         init_student_from_teacher: warm-start the student's FPN and head from the teacher where shapes match.
         stop_distill_at: epoch from which only the detection losses are used (``None``: never stop).
         feature_norm: ``"standardize"`` (default) passes every FPN map of both models through
             :func:`standardize` before the losses; ``"none"`` passes them as they are (the published formulas
             on raw features). Logits are never changed.
+        teacher_precision: dtype of the teacher's forward (:data:`TEACHER_PRECISIONS`; ``"auto"``: bfloat16
+            autocast on CUDA, float32 on CPU).
 
     ``forward(images, targets, epoch)`` returns the detector's own losses plus one ``distill/<term>`` entry
     per distillation term. Terms whose loss has ``weight == 0`` are not computed at all, so a zero weight
@@ -119,11 +144,12 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, losses: Mapping[str, Mapping] | None = None,
                  init_student_from_teacher: bool = False, stop_distill_at: Optional[int] = None,
-                 feature_norm: str = "standardize"):
+                 feature_norm: str = "standardize", teacher_precision: str = "auto"):
         super().__init__()
         if feature_norm not in FEATURE_NORMS:
             raise DistillConfigError(f"feature_norm must be one of {', '.join(FEATURE_NORMS)}, got {feature_norm!r}")
-        self.feature_norm = feature_norm
+        teacher_autocast(teacher_precision, torch.device("cpu"))  # validates the name
+        self.feature_norm, self.teacher_precision = feature_norm, teacher_precision
         check_compatible(student, teacher)
         self.student = student
         self.teacher = freeze(teacher)
@@ -131,15 +157,20 @@ class Distiller(nn.Module):
         if [s for _, s in s_levels] != [s for _, s in t_levels]:
             raise DistillConfigError(f"FPN levels differ: student strides {[s for _, s in s_levels]}, "
                                      f"teacher strides {[s for _, s in t_levels]}")
-        if num_logit_classes(student) != num_logit_classes(teacher):
-            raise DistillConfigError(f"dense logits differ (anchors, classes): student {num_logit_classes(student)},"
-                                     f" teacher {num_logit_classes(teacher)}; use the same anchor settings")
+        s_family, t_family = family_of(student), family_of(teacher)
+        if s_family.logit_layout(student) != t_family.logit_layout(teacher):
+            raise DistillConfigError(f"dense logits differ (anchors, classes): student "
+                                     f"{s_family.logit_layout(student)}, teacher {t_family.logit_layout(teacher)}; "
+                                     "use the same anchor settings")
+        # The levels the losses see: all, or the family's (Faster R-CNN: P2-P5, not the RPN-only pool level).
+        self.num_levels = t_family.distill_levels or len(t_levels)
         channels = t_levels[0][0]
         # 1x1 convs bring the student's FPN width to the teacher's (identity when they match).
         self.align = nn.ModuleList(
-            nn.Conv2d(c, channels, 1) if c != channels else nn.Identity() for c, _ in s_levels)
-        self.losses = nn.ModuleDict({name: _build_named_loss(name, params, channels, len(t_levels))
-                                     for name, params in (losses or {}).items()})
+            nn.Conv2d(c, channels, 1) if c != channels else nn.Identity() for c, _ in s_levels[:self.num_levels])
+        specs = preset_losses(t_family.name, dict(losses or {}), feature_norm, loss_params)
+        self.losses = nn.ModuleDict({name: _build_named_loss(name, params, channels, self.num_levels)
+                                     for name, params in specs.items()})
         self.stop_distill_at = stop_distill_at
         self.copied_from_teacher = copy_neck_and_head(student, teacher) if init_student_from_teacher else []
         self.student_taps = TapAdapter(student)
@@ -169,26 +200,57 @@ class Distiller(nn.Module):
             return {}
         return {n: m for n, m in self.losses.items() if getattr(m, "weight", 1.0) != 0}
 
+    # ------------------------------------------------------------------ the step, in public pieces
     def teacher_forward(self, student: Taps) -> Taps:
         """The teacher on the student's transformed batch (and, two-stage, on the student's proposals)."""
-        with torch.no_grad():
+        with torch.no_grad(), teacher_autocast(self.teacher_precision, student.batch.device):
             return self.teacher_taps.run_on_batch(student.batch.detach(), student.image_sizes, student.targets,
                                                   proposals=student.proposals)
 
-    def forward(self, images: list[Tensor], targets: list[dict], epoch: Optional[int] = None) -> dict[str, Tensor]:
-        losses = dict(self.student(images, targets))
-        active = self.active_losses(epoch)
-        if not active or not self.training:
-            return losses
-        student = self.student_taps.collect()
-        teacher = self.teacher_forward(student)
+    def prepare(self, student: Taps, teacher: Taps) -> tuple[Taps, Taps]:
+        """What the losses see: the distilled levels, the student aligned to the teacher's width, both normalised.
+
+        Every consumer of (student, teacher) taps goes through here: training, the bench's cost table and
+        ``samkd visualize``.
+        """
+        for taps in (student, teacher):
+            taps.features = taps.features[:self.num_levels]
+            taps.cls_logits = taps.cls_logits[:self.num_levels]
+            taps.level_names = taps.level_names[:self.num_levels]
+            taps.strides = taps.strides[:self.num_levels]
         student.features = [a(f) for a, f in zip(self.align, student.features)]
         if self.feature_norm == "standardize":
             student.features = [standardize(f) for f in student.features]
             teacher.features = [standardize(f) for f in teacher.features]
-        for name, loss in active.items():
+        return student, teacher
+
+    def compare(self, images: list[Tensor], targets: list[dict]) -> tuple[dict[str, Tensor], Taps, Taps]:
+        """One training forward of both models: (student detection losses, prepared student and teacher taps)."""
+        losses = dict(self.student(images, targets))
+        student = self.student_taps.collect()
+        teacher = self.teacher_forward(student)
+        return (losses, *self.prepare(student, teacher))
+
+    def compare_on_batch(self, batch: Tensor, image_sizes: list[tuple[int, int]]) -> tuple[Taps, Taps]:
+        """Both models on an already transformed batch, without gradients (for inspection, e.g. visualize)."""
+        with torch.no_grad():
+            student = self.student_taps.run_on_batch(batch, image_sizes)
+            teacher = self.teacher_taps.run_on_batch(batch, image_sizes)
+            return self.prepare(student, teacher)
+
+    def distill_losses(self, student: Taps, teacher: Taps, epoch: Optional[int] = None) -> dict[str, Tensor]:
+        """``{distill/<term>: value}`` of the active losses on prepared taps."""
+        out = {}
+        for loss in self.active_losses(epoch).values():
             for term, value in loss(student, teacher).items():
-                losses[f"distill/{term}"] = value
+                out[f"distill/{term}"] = value
+        return out
+
+    def forward(self, images: list[Tensor], targets: list[dict], epoch: Optional[int] = None) -> dict[str, Tensor]:
+        if not self.active_losses(epoch) or not self.training:
+            return dict(self.student(images, targets))
+        losses, student, teacher = self.compare(images, targets)
+        losses.update(self.distill_losses(student, teacher, epoch))
         return losses
 
     def distill_parameters(self) -> list[nn.Parameter]:

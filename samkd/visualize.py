@@ -3,9 +3,10 @@
 Both detectors see the *student's* transformed batch (as in training, :meth:`TapAdapter.run_on_batch`).
 Maps are drawn over the resized image the detectors saw (normalisation undone, padding cropped).
 
-If teacher and student FPN widths differ (not the case for samkd's builders, which all use 256 channels),
-the SLD discrepancy is computed on the channel means of both maps, ``(mean_c F_T - mean_c F_S)^2``: a
-documented approximation, since no trained alignment layer is available here.
+The maps are those the losses see in training: :meth:`samkd.distill.Distiller.compare_on_batch` selects the
+distilled levels, aligns the student to the teacher's width and applies ``distill.feature_norm``. If teacher and
+student FPN widths differ (not the case for samkd's builders, which all use 256 channels), the alignment convs
+are untrained here (a warning says so).
 """
 from __future__ import annotations
 
@@ -19,13 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, DistillConfig, ModelConfig
-from .distill import standardize
-from .engine.export import build_from_state
-from .engine.train import model_from_config
+from .distill import Distiller
 from .losses import loss_params
 from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
-from .models.adapter import TapAdapter, num_classes
-from .models.builders import read_state_dict
+from .models import detector_from_config, num_classes
 
 _SHOWN_PARAMS = ("pyramid", "mask_ratio", "tau", "random_share", "tau_d", "region")
 
@@ -43,11 +41,10 @@ def _samkd_params(cfg: Config) -> dict:
 
 def _build(m: ModelConfig, checkpoint: Optional[str], fallback_classes: Optional[int], role: str) -> nn.Module:
     """Detector for ``m``: weights from ``checkpoint`` (num_classes read from it if unset), else as configured."""
-    if checkpoint:
-        return build_from_state(m, read_state_dict(checkpoint), str(checkpoint))
-    if not m.weights:
+    if not checkpoint and not m.weights:
         warnings.warn(f"{role} has neither checkpoint nor weights: showing a randomly initialised {role}")
-    return model_from_config(m, fallback_classes or 91)
+    return detector_from_config(m, num_classes=None if checkpoint else (fallback_classes or 91),
+                                checkpoint=checkpoint or None)
 
 
 def _load_image(path) -> torch.Tensor:
@@ -108,23 +105,18 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
     student = _build(cfg.model, checkpoint or cfg.model.checkpoint, num_classes(teacher), "student").eval()
     params = _samkd_params(cfg)
 
+    distill = cfg.distill or DistillConfig()
+    distiller = Distiller(student, teacher, feature_norm=distill.feature_norm).eval()
+    if any(isinstance(a, nn.Conv2d) for a in distiller.align):
+        warnings.warn("teacher and student FPN widths differ: the student is aligned by untrained 1x1 convs here")
     with torch.no_grad():
         images, _ = student.transform([image])
-        batch, sizes = images.tensors, [tuple(s) for s in images.image_sizes]
-        s_adapter, t_adapter = TapAdapter(student), TapAdapter(teacher)
-        try:
-            s_taps = s_adapter.run_on_batch(batch, sizes)
-            t_taps = t_adapter.run_on_batch(batch, sizes)
-        finally:
-            s_adapter.remove()
-            t_adapter.remove()
+    batch, sizes = images.tensors, [tuple(s) for s in images.image_sizes]
+    s_taps, t_taps = distiller.compare_on_batch(batch, sizes)
     levels = len(t_taps.features)
     if not 0 <= level < levels:
-        raise ConfigError(f"level {level} out of range: the FPN has {levels} levels (0..{levels - 1})")
+        raise ConfigError(f"level {level} out of range: the FPN has {levels} distilled levels (0..{levels - 1})")
     t_feat, s_feat = t_taps.features[level][:1], s_taps.features[level][:1]
-    # the maps the losses see in training (Distiller), not the raw ones; no distill block: its default
-    if (cfg.distill or DistillConfig()).feature_norm == "standardize":
-        t_feat, s_feat = standardize(t_feat), standardize(s_feat)
 
     # The resized image the detectors saw (normalisation undone), cropped to its unpadded area.
     mean = torch.tensor(student.transform.image_mean).view(3, 1, 1)
@@ -153,10 +145,6 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
                                f"SFD keep-masks (mask_ratio={params['mask_ratio']}, "
                                f"random_share={params['random_share']}), {where}", "Greys", vmin=0.0, vmax=1.0))
 
-    if t_feat.shape[1] != s_feat.shape[1]:
-        warnings.warn(f"teacher ({t_feat.shape[1]}) and student ({s_feat.shape[1]}) FPN widths differ: SLD weights "
-                      "from the channel means of both maps (approximation)")
-        t_feat, s_feat = t_feat.mean(dim=1, keepdim=True), s_feat.mean(dim=1, keepdim=True)
     weights = sld_weights(t_feat, s_feat, params["tau_d"], params["region"])
     paths.append(_save_overlay(out / "sld_weights.png", shown,
                                [("SLD weights", _to_image_grid(weights, batch_hw, (h, w)).numpy())],

@@ -235,22 +235,76 @@ def test_sfd_random_share_draws_differ():
     assert torch.all(a.flatten(1).gather(1, top) == 0) and torch.all(b.flatten(1).gather(1, top) == 0)
 
 
-def test_sfd_equals_formula():
+def _hand_keep_mask(ft: torch.Tensor, k: int, ratio: float, tau: float) -> torch.Tensor:
+    """SFD's attention-guided keep-mask written out (no random share; H, W divisible by k)."""
+    n, c, h, w = ft.shape
+    pooled = ft.abs().reshape(n, c, h // k, k, w // k, k).amax(dim=(3, 5))  # max over each k x k cell
+    attention = torch.softmax(pooled.mean(dim=1).reshape(n, -1) / tau, dim=1)
+    cells = attention.shape[1]
+    masked = min(math.floor(ratio * cells + 0.5), cells - 1)
+    keep = torch.ones(n, cells)
+    for i in range(n):
+        keep[i, attention[i].argsort(descending=True)[:masked]] = 0.0
+    grid = keep.reshape(n, 1, h // k, w // k)
+    return grid.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+
+
+def test_sfd_equals_formula_written_out():
     s, t = student_teacher()
-    sfd = build("sfd", seed=4, pyramid=(2, 1))
+    tau, channel_tau, ratio = 0.7, 0.3, 0.5
+    sfd = build("sfd", seed=4, pyramid=(2, 1), random_share=0.0, mask_ratio=ratio, tau=tau, channel_tau=channel_tau)
+    logits = torch.tensor([0.3, -0.2])
     with torch.no_grad():
-        sfd.fusion_logits.copy_(torch.tensor([[0.3, -0.2]] * LEVELS))
-    out = sfd(s, t, generator=torch.Generator().manual_seed(5))["sfd"]
-    g = torch.Generator().manual_seed(5)
+        sfd.fusion_logits.copy_(logits.expand(LEVELS, 2))
+    out = sfd(s, t)["sfd"]
+    hidden = C // 2  # generator_ratio 0.5
+    pi = torch.exp(logits) / torch.exp(logits).sum()
     ref = 0.0
     for level, (fs, ft) in enumerate(zip(s.features, t.features)):
-        masks = hierarchical_masks(ft, (2, 1), 0.5, 0.5, 0.5, generator=g)
-        pi = torch.softmax(torch.tensor([0.3, -0.2]), 0)
-        rebuilt = sum(pi[i] * sfd.generation[level][i](fs * m) for i, m in enumerate(masks))
-        ref = ref + (channel_attention(ft, 0.5) * (rebuilt - ft) ** 2).sum() / N
+        gen = sfd.generation[level]
+        fused = 0.0
+        for i, k in enumerate((2, 1)):
+            x = fs * _hand_keep_mask(ft, k, ratio, tau)
+            w1, b1 = gen.expand.weight[i * hidden:(i + 1) * hidden], gen.expand.bias[i * hidden:(i + 1) * hidden]
+            w2, b2 = gen.project.weight[i * C:(i + 1) * C], gen.project.bias[i * C:(i + 1) * C]
+            x = F.conv2d(F.conv2d(x, w1, b1, padding=1).clamp(min=0), w2, b2, padding=1)
+            fused = fused + pi[i] * x
+        channel_w = C * torch.softmax(ft.abs().mean(dim=(2, 3)) / channel_tau, dim=1)[:, :, None, None]
+        ref = ref + (channel_w * (fused - ft) ** 2).sum() / N
     torch.testing.assert_close(out, 5e-5 * ref)  # alpha_sfd default
-    plain = build("sfd", seed=4, pyramid=(2, 1), use_channel_attention=False)
+    plain = build("sfd", seed=4, pyramid=(2, 1), use_channel_attention=False, random_share=0.0)
     assert not torch.isclose(plain(s, t)["sfd"], out)
+
+
+def test_sfd_grouped_generators_equal_per_scale_reference():
+    from samkd.losses.samkd import ScaleGenerators
+    torch.manual_seed(0)
+    gens = ScaleGenerators(C, 5, 3)
+    x = torch.randn(N, 3, C, 9, 7)
+    torch.testing.assert_close(gens(x), gens.per_scale(x))
+    # and per_scale is three MGD blocks: conv3x3 -> ReLU -> conv3x3 with that scale's slices
+    w1, w2 = gens.expand.weight, gens.project.weight
+    y = F.conv2d(F.relu(F.conv2d(x[:, 1], w1[5:10], gens.expand.bias[5:10], padding=1)), w2[C:2 * C],
+                 gens.project.bias[C:2 * C], padding=1)
+    torch.testing.assert_close(gens(x)[:, 1], y)
+
+
+def test_sfd_loads_per_scale_checkpoints():
+    """State dicts of the per-scale layout (one conv block per scale) load into the grouped generators."""
+    sfd = build("sfd", seed=0, pyramid=(2, 1))
+    old = {}
+    for key, value in sfd.state_dict().items():
+        if ".expand." in key or ".project." in key:
+            level, name, kind = key.split(".")[1], key.split(".")[2], key.split(".")[3]
+            size = value.shape[0] // 2
+            for i in range(2):
+                old[f"generation.{level}.{i}.{0 if name == 'expand' else 2}.{kind}"] = value[i * size:(i + 1) * size]
+        else:
+            old[key] = value
+    fresh = build("sfd", seed=1, pyramid=(2, 1))
+    fresh.load_state_dict(old)
+    for key, value in sfd.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,9 +480,9 @@ PINNED = {
     ("logit_kd", "logit_kd"): 1.9799965620040894,
     ("logit_kd_roi", "logit_kd"): 2.863003969192505,
     ("mgd", "mgd"): 0.10767257213592529,
-    ("samkd", "sfd"): 0.2697373032569885,
+    ("samkd", "sfd"): 0.2705978751182556,
     ("samkd", "sld"): 1.9506125450134277,
-    ("sfd", "sfd"): 0.2697373032569885,
+    ("sfd", "sfd"): 0.2705978751182556,
     ("sld", "sld"): 1.9506125450134277,
     ("sld_roi", "sld"): 2.8233213424682617,
 }
@@ -487,8 +541,10 @@ def test_level_count_mismatch():
 
 def test_sfd_generator_width():
     half, full = build("sfd"), build("sfd", generator_ratio=1.0)
-    assert half.generation[0][0][0].out_channels == C // 2 and half.generation[0][0][2].in_channels == C // 2
-    assert full.generation[0][0][0].out_channels == C  # MGD's block
+    scales = len(half.pyramid)
+    assert half.generation[0].expand.out_channels == scales * C // 2
+    assert half.generation[0].project.in_channels == scales * C // 2
+    assert full.generation[0].expand.out_channels == scales * C  # MGD's block, once per scale
     assert sum(p.numel() for p in full.parameters()) > 1.9 * sum(p.numel() for p in half.parameters())
     with pytest.raises(ValueError, match="generator_ratio"):
         build("sfd", generator_ratio=0.0)

@@ -12,75 +12,26 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from ..config import Config, ModelConfig
-from ..models.builders import (ModelConfigError, build_detector, detector_class_kwargs, load_state_strict,
-                               read_state_dict)
-
-_CLASS_NAMES = {"fcos": "FCOS", "retinanet": "RetinaNet", "faster_rcnn": "FasterRCNN"}
-_MODULES = {"fcos": "fcos", "retinanet": "retinanet", "faster_rcnn": "faster_rcnn"}
-
-
-def num_classes_from_state(arch: str, state: dict, source: str = "<state dict>") -> int:
-    """Classes (including background) of the detector a state dict belongs to, from its logits layer."""
-    try:
-        if arch == "faster_rcnn":
-            return int(state["roi_heads.box_predictor.cls_score.weight"].shape[0])
-        logits = state["head.classification_head.cls_logits.weight"].shape[0]
-        if arch == "fcos":
-            anchors = 1
-        else:  # RetinaNet: anchors per location from the box regression layer (4 numbers per anchor)
-            anchors = state["head.regression_head.bbox_reg.weight"].shape[0] // 4
-        if anchors < 1 or logits % anchors:
-            raise KeyError("inconsistent logits / anchors")
-        return int(logits // anchors)
-    except KeyError as exc:
-        raise ModelConfigError(f"checkpoint {source}: cannot read num_classes for a {arch} detector "
-                               f"({exc}); set model.num_classes or check model.arch") from exc
-
-
-def _uses_frozen_bn(state: dict) -> bool:
-    """FrozenBatchNorm2d backbones (built with ImageNet weights) store no ``num_batches_tracked``."""
-    return not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state)
-
-
-def _freeze_batchnorm(module: nn.Module) -> None:
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
-        else:
-            _freeze_batchnorm(child)
-
-
-def build_from_state(m: ModelConfig, state: dict, source: str = "<state dict>") -> nn.Module:
-    """Build the detector described by ``m`` (no downloads) and load ``state`` strictly into it.
-
-    ``num_classes`` is ``m.num_classes`` or read from ``state``. A backbone trained from ImageNet weights
-    uses ``FrozenBatchNorm2d`` (recognised from the state dict), rebuilt here without fetching the weights.
-    """
-    num_classes = m.num_classes or num_classes_from_state(m.arch, state, source)
-    model = build_detector(arch=m.arch, backbone=m.backbone, num_classes=num_classes, min_size=m.min_size,
-                           max_size=m.max_size, trainable_backbone_layers=m.trainable_backbone_layers,
-                           anchor_sizes=m.anchor_sizes, **m.torchvision_kwargs())
-    if _uses_frozen_bn(state):
-        _freeze_batchnorm(model.backbone.body)
-    load_state_strict(model, state, source, f"a {m.arch}/{m.backbone} detector with {num_classes} classes")
-    return model
+from ..models.builders import detector_from_config, read_state_dict, uses_frozen_bn
+from ..models.families import family
 
 
 def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool) -> str:
-    """Python that rebuilds the exported student with plain torchvision and loads the state dict."""
-    arch, cls = m.arch, _CLASS_NAMES[m.arch]
+    """Python that rebuilds the exported student with plain torchvision and loads the state dict.
+
+    Every architectural fact comes from the family table (:mod:`samkd.models.families`), the same one the
+    builders use, so the recipe cannot drift from what was trained.
+    """
+    fam = family(m.arch)
     norm = "FrozenBatchNorm2d" if frozen_bn else "nn.BatchNorm2d"
-    if arch == "faster_rcnn":
-        returned, extra = "[1, 2, 3, 4]", "LastLevelMaxPool()"
-    else:
-        returned, extra = "[2, 3, 4]", "LastLevelP6P7(256, 256)"
+    extra = fam.extra_block_code()
+    returned = list(fam.returned_stages)
     lines = [
         "import torch",
         "import torch.nn as nn",
-        f"from torchvision.models.detection.{_MODULES[arch]} import {cls}",
+        f"from {fam.module_path} import {fam.class_name}",
         "from torchvision.models.detection.anchor_utils import AnchorGenerator",
         "from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone",
         "from torchvision.ops import FrozenBatchNorm2d",
@@ -89,25 +40,26 @@ def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool) -> str:
     if m.backbone.startswith("resnet"):
         lines.append(f"backbone = resnet_fpn_backbone(backbone_name={m.backbone!r}, weights=None, "
                      f"norm_layer={norm}, trainable_layers=5, returned_layers={returned}, extra_blocks={extra})")
-    else:
+    elif m.backbone == "mobilenet_v3_large":
         lines.append(f"backbone = mobilenet_backbone(backbone_name={m.backbone!r}, weights=None, fpn=True, "
                      f"norm_layer={norm}, trainable_layers=6, returned_layers={returned}, extra_blocks={extra})")
+    else:  # timm body + torchvision FPN: needs timm (and samkd's small wrapper) to rebuild
+        lines.append("from samkd.models.families import family")
+        lines.append("from samkd.models.timm_backbone import efficientnet_lite0_fpn")
+        lines.append(f"backbone = efficientnet_lite0_fpn(family({m.arch!r}), None, None)")
+        if frozen_bn:
+            lines.append("backbone.freeze_batchnorm()")
     kwargs = [f"min_size={m.min_size}", f"max_size={m.max_size}"]
-    kwargs += [f"{k}={v!r}" for k, v in detector_class_kwargs(arch, m.torchvision_kwargs()).items()]
+    kwargs += [f"{k}={v!r}" for k, v in fam.inference_kwargs(m.torchvision_kwargs()).items()]
     if m.anchor_sizes is not None:
-        sizes = [float(s) for s in m.anchor_sizes]
-        if arch == "fcos":
-            lines.append(f"anchors = AnchorGenerator(tuple((s,) for s in {sizes}), ((1.0,),) * {len(sizes)})")
-        elif arch == "retinanet":
-            lines.append(f"anchors = AnchorGenerator(tuple(tuple(s * 2 ** (i / 3) for i in range(3)) "
-                         f"for s in {sizes}), ((0.5, 1.0, 2.0),) * {len(sizes)})")
-            lines.append("from torchvision.models.detection.retinanet import RetinaNetHead")
+        sizes = fam.anchor_sizes_per_level(m.anchor_sizes)
+        lines.append(f"anchors = AnchorGenerator({sizes}, ({tuple(fam.anchor_ratios)},) * {len(sizes)})")
+        if fam.head_needs_anchor_count:
+            lines.append(f"from {fam.module_path} import RetinaNetHead")
             kwargs.append(f"head=RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], "
                           f"{num_classes})")
-        else:
-            lines.append(f"anchors = AnchorGenerator(tuple((s,) for s in {sizes}), ((0.5, 1.0, 2.0),) * {len(sizes)})")
-        kwargs.append(("rpn_anchor_generator" if arch == "faster_rcnn" else "anchor_generator") + "=anchors")
-    lines.append(f"model = {cls}(backbone, {num_classes}, {', '.join(kwargs)})")
+        kwargs.append(f"{fam.anchor_argument}=anchors")
+    lines.append(f"model = {fam.class_name}(backbone, {num_classes}, {', '.join(kwargs)})")
     lines.append("model.load_state_dict(torch.load('student_state_dict.pt', map_location='cpu'), strict=True)")
     lines.append("model.eval()")
     return "\n".join(lines) + "\n"
@@ -144,15 +96,15 @@ def export_student(cfg: Config, checkpoint, out_dir, onnx: bool = False) -> dict
     """
     m = cfg.model
     state = read_state_dict(checkpoint)
-    model = build_from_state(m, state, str(checkpoint)).eval()
-    num_classes = m.num_classes or num_classes_from_state(m.arch, state, str(checkpoint))
+    model = detector_from_config(m, checkpoint=checkpoint).eval()
+    num_classes = family(m.arch).num_classes(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     sd_path = out / "student_state_dict.pt"
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, sd_path)
     written["state_dict"] = str(sd_path)
-    frozen = _uses_frozen_bn(state)
+    frozen = uses_frozen_bn(state)
     info = {
         "arch": m.arch, "backbone": m.backbone, "num_classes": num_classes, "min_size": m.min_size,
         "max_size": m.max_size, "anchor_sizes": m.anchor_sizes, "norm_layer":

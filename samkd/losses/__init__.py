@@ -39,6 +39,8 @@ _LAYOUT_ARGS = ("self", "channels", "num_levels")
 def loss_params(name: str) -> dict[str, object]:
     """The hyper-parameters (name -> default) that :func:`build_loss` accepts for loss ``name``."""
     cls = _loss_class(name)
+    if hasattr(cls, "hyper_params"):  # composed losses (SAMKD) list the parameters of their parts
+        return cls.hyper_params()
     signature = inspect.signature(cls.__init__)
     return {p.name: p.default for p in signature.parameters.values() if p.name not in _LAYOUT_ARGS}
 

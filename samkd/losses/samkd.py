@@ -26,6 +26,10 @@ the defaults are this library's choices. Two complementary terms:
    three scales at about 1.5x the cost of MGD's single full-width generator):
    ``R_k = G_{l,k}(F_S * M_k)``, fused with learnable scale weights ``pi_l = softmax(w_l)``
    (``w_l`` initialised to 0, i.e. equal weights): ``F_hat = sum_k pi_{l,k} R_k``.
+   The generators of one level run as *one* grouped convolution per layer (:class:`ScaleGenerators`:
+   the masked inputs of all scales concatenated along channels, ``groups = len(pyramid)``), which computes
+   exactly the per-scale convolutions (tested against :meth:`ScaleGenerators.per_scale`) in two calls
+   instead of ``2 * len(pyramid)``.
 
 4. Channel-weighted reconstruction error, with ``A^C_T = C softmax_c(mean_hw |F_T| / channel_tau)``
    (mean 1; replaced by 1 when ``use_channel_attention=False``):
@@ -57,6 +61,7 @@ times ``beta_sld``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -74,7 +79,6 @@ from samkd.losses._common import (
     check_unit_interval,
     check_weight,
     dense_kd_map,
-    make_generator,
     roi_logit_pair,
     round_half_up,
     softmax_kd,
@@ -201,6 +205,47 @@ def _check_pyramid(pyramid: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(k) for k in scales)
 
 
+class ScaleGenerators(nn.Module):
+    """The generators ``G_{l,k}`` of one FPN level, one per scale ``k``, run as one grouped conv per layer.
+
+    Scale ``i`` owns input channels ``[i C, (i+1) C)`` of both convs' groups, so ``forward`` on the
+    channel-concatenated masked inputs equals applying ``S`` separate conv3x3-ReLU-conv3x3 blocks (MGD's
+    generator with ``hidden`` channels) to each input: :meth:`per_scale` is that reference computation.
+    The default initialisation matches separate convs too (PyTorch's fan-in of a grouped conv is per group).
+    """
+
+    def __init__(self, channels: int, hidden: int, num_scales: int):
+        super().__init__()
+        self.channels, self.hidden, self.num_scales = channels, hidden, num_scales
+        self.expand = nn.Conv2d(num_scales * channels, num_scales * hidden, 3, padding=1, groups=num_scales)
+        self.project = nn.Conv2d(num_scales * hidden, num_scales * channels, 3, padding=1, groups=num_scales)
+
+    def forward(self, masked: Tensor) -> Tensor:
+        """``(N, S, C, H, W)`` masked student features -> ``(N, S, C, H, W)`` reconstructions."""
+        n, s, c, h, w = masked.shape
+        out = self.project(F.relu(self.expand(masked.reshape(n, s * c, h, w))))
+        return out.reshape(n, s, c, h, w)
+
+    def per_scale(self, masked: Tensor) -> Tensor:
+        """The same reconstruction, one scale at a time with that scale's slices of the weights (reference)."""
+        outputs = []
+        for i in range(self.num_scales):
+            hid, out = slice(i * self.hidden, (i + 1) * self.hidden), slice(i * self.channels, (i + 1) * self.channels)
+            x = F.relu(F.conv2d(masked[:, i], self.expand.weight[hid], self.expand.bias[hid], padding=1))
+            outputs.append(F.conv2d(x, self.project.weight[out], self.project.bias[out], padding=1))
+        return torch.stack(outputs, dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints of samkd <= 0.1 hold one nn.Sequential per scale ("<prefix><i>.0.weight", ...): concatenate.
+        old = f"{prefix}0.0.weight"
+        if old in state_dict:
+            for name, index in (("expand", 0), ("project", 2)):
+                for kind in ("weight", "bias"):
+                    parts = [state_dict.pop(f"{prefix}{i}.{index}.{kind}") for i in range(self.num_scales)]
+                    state_dict[f"{prefix}{name}.{kind}"] = torch.cat(parts, dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class SFDLoss(nn.Module):
     """Spatially hierarchical feature masking distillation (SAMKD's feature term; module docstring, SFD).
 
@@ -240,9 +285,8 @@ class SFDLoss(nn.Module):
         self.alpha_sfd, self.weight = alpha_sfd, weight
         self.use_channel_attention, self.channel_tau = use_channel_attention, channel_tau
         self.generator_ratio = generator_ratio
-        self.generation = nn.ModuleList(
-            nn.ModuleList(make_generator(channels, hidden) for _ in self.pyramid) for _ in range(num_levels)
-        )
+        self.generation = nn.ModuleList(ScaleGenerators(channels, hidden, len(self.pyramid))
+                                        for _ in range(num_levels))
         # One scale-fusion vector per level; zeros = equal weights at the start.
         self.fusion_logits = nn.Parameter(torch.zeros(num_levels, len(self.pyramid)))
 
@@ -255,15 +299,14 @@ class SFDLoss(nn.Module):
         pis = self.fusion_weights()
         total = zero_scalar(student, teacher)
         for level, (s, t) in enumerate(zip(student.features, teacher.features)):
-            t = t.detach()
-            masks = hierarchical_masks(t, self.pyramid, self.mask_ratio, self.tau, self.random_share, generator)
-            rebuilt = sum(
-                pis[level, i] * gen_block(s * mask).float()
-                for i, (gen_block, mask) in enumerate(zip(self.generation[level], masks))
-            )
-            err = (rebuilt - t.float()).pow(2)
+            t = t.detach().float()
+            keep = torch.stack(hierarchical_masks(t, self.pyramid, self.mask_ratio, self.tau, self.random_share,
+                                                  generator), dim=1)  # (N, S, 1, H, W)
+            rebuilt = self.generation[level](s.unsqueeze(1) * keep.to(s.dtype)).float()  # (N, S, C, H, W)
+            fused = (pis[level].view(1, -1, 1, 1, 1) * rebuilt).sum(dim=1)
+            err = (fused - t).pow(2)
             if self.use_channel_attention:
-                err = err * channel_attention(t.float(), self.channel_tau)
+                err = err * channel_attention(t, self.channel_tau)
             total = total + err.sum() / s.shape[0]
         return {"sfd": self.weight * self.alpha_sfd * total}
 
@@ -359,34 +402,44 @@ class SLDLoss(nn.Module):
                 f"roi_weight={self.roi_weight}, roi_levels={self.roi_levels}, weight={self.weight}")
 
 
+def _keyword_params(cls) -> dict[str, object]:
+    """Keyword-only parameters (name -> default) of a loss class's constructor, ``weight`` excluded."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "weight"}
+
+
 class SAMKDLoss(nn.Module):
     """SAMKD = SFD (features) + SLD (logits); see the module docstring for both.
 
-    Takes every :class:`SFDLoss` and :class:`SLDLoss` argument (flat, so that a YAML config can set
-    any of them), plus ``use_sfd`` / ``use_sld`` to switch a term off (ablations). ``weight`` scales both.
+    Takes every :class:`SFDLoss` and :class:`SLDLoss` keyword argument (flat, so that a YAML config can set
+    any of them; each default lives in its own class: :meth:`hyper_params` lists them), plus ``use_sfd`` /
+    ``use_sld`` to switch a term off (ablations). ``weight`` scales both.
     Returns ``{"sfd": ..., "sld": ...}`` (the enabled terms only).
     """
 
+    PARTS = (SFDLoss, SLDLoss)
+
     def __init__(self, channels: int, num_levels: int, *, use_sfd: bool = True, use_sld: bool = True,
-                 pyramid: Sequence[int] = (4, 2, 1), mask_ratio: float = 0.5, tau: float = 0.5,
-                 random_share: float = 0.5, alpha_sfd: float = 5e-5, use_channel_attention: bool = True,
-                 channel_tau: float = 0.5, generator_ratio: float = 0.5, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
-                 beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
-                 roi_sampling_ratio: int = 2, weight: float = 1.0):
+                 weight: float = 1.0, **params):
         super().__init__()
         if not (use_sfd or use_sld):
             raise ValueError("SAMKDLoss: use_sfd and use_sld are both False; enable at least one term")
+        unknown = sorted(set(params) - set(self.hyper_params()))
+        if unknown:
+            raise TypeError(f"SAMKDLoss got unknown parameter(s) {', '.join(map(repr, unknown))}")
         self.weight = weight  # read by the distiller to skip a zero-weight loss entirely
-        self.sfd = SFDLoss(
-            channels, num_levels, pyramid=pyramid, mask_ratio=mask_ratio, tau=tau, random_share=random_share,
-            alpha_sfd=alpha_sfd, use_channel_attention=use_channel_attention, channel_tau=channel_tau,
-            generator_ratio=generator_ratio, weight=weight,
-        ) if use_sfd else None
-        self.sld = SLDLoss(
-            channels, num_levels, T=T, tau_d=tau_d, region=region, beta_sld=beta_sld, roi_weight=roi_weight,
-            roi_levels=roi_levels, roi_output_size=roi_output_size, roi_sampling_ratio=roi_sampling_ratio,
-            weight=weight,
-        ) if use_sld else None
+        sfd_params = {k: v for k, v in params.items() if k in _keyword_params(SFDLoss)}
+        sld_params = {k: v for k, v in params.items() if k in _keyword_params(SLDLoss)}
+        self.sfd = SFDLoss(channels, num_levels, weight=weight, **sfd_params) if use_sfd else None
+        self.sld = SLDLoss(channels, num_levels, weight=weight, **sld_params) if use_sld else None
+
+    @classmethod
+    def hyper_params(cls) -> dict[str, object]:
+        """Every parameter (name -> default) the constructor takes beyond ``channels`` and ``num_levels``."""
+        own = {"use_sfd": True, "use_sld": True}
+        for part in cls.PARTS:
+            own.update(_keyword_params(part))
+        return {**own, "weight": 1.0}
 
     def forward(self, student: Taps, teacher: Taps, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}

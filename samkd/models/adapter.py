@@ -21,32 +21,23 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .families import family_of
 from .taps import Taps
 
 
 def detector_kind(model: nn.Module) -> str:
     """``"dense"`` for one-stage detectors with a classification head, ``"two_stage"`` for Faster R-CNN."""
-    if hasattr(model, "roi_heads") and hasattr(model, "rpn"):
-        return "two_stage"
-    head = getattr(model, "head", None)
-    if head is not None and hasattr(getattr(head, "classification_head", None), "cls_logits"):
-        return "dense"
-    raise TypeError(f"{type(model).__name__} is not a supported torchvision detector (FCOS, RetinaNet, Faster R-CNN)")
+    return family_of(model).kind
 
 
 def num_logit_classes(model: nn.Module) -> tuple[int, int]:
     """(A, K): anchors per location and logits per anchor of the dense classification output."""
-    if detector_kind(model) == "two_stage":
-        return model.rpn.head.cls_logits.out_channels, 1
-    head = model.head.classification_head
-    return head.num_anchors, head.num_classes
+    return family_of(model).logit_layout(model)
 
 
 def num_classes(model: nn.Module) -> int:
     """Classes including background, as the detector was built."""
-    if detector_kind(model) == "two_stage":
-        return model.roi_heads.box_predictor.cls_score.out_features
-    return model.head.classification_head.num_classes
+    return family_of(model).num_classes(model)
 
 
 class TapAdapter:
@@ -61,17 +52,17 @@ class TapAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.kind = detector_kind(model)
-        self.num_anchors, self.num_logit_classes = num_logit_classes(model)
+        self.family = family_of(model)
+        self.kind = self.family.kind
+        self.num_anchors, self.num_logit_classes = self.family.logit_layout(model)
         self._handles = []
         self._reset()
         hook = self._hook
         self._handles.append(model.transform.register_forward_hook(hook(self._on_transform)))
         self._handles.append(model.backbone.register_forward_hook(hook(self._on_backbone)))
-        if self.kind == "dense":
-            self._handles.append(model.head.classification_head.cls_logits.register_forward_hook(hook(self._on_cls)))
-        else:
-            self._handles.append(model.rpn.head.register_forward_hook(hook(self._on_rpn)))
+        on_logits = self._on_cls if self.kind == "dense" else self._on_rpn
+        self._handles.append(self.family.cls_logits_module(model).register_forward_hook(hook(on_logits)))
+        if self.kind == "two_stage":
             self._handles.append(model.roi_heads.box_roi_pool.register_forward_hook(hook(self._on_roi_pool)))
             self._handles.append(model.roi_heads.box_predictor.register_forward_hook(hook(self._on_box_predictor)))
 
@@ -144,16 +135,7 @@ class TapAdapter:
         self._image_sizes = list(image_sizes)
         self._targets = list(targets or [])
         features = self.model.backbone(batch)
-        levels = list(features.values())
-        if self.kind == "dense":
-            self.model.head(levels)
-        else:
-            self.model.rpn.head(levels)
-            if proposals is not None:
-                heads = self.model.roi_heads
-                pooled = heads.box_roi_pool(features, proposals, image_sizes)
-                self._roi_logits = heads.box_predictor(heads.box_head(pooled))[0]
-                self._proposals = proposals
+        self.family.run_heads(self.model, features, self._image_sizes, proposals)
         return self.collect()
 
     def remove(self) -> None:

