@@ -394,7 +394,7 @@ def test_gradients_reach_student_and_never_teacher(name):
     after = s.features + s.cls_logits + t.features + t.cls_logits
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "inputs were modified"
     assert not any(x.requires_grad for x in t.features + t.cls_logits + [t.roi_logits])
-    uses_features = name in {"fitnet", "mgd", "fgd", "samkd", "sfd"}
+    uses_features = name in {"fitnet", "mgd", "fgd", "samkd", "sfd", "cwd", "pkd", "freekd", "dmkd"}
     uses_logits = name in {"logit_kd", "samkd", "sld"}
     for x in s.features:
         assert (x.grad is not None and x.grad.abs().sum() > 0) == uses_features
@@ -472,14 +472,18 @@ def test_samkd_flags():
 
 
 # --------------------------------------------------------------------------------------------------
-# Pinned values (seeded); cross-checked against the formula tests above
+# Pinned values (seeded); cross-checked against the formula tests above (and in test_losses_rivals.py)
 # --------------------------------------------------------------------------------------------------
 PINNED = {
+    ("cwd", "cwd"): 28.098421096801758,
+    ("dmkd", "dmkd"): 0.1069285124540329,
     ("fgd", "fgd"): 0.3190799355506897,
     ("fitnet", "fitnet"): 6.020660400390625,
+    ("freekd", "freekd"): 84.28951263427734,
     ("logit_kd", "logit_kd"): 1.9799965620040894,
     ("logit_kd_roi", "logit_kd"): 2.863003969192505,
     ("mgd", "mgd"): 0.10767257213592529,
+    ("pkd", "pkd"): 30.141681671142578,
     ("samkd", "sfd"): 0.2705978751182556,
     ("samkd", "sld"): 1.9506125450134277,
     ("sfd", "sfd"): 0.2705978751182556,

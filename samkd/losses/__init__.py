@@ -10,10 +10,14 @@ import inspect
 
 from torch import nn
 
+from samkd.losses.cwd import CWDLoss
+from samkd.losses.dmkd import DMKDLoss
 from samkd.losses.fgd import FGDLoss, GcBlock
 from samkd.losses.fitnet import FitNetLoss
+from samkd.losses.freekd import FreeKDLoss, haar_dwt
 from samkd.losses.logit_kd import LogitKDLoss
 from samkd.losses.mgd import MGDLoss
+from samkd.losses.pkd import PKDLoss
 from samkd.losses.samkd import (
     SAMKDLoss,
     SFDLoss,
@@ -31,6 +35,10 @@ LOSSES: dict[str, type[nn.Module]] = {
     "samkd": SAMKDLoss,
     "sfd": SFDLoss,
     "sld": SLDLoss,
+    "cwd": CWDLoss,
+    "pkd": PKDLoss,
+    "freekd": FreeKDLoss,
+    "dmkd": DMKDLoss,
 }
 
 _LAYOUT_ARGS = ("self", "channels", "num_levels")
@@ -71,15 +79,20 @@ def _loss_class(name: str) -> type[nn.Module]:
 
 __all__ = [
     "LOSSES",
+    "CWDLoss",
+    "DMKDLoss",
     "FGDLoss",
     "FitNetLoss",
+    "FreeKDLoss",
     "GcBlock",
     "LogitKDLoss",
     "MGDLoss",
+    "PKDLoss",
     "SAMKDLoss",
     "SFDLoss",
     "SLDLoss",
     "build_loss",
+    "haar_dwt",
     "hierarchical_masks",
     "loss_params",
     "sld_weights",
