@@ -1,24 +1,29 @@
-"""``samkd bench``: the paper's comparison table in miniature, on the synthetic-shapes benchmark.
+"""``samkd bench``: the paper's comparison in miniature, on the synthetic-shapes benchmark.
 
-One FCOS-ResNet-50 teacher is trained once (longer schedule) and cached; then the FCOS-ResNet-18 student is
-trained under an equal step budget with each method, for each seed. Every run is cached under ``work_dir``
-keyed by a hash of its config, so an interrupted bench picks up where it stopped, and ``--jobs N`` trains N
-runs at once (one thread each: on a 2-core machine two single-thread runs train ~1.6x faster than one
-two-thread run).
+Protocol (every method gets the same treatment):
 
-Costs are measured in the same invocation, in one process, interleaved so that load on the machine affects
-both sides of each ratio alike:
+* **Data.** Reported numbers average over :data:`DATA_SEEDS` synthetic data sets (other images, other
+  objects), each with its *own* ResNet-50 teacher trained on its training split, times the training seeds of
+  the suite. Tuning uses another data seed (:data:`TUNE_DATA_SEED`, its own teacher) and another training
+  seed (:data:`TUNE_SEED`): the reported runs never feed back into a default.
+* **Tuning** (``--tune``): every distillation method gets the same search, its ``weight`` (the multiplier of
+  its whole loss) on :data:`TUNE_FACTORS` times its default, one run each on the validation data. The best
+  factor per method is recorded in ``tuning.json`` and becomes that method's bench weight
+  (:data:`TUNED_WEIGHTS`; a test checks the two agree). The SAMKD ablations use SAMKD's weight.
+* **Suites** (``--suite``): one detector family at a time (``fcos``, ``retinanet``, ``faster_rcnn``) or the
+  ImageNet-pretrained student (``pretrained``: EfficientNet-Lite0 FCOS), so the tables can be built over
+  several sittings. Each suite's result is merged into ``results.json``; ``results.md`` and ``results.png``
+  are rebuilt from every suite recorded there.
+* **Costs**, measured in the same invocation, in one process, interleaved so that load on the machine
+  affects both sides of each ratio alike: the step ratio (a full :class:`~samkd.distill.Distiller` step --
+  alignment, ``feature_norm``, teacher and losses -- over a student-only step on the same batch) and the loss
+  cost (forward + backward of each loss alone on the same prepared taps). ``--costs`` measures only that, on
+  synthetic batches of any size and device, for every family (the GPU profile: ``--device cuda
+  --image-size 800``).
 
-* step ratio: a full distillation step (student + teacher + loss, forward, backward, optimiser) divided by a
-  student-only step on the same batch;
-* loss cost: forward + backward of each loss alone on the same real FPN tensors, relative to MGD's, and as a
-  share of its distillation step.
-
-``--tune`` runs the SAMKD variants of :data:`TUNE_GRID` on a *validation* data set (data seed + 1: other
-train and val images) with other training seeds; the reported table never feeds back into the defaults.
-
-Outputs: ``<out>/results.md`` (table, cost ratios, goals), ``results.json``, ``results.png`` (mAP per method
-with the seed spread, and training-loss curves); with ``--tune``: ``tuning.md`` and ``tuning.json``.
+Every run is cached under ``work_dir`` keyed by a hash of its config (with every loss parameter resolved to
+its value), so an interrupted bench picks up where it stopped, and ``--jobs N`` trains N runs at once (one
+thread each: on a 2-core machine two single-thread runs train ~2x faster than one two-thread run).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -39,49 +45,83 @@ from .config import config_from_dict
 from .data import make_synthetic_dataset
 from .engine.evaluate import METRIC_NAMES
 
-# Student methods of the default suite: name -> distill.losses block (None: no distillation).
+# --------------------------------------------------------------------------------------------------- methods
+# name -> distill.losses block at the loss defaults (None: no distillation). Ablations reuse SAMKD's loss.
 METHODS: dict[str, Optional[dict]] = {
     "student": None,
     "fitnet": {"fitnet": {}},
     "logit_kd": {"logit_kd": {}},
     "mgd": {"mgd": {}},
     "fgd": {"fgd": {}},
+    "cwd": {"cwd": {}},
+    "pkd": {"pkd": {}},
+    "freekd": {"freekd": {}},
+    "dmkd": {"dmkd": {}},
     "samkd_sfd": {"samkd": {"use_sld": False}},
     "samkd_sld": {"samkd": {"use_sfd": False}},
     "samkd": {"samkd": {}},
 }
-# Optional rows (`--suite full`): the same comparison for the other detector families.
-FULL_PAIRS = {"retinanet": ("student", "mgd", "samkd"), "faster_rcnn": ("student", "mgd", "samkd")}
+ABLATIONS = {"samkd_sfd": "samkd", "samkd_sld": "samkd"}  # row -> the method whose tuned weight it uses
+TUNED_METHODS = tuple(m for m, spec in METHODS.items() if spec is not None and m not in ABLATIONS)
+SAMKD_ROWS = ("samkd", "samkd_sfd", "samkd_sld")
 
-# SAMKD variants tried by `--tune`, one change at a time, plus the references they are judged against. Every
-# row spells out what it changes from the *original* defaults (alpha_sfd 2e-5, mask_ratio 0.5, beta_sld 1), so
-# a row names the same run whatever SAMKDLoss's defaults become. The winner became the default by hand; see
-# benchmarks/tuning.md for the numbers and what was not tried.
-TUNE_GRID: dict[str, Optional[dict]] = {
-    "student": None,
-    "mgd": {"mgd": {}},
-    "samkd alpha_sfd=2e-5": {"samkd": {"alpha_sfd": 2e-5}},
-    "samkd alpha_sfd=2e-5 mask_ratio=0.75": {"samkd": {"alpha_sfd": 2e-5, "mask_ratio": 0.75}},
-    "samkd alpha_sfd=5e-5": {"samkd": {"alpha_sfd": 5e-5}},
+# The tuning grid: multiples of each method's default ``weight``, the same for every method.
+TUNE_FACTORS = (0.25, 1.0, 4.0)
+# Chosen by `samkd bench --tune` (benchmarks/tuning.md): the best factor of TUNE_FACTORS per method on the
+# validation data. Written here by hand after the tuning run; tests/test_bench.py checks it against
+# benchmarks/tuning.json so the two cannot drift.
+TUNED_WEIGHTS: dict[str, float] = {m: 1.0 for m in TUNED_METHODS}
+
+DATA_SEEDS = (0, 2)
+TUNE_DATA_SEED = 1
+TUNE_SEED = 100
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One table of the benchmark: a detector family (and student backbone), its methods and seeds."""
+
+    arch: str
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    student_backbone: str = "resnet18"
+    student_extra: dict = field(default_factory=dict)
+    title: str = ""
+
+
+_RIVALS = ("student", "fitnet", "logit_kd", "mgd", "fgd", "cwd", "pkd", "freekd", "dmkd", "samkd")
+SUITES: dict[str, Suite] = {
+    "fcos": Suite("fcos", tuple(METHODS), (0, 1, 2), title="FCOS: ResNet-50 teacher -> ResNet-18 student"),
+    "retinanet": Suite("retinanet", _RIVALS, (0,), title="RetinaNet: ResNet-50 teacher -> ResNet-18 student"),
+    "faster_rcnn": Suite("faster_rcnn", _RIVALS, (0,),
+                         title="Faster R-CNN: ResNet-50 teacher -> ResNet-18 student"),
+    "pretrained": Suite("fcos", ("student", "fitnet", "mgd", "cwd", "pkd", "samkd"), (0,),
+                        student_backbone="efficientnet_lite0", student_extra={"backbone_weights": "IMAGENET"},
+                        title="FCOS: ResNet-50 teacher -> EfficientNet-Lite0 student with ImageNet weights"),
 }
-TUNE_SEEDS = (100,)
 
 # From-scratch detectors (no pretrained weights can be fetched here) learn far faster with AdamW than with
 # SGD in a few hundred CPU steps; teacher and students all use it.
-# Students train 300 steps of batch 4 (the tuning, run first, used batch 8: see benchmarks/tuning.md); halving
-# the batch halved the bench's time on 2 cores.
-DEFAULTS = dict(image_size=128, train_images=600, val_images=150, data_seed=0, seeds=(0, 1),
-                teacher_steps=1000, teacher_batch_size=8, steps=300, batch_size=4, optimizer="adamw", lr=1e-3,
-                weight_decay=0.05)
-QUICK = dict(image_size=96, train_images=16, val_images=8, data_seed=0, seeds=(0,),
-             teacher_steps=4, teacher_batch_size=4, steps=3, batch_size=4, optimizer="adamw", lr=1e-3,
-             weight_decay=0.05)
+DEFAULTS = dict(image_size=128, train_images=600, val_images=150, teacher_steps=1000, teacher_batch_size=8,
+                steps=300, batch_size=4, optimizer="adamw", lr=1e-3, weight_decay=0.05)
+QUICK = dict(image_size=96, train_images=16, val_images=8, teacher_steps=4, teacher_batch_size=4, steps=3,
+             batch_size=4, optimizer="adamw", lr=1e-3, weight_decay=0.05)
+
+
+def method_losses(method: str, weights: Optional[dict] = None) -> Optional[dict]:
+    """The ``distill.losses`` block of a bench row: its loss spec with the tuned weight of its method."""
+    spec = METHODS[method]
+    if spec is None:
+        return None
+    weight = (weights or TUNED_WEIGHTS).get(ABLATIONS.get(method, method), 1.0)
+    ((name, params),) = spec.items()
+    return {name: {**params, **({"weight": weight} if weight != 1.0 else {})}}
 
 
 # ------------------------------------------------------------------------------------------------ run configs
-def _model_block(arch: str, backbone: str, size: int) -> dict:
+def _model_block(arch: str, backbone: str, size: int, **extra) -> dict:
     return {"arch": arch, "backbone": backbone, "min_size": size, "max_size": size, "score_thresh": 0.05,
-            "anchor_sizes": [4, 8, 16, 32, 64] if arch == "fcos" else [8, 16, 32, 64, 128]}
+            "anchor_sizes": [4, 8, 16, 32, 64] if arch == "fcos" else [8, 16, 32, 64, 128], **extra}
 
 
 def _train_raw(p: dict, data_root: Path, seed: int, steps: int, batch_size: int) -> dict:
@@ -89,7 +129,7 @@ def _train_raw(p: dict, data_root: Path, seed: int, steps: int, batch_size: int)
             "train": {"max_steps": steps, "optimizer": p["optimizer"], "lr": p["lr"],
                       "weight_decay": p["weight_decay"], "warmup_steps": min(50, max(1, steps // 5)),
                       "eval_every": 0, "checkpoint_every": 0, "log_every": max(1, min(10, steps // 5)),
-                      "keep_checkpoints": 0,  # only student.pt: ~80 MB per run instead of ~1 GB of resume state
+                      "keep_checkpoints": 0,  # only the weights: ~80 MB per run instead of ~1 GB of resume state
                       "progress": False, "tensorboard": False}}
 
 
@@ -98,12 +138,12 @@ def _teacher_raw(p: dict, data_root: Path, arch: str) -> dict:
             "model": _model_block(arch, "resnet50", p["image_size"])}
 
 
-def _student_raw(p: dict, data_root: Path, arch: str, seed: int, losses: Optional[dict],
+def _student_raw(p: dict, data_root: Path, suite: Suite, seed: int, losses: Optional[dict],
                  teacher_ckpt: str) -> dict:
     raw = {**_train_raw(p, data_root, seed, p["steps"], p["batch_size"]),
-           "model": _model_block(arch, "resnet18", p["image_size"])}
+           "model": _model_block(suite.arch, suite.student_backbone, p["image_size"], **suite.student_extra)}
     if losses is not None:
-        raw["teacher"] = {**_model_block(arch, "resnet50", p["image_size"]), "checkpoint": teacher_ckpt}
+        raw["teacher"] = {**_model_block(suite.arch, "resnet50", p["image_size"]), "checkpoint": teacher_ckpt}
         raw["distill"] = {"losses": losses, "feature_norm": "standardize"}
     return raw
 
@@ -128,8 +168,18 @@ def _cache_key(raw: dict) -> str:
     what.get("train", {}).pop("keep_checkpoints", None)
     losses = (what.get("distill") or {}).get("losses")
     if losses:
-        what["distill"]["losses"] = {name: {**loss_params(name), **(params or {})} for name, params in losses.items()}
+        what["distill"]["losses"] = {name: json.loads(json.dumps({**loss_params(name), **(params or {})}))
+                                     for name, params in losses.items()}
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def weights_file(summary: dict) -> Path:
+    """The trained weights of a finished run (``model.pt`` of a plain run, ``student.pt`` of a distilled one)."""
+    out = Path(summary["output_dir"])
+    for name in ("model.pt", "student.pt"):
+        if (out / name).is_file():
+            return out / name
+    raise FileNotFoundError(f"{out}: no model.pt or student.pt (did the run finish?)")
 
 
 def _run(raw: dict, work: Path, name: str) -> dict:
@@ -149,7 +199,7 @@ def _run_in_worker(args: tuple) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     summary = _run(raw, work, name)
-    print(f"[bench] done {name}: AP {summary['metrics'].get('AP', 0.0):.2f} "
+    print(f"[bench] done {name}: AP {(summary['metrics'] or {}).get('AP', 0.0):.2f} "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return summary
 
@@ -164,284 +214,444 @@ def _run_all(runs: list[tuple[dict, str]], work: Path, jobs: int) -> list[dict]:
         return list(pool.map(_run_in_worker, [(raw, work, name, threads) for raw, name in runs]))
 
 
+def _teachers(p: dict, work: Path, arch: str, data_seeds, jobs: int, quiet: bool) -> dict[int, tuple[Path, dict]]:
+    """``{data seed: (data root, teacher summary)}``, training the missing teachers."""
+    roots = {ds: _dataset(work, p, ds, quiet) for ds in data_seeds}
+    runs = [(_teacher_raw(p, roots[ds], arch), f"teacher-{arch}-d{ds}") for ds in data_seeds]
+    summaries = _run_all(runs, work, jobs)
+    return {ds: (roots[ds], s) for ds, s in zip(data_seeds, summaries)}
+
+
 # ------------------------------------------------------------------------------------------------ costs
-def _costs(teacher_ckpt: str, arch: str, p: dict, data_root: Path, methods: dict, reps: int) -> dict:
-    """Step and loss costs of each method, measured interleaved in this process on one real batch.
+def _timed_step(model, call) -> float:
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0)  # lr 0: every repeat sees the same weights
+    _sync()
+    t0 = time.perf_counter()
+    total = sum(call().values())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    _sync()
+    return time.perf_counter() - t0
 
-    Returns ``{method: {"step_ratio", "distill_step_s", "student_step_s", "loss_s", "loss_vs_mgd",
-    "loss_share"}}``. The optimiser has lr 0, so every measurement sees the same weights.
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_memory(device: torch.device, fn) -> Optional[float]:
+    """Peak CUDA memory (MiB) of ``fn()``; ``None`` on CPU (no allocator statistics there)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def measure_costs(student, teacher, images, targets, methods: dict[str, dict], reps: int,
+                  teacher_precision: str = "auto") -> dict:
+    """Step and loss costs of each method on one batch, interleaved in this process.
+
+    Returns ``{method: {"step_ratio", "distill_step_s", "student_step_s", "loss_s", "loss_share",
+    "loss_vs_mgd", "peak_mib", "student_peak_mib"}}``. The step is the :class:`~samkd.distill.Distiller`'s
+    own (alignment, ``feature_norm``, teacher precision included); the loss is timed on the prepared taps
+    that step computes, with the student side made a leaf so only the loss's own backward is counted.
     """
-    from .config import ModelConfig
-    from .data import CocoDetection, collate_fn
     from .distill import Distiller
-    from .engine.train import model_from_config
-    from .losses import build_loss
-
-    ds = CocoDetection(str(data_root / "annotations/train.json"), str(data_root / "images/train"))
-    images, targets = collate_fn([ds[i] for i in range(p["batch_size"])])
-    torch.manual_seed(0)
-    student = model_from_config(ModelConfig(**_model_block(arch, "resnet18", p["image_size"])), ds.num_classes)
-    teacher = model_from_config(ModelConfig(**{**_model_block(arch, "resnet50", p["image_size"]),
-                                               "checkpoint": teacher_ckpt}), ds.num_classes)
-
-    def timed_step(model, call) -> float:
-        optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.0)
-        t0 = time.perf_counter()
-        total = sum(call().values())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        return time.perf_counter() - t0
-
+    device = next(student.parameters()).device
     out = {}
     for method, spec in methods.items():
-        if spec is None:
-            continue
-        distiller = Distiller(student, teacher, losses=spec).train()
+        distiller = Distiller(student, teacher, losses=spec, teacher_precision=teacher_precision).to(device).train()
         student_times, distill_times, loss_times = [], [], []
         for _ in range(reps + 1):  # the first round warms up allocations and is dropped
-            student_times.append(timed_step(student, lambda: student(images, targets)))
-            distill_times.append(timed_step(distiller, lambda: distiller(images, targets)))
-            s_taps = distiller.student_taps.collect()
-            t_taps = distiller.teacher_forward(s_taps)
+            student_times.append(_timed_step(student, lambda: student(images, targets)))
+            distill_times.append(_timed_step(distiller, lambda: distiller(images, targets)))
+            with torch.no_grad():
+                _, s_taps, t_taps = distiller.compare(images, targets)
             s_taps.features = [f.detach().requires_grad_(True) for f in s_taps.features]
             s_taps.cls_logits = [c.detach().requires_grad_(True) for c in s_taps.cls_logits]
             if s_taps.roi_logits is not None:
                 s_taps.roi_logits = s_taps.roi_logits.detach().requires_grad_(True)
+            _sync()
             t0 = time.perf_counter()
-            sum(sum(loss(s_taps, t_taps).values()) for loss in distiller.losses.values()).backward()
+            sum(distiller.distill_losses(s_taps, t_taps).values()).backward()
+            _sync()
             loss_times.append(time.perf_counter() - t0)
+        peak = _peak_memory(device, lambda: _timed_step(distiller, lambda: distiller(images, targets)))
+        student_peak = _peak_memory(device, lambda: _timed_step(student, lambda: student(images, targets)))
         distiller.student_taps.remove()
         distiller.teacher_taps.remove()
         med = {k: float(np.median(v[1:])) for k, v in
                (("student", student_times), ("distill", distill_times), ("loss", loss_times))}
         out[method] = {"distill_step_s": med["distill"], "student_step_s": med["student"],
                        "step_ratio": med["distill"] / med["student"], "loss_s": med["loss"],
-                       "loss_share": med["loss"] / med["distill"]}
+                       "loss_share": med["loss"] / med["distill"], "peak_mib": peak, "student_peak_mib": student_peak}
     if "mgd" in out:
         for c in out.values():
             c["loss_vs_mgd"] = c["loss_s"] / out["mgd"]["loss_s"]
     return out
 
 
+def _bench_costs(teacher_ckpt: str, suite: Suite, p: dict, data_root: Path, reps: int) -> dict:
+    """CPU costs of the suite's methods on one real batch of its data, with its trained teacher."""
+    from .config import ModelConfig
+    from .data import CocoDetection, collate_fn
+    from .models import detector_from_config
+
+    ds = CocoDetection(str(data_root / "annotations/train.json"), str(data_root / "images/train"))
+    images, targets = collate_fn([ds[i] for i in range(p["batch_size"])])
+    torch.manual_seed(0)
+    block = _model_block(suite.arch, suite.student_backbone, p["image_size"])
+    student = detector_from_config(ModelConfig(**block), ds.num_classes)
+    teacher = detector_from_config(ModelConfig(**_model_block(suite.arch, "resnet50", p["image_size"])),
+                                   checkpoint=teacher_ckpt)
+    methods = {m: method_losses(m) for m in suite.methods if METHODS[m] is not None}
+    return measure_costs(student.train(), teacher, images, targets, methods, reps)
+
+
 # ------------------------------------------------------------------------------------------------ reporting
-def _aggregate(runs: list[dict]) -> dict:
+def _aggregate(runs: list[dict], keys: list[tuple[int, int]]) -> dict:
+    """Mean and sample std of every metric over the runs; per-run and per-data-seed AP."""
     row = {}
     for k in METRIC_NAMES:
-        vals = [r["metrics"].get(k, 0.0) for r in runs]
-        row[k], row[k + "_spread"] = float(np.mean(vals)), float((max(vals) - min(vals)) / 2)
-    row["s_per_step"] = float(np.mean([r["s_per_step"] for r in runs]))
-    row["seeds"] = len(runs)
-    row["per_seed_AP"] = [float(r["metrics"].get("AP", 0.0)) for r in runs]
+        vals = np.array([(r["metrics"] or {}).get(k, 0.0) for r in runs], dtype=float)
+        row[k] = float(vals.mean())
+        row[k + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    row["s_per_step"] = float(np.nanmean([r.get("s_per_step") or np.nan for r in runs]))
+    row["runs"] = len(runs)
+    row["per_run_AP"] = {f"d{ds}/s{seed}": float((r["metrics"] or {}).get("AP", 0.0))
+                         for (ds, seed), r in zip(keys, runs)}
+    by_data: dict[int, list[float]] = {}
+    for (ds, _), r in zip(keys, runs):
+        by_data.setdefault(ds, []).append(float((r["metrics"] or {}).get("AP", 0.0)))
+    row["AP_by_data_seed"] = {f"d{ds}": float(np.mean(v)) for ds, v in by_data.items()}
     return row
 
 
-def _detection_loss_curve(run_dir: str) -> tuple[list[int], list[float]]:
-    import csv
-    with open(Path(run_dir) / "train.csv") as f:
-        rows = list(csv.DictReader(f))
-    skip = ("step", "epoch", "lr", "loss", "s_per_step")
-    det = [k for k in rows[0] if k not in skip and not k.startswith("distill/")]
-    return [int(r["step"]) for r in rows], [sum(float(r[k]) for k in det) for r in rows]
+def lead_verdict(results: dict) -> dict:
+    """SAMKD against the best other method (ablations and the plain student excluded).
+
+    ``lead`` = mean AP difference; ``paired_std`` = std of the per-run differences (same data and training
+    seed); the lead counts as *larger than the seed spread* when it exceeds both rows' std. A negative lead
+    means another method is ahead.
+    """
+    others = {m: r for m, r in results.items() if m not in SAMKD_ROWS and m != "student"}
+    if "samkd" not in results or not others:
+        return {}
+    best = max(others, key=lambda m: others[m]["AP"])
+    s, b = results["samkd"], others[best]
+    lead = s["AP"] - b["AP"]
+    common = sorted(set(s["per_run_AP"]) & set(b["per_run_AP"]))
+    diffs = np.array([s["per_run_AP"][k] - b["per_run_AP"][k] for k in common])
+    spread = max(s["AP_std"], b["AP_std"])
+    return {"best_other": best, "lead": float(lead), "spread": float(spread),
+            "paired_std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
+            "wins": int((diffs > 0).sum()), "pairs": int(len(diffs)), "larger_than_spread": bool(lead > spread)}
 
 
-def _plot(results: dict, curves: dict, path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    fig = Figure(figsize=(13, 4.5), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    names = list(results)
-    ax1.bar(names, [results[n]["AP"] for n in names], yerr=[results[n]["AP_spread"] for n in names], capsize=4,
-            color=["#888" if n.endswith("student") else "#3a7" if "samkd" in n else "#48c" for n in names])
-    ax1.set_ylabel("COCO AP (val)")
-    ax1.set_title("mAP per method (mean of seeds, bar = half range)")
-    ax1.tick_params(axis="x", rotation=45)
-    for name, (steps, loss) in curves.items():
-        ax2.plot(steps, loss, label=name)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("detection loss (student)")
-    ax2.set_title("training curves (first seed)")
-    ax2.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+def _verdict_text(v: dict) -> str:
+    if not v:
+        return ""
+    if v["lead"] > 0:
+        size = "larger" if v["larger_than_spread"] else "not larger"
+        return (f"SAMKD leads the best other method ({v['best_other']}) by {v['lead']:+.1f} AP, {size} than the "
+                f"seed spread (std {v['spread']:.1f}); it wins {v['wins']} of {v['pairs']} paired runs "
+                f"(std of the paired differences {v['paired_std']:.1f}).")
+    return (f"SAMKD does not lead: {v['best_other']} is ahead by {-v['lead']:.1f} AP (seed spread: std "
+            f"{v['spread']:.1f}); SAMKD wins {v['wins']} of {v['pairs']} paired runs.")
 
 
-def _student_ref(results: dict, name: str) -> dict:
-    """The no-distillation row of the same detector family as ``name``."""
-    family = name.split("/")[0] + "/" if "/" in name else ""
-    return results.get(family + "student", {})
+def _suite_markdown(name: str, entry: dict) -> list[str]:
+    meta, results = entry["meta"], entry["results"]
+    suite = SUITES[name]
+    data_cols = [f"d{ds}" for ds in meta["data_seeds"]]
+    lines = [f"### {suite.title}", "",
+             f"Command: `{meta['command']}` ({meta['date']})  ", f"Machine: {meta['machine']}  ",
+             f"Teachers (ResNet-50, {meta['teacher_steps']} steps of batch {meta['teacher_batch_size']}): AP "
+             + ", ".join(f"{ap:.1f} (data seed {ds})" for ds, ap in meta["teacher_AP"].items()) + ".  ",
+             f"Students: {suite.student_backbone}"
+             + (" with ImageNet weights" if suite.student_extra else " from scratch")
+             + f", {meta['steps']} steps of batch {meta['batch_size']}, {meta['optimizer']} lr {meta['lr']}, "
+             f"{meta['image_size']} px; data seeds {meta['data_seeds']} x training seeds {meta['seeds']} = "
+             f"{len(meta['data_seeds']) * len(meta['seeds'])} runs per row. AP: mean ± std over the runs; "
+             "weights: the tuned factor of each method's default.", "",
+             "| method | weight | AP | " + " | ".join(f"AP {c}" for c in data_cols)
+             + " | AP50 | AP75 | APs | APm | gain over student | s/step |",
+             "|---|---|---|" + "---|" * len(data_cols) + "---|---|---|---|---|---|"]
+    base = results.get("student", {}).get("AP")
+    for method, r in results.items():
+        weight = "—" if METHODS[method] is None else f"{meta['weights'].get(ABLATIONS.get(method, method), 1.0):g}"
+        cells = [f"{r['AP']:.1f} ± {r['AP_std']:.1f}"] + [f"{r['AP_by_data_seed'].get(c, float('nan')):.1f}"
+                                                          for c in data_cols]
+        cells += [f"{r[k]:.1f}" for k in ("AP50", "AP75", "APs", "APm")]
+        gain = f"{r['AP'] - base:+.1f}" if base is not None else "n/a"
+        lines.append(f"| {'**' + method + '**' if method == 'samkd' else method} | {weight} | "
+                     + " | ".join(cells) + f" | {gain} | {r['s_per_step']:.2f} |")
+    text = _verdict_text(entry.get("verdict", {}))
+    if text:
+        lines += ["", text]
+    if entry.get("cost"):
+        lines += ["", *_cost_markdown(entry["cost"], meta)]
+    return lines
 
 
-def _markdown(results: dict, cost: dict, goals: dict, meta: dict) -> str:
-    lines = [f"# samkd bench — {meta['date']}", "",
-             f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
-             f"Setup: teacher FCOS-ResNet-50 ({meta['teacher_steps']} steps of batch {meta['teacher_batch_size']}, "
-             f"AP {meta['teacher_AP']:.1f}); "
-             f"student FCOS-ResNet-18 from scratch, {meta['steps']} steps each, batch {meta['batch_size']}, "
-             f"{meta['optimizer']} lr {meta['lr']}, {meta['image_size']} px, synthetic shapes (data seed "
-             f"{meta['data_seed']}: {meta['train_images']} train / {meta['val_images']} val images), training "
-             f"seeds {meta['seeds']}, {meta['jobs']} run(s) at a time. AP: mean ± half-range over seeds.", "",
-             "| method | AP | AP50 | AP75 | APs | APm | APl | gain over student | s/step | step / student step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        cells = [f"{r[k]:.1f} ± {r[k + '_spread']:.1f}" for k in METRIC_NAMES]
-        gain = r["AP"] - _student_ref(results, name).get("AP", r["AP"])
-        ratio = cost.get(name, {}).get("step_ratio")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gain:+.1f} | {r['s_per_step']:.2f} | "
-                     + (f"{ratio:.2f} |" if ratio else "1.00 |" if name.endswith("student") else "n/a |"))
-    lines += ["", f"Costs (FCOS, one batch of {meta['batch_size']}, median of {meta['cost_reps']} interleaved "
-              "repeats in one process): the step ratio above is a full distillation step over a student-only "
-              "step; loss = forward + backward of the distillation loss alone on the same FPN tensors.", "",
-              "| loss | loss seconds | vs MGD | share of its distillation step |", "|---|---|---|---|"]
-    for name, c in cost.items():
-        lines.append(f"| {name} | {c['loss_s']:.4f} | {c.get('loss_vs_mgd', float('nan')):.2f}x | "
-                     f"{100 * c['loss_share']:.1f}% |")
-    lines += ["", "Goals:", ""]
-    for goal, (ok, detail) in goals.items():
-        lines.append(f"- {'PASS' if ok else 'MISS'}: {goal} — {detail}")
-    return "\n".join(lines) + "\n"
+def _cost_markdown(cost: dict, meta: dict) -> list[str]:
+    lines = [f"Costs ({meta.get('cost_where', 'one batch')}, median of {meta['cost_reps']} interleaved repeats in "
+             "one process): step ratio = a full Distiller step over a student-only step on the same batch; loss = "
+             "forward + backward of the distillation loss alone on the same prepared taps.", "",
+             "| method | step / student step | loss seconds | loss vs MGD | loss share of its step |"
+             + (" peak MiB (student alone) |" if any(c.get("peak_mib") for c in cost.values()) else ""),
+             "|---|---|---|---|---|" + ("---|" if any(c.get("peak_mib") for c in cost.values()) else "")]
+    for m, c in cost.items():
+        peak = (f" {c['peak_mib']:.0f} ({c['student_peak_mib']:.0f}) |" if c.get("peak_mib") else "")
+        lines.append(f"| {m} | {c['step_ratio']:.2f} | {c['loss_s']:.4f} | {c.get('loss_vs_mgd', float('nan')):.2f}x | "
+                     f"{100 * c['loss_share']:.1f}% |" + peak)
+    goals = cost_goals(cost)
+    if goals:
+        lines += ["", "Speed goals:", ""] + [f"- {'PASS' if ok else 'MISS'}: {g} — {d}" for g, (ok, d) in goals.items()]
+    return lines
 
 
-def _goals(results: dict, cost: dict) -> dict:
+def cost_goals(cost: dict) -> dict:
     goals = {}
-    samkd_cost = {n: c for n, c in cost.items() if n.startswith("samkd")}
-    if samkd_cost:
-        worst = max(samkd_cost, key=lambda n: samkd_cost[n]["loss_share"])
-        goals["SAMKD loss cost under 5% of a distillation step"] = (
-            samkd_cost[worst]["loss_share"] < 0.05,
-            f"largest share {100 * samkd_cost[worst]['loss_share']:.1f}% ({worst}); MGD "
-            f"{100 * cost['mgd']['loss_share']:.1f}%" if "mgd" in cost else "")
     if "samkd" in cost and "loss_vs_mgd" in cost["samkd"]:
         ratio = cost["samkd"]["loss_vs_mgd"]
-        goals["SAMKD loss at most 2x MGD's"] = (ratio <= 2.0, f"{ratio:.2f}x")
-    if {"samkd", "mgd", "student"} <= set(results):
-        base = results["student"]["AP"]
-        g_s, g_m = results["samkd"]["AP"] - base, results["mgd"]["AP"] - base
-        ok = g_s > 0 and (g_m <= 0 or g_s >= 1.2 * g_m)
-        goals["SAMKD gain over the student at least 1.2x MGD's gain"] = (
-            ok, f"SAMKD {g_s:+.1f} AP, MGD {g_m:+.1f} AP" + (f" ({g_s / g_m:.2f}x)" if g_m > 0 else ""))
+        goals["SAMKD loss forward+backward at most 1.0x MGD's"] = (ratio <= 1.0, f"{ratio:.2f}x")
+    if "samkd" in cost and "fitnet" in cost:
+        gap = cost["samkd"]["step_ratio"] - cost["fitnet"]["step_ratio"]
+        goals["SAMKD step ratio within 0.10 of FitNet's"] = (
+            gap <= 0.10, f"SAMKD {cost['samkd']['step_ratio']:.2f} vs FitNet {cost['fitnet']['step_ratio']:.2f} "
+                         f"(+{gap:.2f})")
     return goals
 
 
+def write_report(out: Path, payload: dict) -> str:
+    """``results.md`` (one table per recorded suite) and ``results.png`` from ``results.json``'s content."""
+    lines = [f"# samkd bench", "",
+             "Synthetic-shapes benchmark (`samkd make-data`), every method under the same step budget and the "
+             "same tuning budget (`benchmarks/tuning.md`). Regenerate a table with the command shown under it.", ""]
+    for name in SUITES:
+        if name in payload["suites"]:
+            lines += _suite_markdown(name, payload["suites"][name]) + [""]
+    text = "\n".join(lines)
+    (out / "results.md").write_text(text)
+    _plot(payload, out / "results.png")
+    return text
+
+
+def _plot(payload: dict, path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    suites = [n for n in SUITES if n in payload["suites"]]
+    if not suites:
+        return
+    fig = Figure(figsize=(5.5 * len(suites), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(suites), squeeze=False)[0]
+    for ax, name in zip(axes, suites):
+        results = payload["suites"][name]["results"]
+        names = list(results)
+        ax.bar(names, [results[n]["AP"] for n in names], yerr=[results[n]["AP_std"] for n in names], capsize=3,
+               color=["#888" if n == "student" else "#3a7" if n.startswith("samkd") else "#48c" for n in names])
+        ax.set_title(name + " (mean ± std over runs)", fontsize=10)
+        ax.set_ylabel("COCO AP (val)")
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+    fig.savefig(path, dpi=100)
+
+
 def _machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}")
+    gpu = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
 
 
 def _params(quick: bool, **overrides) -> dict:
     p = dict(QUICK if quick else DEFAULTS)
-    for k, v in overrides.items():
-        if v is not None:
-            p[k] = tuple(v) if k == "seeds" else v
+    p.update({k: v for k, v in overrides.items() if v is not None})
     return p
 
 
-def _command(quick: bool, suite: str, jobs: int, tune: bool = False, **overrides) -> str:
+def _command(quick: bool, suite: Optional[str], jobs: int, tune: bool = False, **overrides) -> str:
     """The command line that reproduces a run, overrides included."""
     flags = "".join(f" --{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
                     for k, v in overrides.items() if v is not None)
     return ("samkd bench" + (" --tune" if tune else "") + (" --quick" if quick else "")
-            + (f" --suite {suite}" if suite != "default" else "") + flags + (f" --jobs {jobs}" if jobs > 1 else ""))
+            + (f" --suite {suite}" if suite else "") + flags + (f" --jobs {jobs}" if jobs > 1 else ""))
+
+
+def _load_payload(out: Path) -> dict:
+    path = out / "results.json"
+    if path.is_file():
+        payload = json.loads(path.read_text())
+        if "suites" in payload:
+            return payload
+    return {"suites": {}}
 
 
 # ------------------------------------------------------------------------------------------------ entry points
-def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "default",
-              seeds: Optional[list[int]] = None, work_dir: Optional[str] = None, steps: Optional[int] = None,
-              teacher_steps: Optional[int] = None, data_seed: Optional[int] = None, methods=None,
-              jobs: int = 1, batch_size: Optional[int] = None) -> dict:
-    """Run the benchmark and write results.md / results.json / results.png under ``out_dir``."""
-    overrides = dict(seeds=seeds, steps=steps, teacher_steps=teacher_steps, data_seed=data_seed,
-                     batch_size=batch_size)
-    p = _params(quick, **overrides)
+def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "fcos",
+              seeds: Optional[list[int]] = None, data_seeds: Optional[list[int]] = None,
+              work_dir: Optional[str] = None, steps: Optional[int] = None, teacher_steps: Optional[int] = None,
+              methods: Optional[list[str]] = None, jobs: int = 1, batch_size: Optional[int] = None) -> dict:
+    """Run one suite (or ``"all"``), merge it into ``<out>/results.json`` and rewrite results.md / results.png."""
+    names = list(SUITES) if suite == "all" else [suite]
+    for name in names:
+        if name not in SUITES:
+            raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)} or all")
+    unknown = sorted(set(methods or []) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
     out = Path(out_dir)
-    work = Path(work_dir) if work_dir else out / "work"
     out.mkdir(parents=True, exist_ok=True)
-    data_root = _dataset(work, p, p["data_seed"], quick)
-    pairs = {"fcos": list(methods or METHODS)}
-    if suite == "full":
-        pairs.update({a: list(m) for a, m in FULL_PAIRS.items()})
-
-    print(f"[bench] teachers ({', '.join(pairs)}-resnet50): {p['teacher_steps']} steps", flush=True)
-    teacher_runs = _run_all([(_teacher_raw(p, data_root, arch), f"teacher-{arch}") for arch in pairs], work, jobs)
-    teachers = {arch: t for arch, t in zip(pairs, teacher_runs)}
-    ckpt = {arch: str(Path(t["output_dir"]) / "student.pt") for arch, t in teachers.items()}
-
-    plan = [(arch, method, seed) for arch, names in pairs.items() for method in names for seed in p["seeds"]]
-    print(f"[bench] {len(plan)} student runs of {p['steps']} steps, {jobs} at a time", flush=True)
-    summaries = _run_all([(_student_raw(p, data_root, arch, seed, METHODS[method], ckpt[arch]),
-                           f"{arch}-{method}-s{seed}") for arch, method, seed in plan], work, jobs)
-    by_row: dict[str, list[dict]] = {}
-    for (arch, method, _), summary in zip(plan, summaries):
-        by_row.setdefault(method if arch == "fcos" else f"{arch}/{method}", []).append(summary)
-    results = {name: _aggregate(runs) for name, runs in by_row.items()}
-    curves = {name: _detection_loss_curve(runs[0]["output_dir"]) for name, runs in by_row.items() if "/" not in name}
-
-    cost_reps = 1 if quick else 5
-    print("[bench] measuring step and loss costs", flush=True)
-    cost = _costs(ckpt["fcos"], "fcos", p, data_root, {m: METHODS[m] for m in pairs["fcos"]}, cost_reps)
-    goals = _goals(results, cost)
-    meta = {"date": time.strftime("%Y-%m-%d"), "command": _command(quick, suite, jobs, **overrides),
-            "machine": _machine(),
-            "teacher_AP": teachers["fcos"]["metrics"].get("AP", 0.0), "cost_reps": cost_reps, "jobs": jobs,
-            "teachers": {a: t["metrics"] for a, t in teachers.items()},
-            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}}
-    (out / "results.md").write_text(_markdown(results, cost, goals, meta))
-    payload = {"meta": meta, "results": results, "cost": cost,
-               "goals": {g: {"pass": ok, "detail": d} for g, (ok, d) in goals.items()}}
-    (out / "results.json").write_text(json.dumps(payload, indent=2))
-    _plot(results, curves, out / "results.png")
-    print((out / "results.md").read_text())
+    work = Path(work_dir) if work_dir else out / "work"
+    payload = _load_payload(out)
+    for name in names:
+        payload["suites"][name] = _run_suite(name, out, work, quick, seeds, data_seeds, steps, teacher_steps,
+                                             methods, jobs, batch_size)
+        (out / "results.json").write_text(json.dumps(payload, indent=2))
+    print(write_report(out, payload))
     return payload
 
 
-def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optional[str] = None,
-               steps: Optional[int] = None, teacher_steps: Optional[int] = None, data_seed: Optional[int] = None,
-               seeds: Optional[list[int]] = None, jobs: int = 1, batch_size: Optional[int] = None) -> dict:
-    """Try the SAMKD variants of :data:`TUNE_GRID` on validation data; write tuning.md / tuning.json.
+def _run_suite(name: str, out: Path, work: Path, quick: bool, seeds, data_seeds, steps, teacher_steps, methods,
+               jobs: int, batch_size) -> dict:
+    suite = SUITES[name]
+    overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
+    p = _params(quick, **overrides)
+    seeds = tuple(seeds) if seeds else ((0,) if quick else suite.seeds)
+    data_seeds = tuple(data_seeds) if data_seeds else ((0,) if quick else DATA_SEEDS)
+    rows = [m for m in suite.methods if not methods or m in methods]
+    print(f"[bench] {name}: teachers ({suite.arch}-resnet50) for data seeds {list(data_seeds)}", flush=True)
+    teachers = _teachers(p, work, suite.arch, data_seeds, jobs, quick)
+    plan = [(m, ds, seed) for m in rows for ds in data_seeds for seed in seeds]
+    print(f"[bench] {name}: {len(plan)} student runs of {p['steps']} steps, {jobs} at a time", flush=True)
+    runs = [(_student_raw(p, teachers[ds][0], suite, seed, method_losses(m), str(weights_file(teachers[ds][1]))),
+             f"{name}-{m}-d{ds}-s{seed}") for m, ds, seed in plan]
+    summaries = _run_all(runs, work, jobs)
+    by_row: dict[str, tuple[list, list]] = {}
+    for (m, ds, seed), summary in zip(plan, summaries):
+        runs_of, keys = by_row.setdefault(m, ([], []))
+        runs_of.append(summary)
+        keys.append((ds, seed))
+    results = {m: _aggregate(*by_row[m]) for m in rows}
+    entry = {"results": results, "verdict": lead_verdict(results)}
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "jobs": jobs, "data_seeds": list(data_seeds),
+            "seeds": list(seeds), "weights": dict(TUNED_WEIGHTS),
+            "command": _command(quick, name, jobs, seeds=list(seeds) if seeds != suite.seeds else None,
+                                data_seeds=list(data_seeds) if data_seeds != DATA_SEEDS else None,
+                                methods=methods, **overrides),
+            "teacher_AP": {str(ds): float((t[1]["metrics"] or {}).get("AP", 0.0)) for ds, t in teachers.items()},
+            **p}
+    if suite.student_backbone == "resnet18" and suite.arch == "fcos":
+        meta["cost_reps"] = 1 if quick else 5
+        meta["cost_where"] = f"FCOS, one batch of {p['batch_size']} at {p['image_size']} px, CPU"
+        print(f"[bench] {name}: measuring step and loss costs", flush=True)
+        first = data_seeds[0]
+        entry["cost"] = _bench_costs(str(weights_file(teachers[first][1])), suite, p, teachers[first][0],
+                                     meta["cost_reps"])
+    entry["meta"] = meta
+    return entry
 
-    The validation data set is generated with ``data_seed + 1`` (other train *and* val images than the
-    reported benchmark) and the students use the training seeds :data:`TUNE_SEEDS`. The teacher is the
-    benchmark's cached teacher: it saw only the benchmark's *training* images, never its val images.
+
+def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optional[str] = None,
+               steps: Optional[int] = None, teacher_steps: Optional[int] = None, jobs: int = 1,
+               batch_size: Optional[int] = None, methods: Optional[list[str]] = None) -> dict:
+    """The same weight grid for every method on the validation data; writes tuning.md / tuning.json.
+
+    Validation data: :data:`TUNE_DATA_SEED` (other train and val images than the report, its own teacher),
+    training seed :data:`TUNE_SEED`. Each method runs at :data:`TUNE_FACTORS` times its default weight.
     """
-    overrides = dict(seeds=seeds, steps=steps, teacher_steps=teacher_steps, data_seed=data_seed,
-                     batch_size=batch_size)
-    p = _params(quick, **{**overrides, "seeds": seeds if seeds is not None else list(TUNE_SEEDS)})
+    overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
+    p = _params(quick, **overrides)
     out = Path(out_dir)
-    work = Path(work_dir) if work_dir else out / "work"
     out.mkdir(parents=True, exist_ok=True)
-    teacher = _run_all([(_teacher_raw(p, _dataset(work, p, p["data_seed"], quick), "fcos"), "teacher-fcos")],
-                       work, 1)[0]
-    ckpt = str(Path(teacher["output_dir"]) / "student.pt")
-    tune_seed = p["data_seed"] + 1
-    data_root = _dataset(work, p, tune_seed, quick)
-    plan = [(name, seed) for name in TUNE_GRID for seed in p["seeds"]]
-    summaries = _run_all([(_student_raw(p, data_root, "fcos", seed, TUNE_GRID[name], ckpt), f"tune-{name}-s{seed}")
-                          for name, seed in plan], work, jobs)
-    by_row: dict[str, list[dict]] = {}
-    for (name, _), summary in zip(plan, summaries):
-        by_row.setdefault(name, []).append(summary)
-    results = {name: _aggregate(runs) for name, runs in by_row.items()}
-    samkd_rows = [n for n in results if n.startswith("samkd")]
-    best = max(samkd_rows, key=lambda n: results[n]["AP"])
-    base = results["student"]["AP"]
-    lines = [f"# SAMKD tuning — {time.strftime('%Y-%m-%d')}", "",
-             f"Command: `{_command(quick, 'default', jobs, tune=True, **overrides)}`  ", f"Machine: {_machine()}  ",
-             f"Validation data: synthetic shapes, data seed {tune_seed} ({p['train_images']} train / "
-             f"{p['val_images']} val images; the reported benchmark uses data seed {p['data_seed']}), training "
-             f"seeds {list(p['seeds'])}, {p['steps']} steps of batch {p['batch_size']}, teacher = the benchmark's "
-             "cached FCOS-ResNet-50 "
-             "(trained on the benchmark's training images only).", "",
-             "| variant | AP | AP50 | AP75 | APs | APm | gain over student |", "|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name}{' (best SAMKD)' if name == best else ''} | "
-                     + " | ".join(f"{r[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm"))
-                     + f" | {r['AP'] - base:+.1f} |")
-    lines += ["", "How: each row changes one thing from SAMKD's first defaults (alpha_sfd 2e-5, mask_ratio 0.5, "
-              "beta_sld 1); the best row on this validation set became the default by hand, before the reported "
-              "benchmark was run. Not tried: MGD's own alpha (so the MGD row runs at its published default), "
-              "beta_sld, T, tau, the pyramid. One training seed per row: differences near 1 AP are noise."]
+    work = Path(work_dir) if work_dir else out / "work"
+    suite = SUITES["fcos"]
+    tuned = [m for m in TUNED_METHODS if not methods or m in methods]
+    ((root, teacher),) = _teachers(p, work, "fcos", (TUNE_DATA_SEED,), jobs, quick).values()
+    ckpt = str(weights_file(teacher))
+    plan = [("student", None)] + [(m, f) for m in tuned for f in TUNE_FACTORS]
+    runs = [(_student_raw(p, root, suite, TUNE_SEED, method_losses(m, {m: f}) if f else None, ckpt),
+             f"tune-{m}" + (f"-w{f:g}" if f else "") + f"-s{TUNE_SEED}") for m, f in plan]
+    summaries = _run_all(runs, work, jobs)
+    ap = {(m, f): float((s["metrics"] or {}).get("AP", 0.0)) for (m, f), s in zip(plan, summaries)}
+    base = ap[("student", None)]
+    grid = {m: {f"{f:g}": ap[(m, f)] for f in TUNE_FACTORS} for m in tuned}
+    best = {m: float(max(TUNE_FACTORS, key=lambda f: (ap[(m, f)], f == 1.0))) for m in tuned}
+    lines = [f"# Tuning — {time.strftime('%Y-%m-%d')}", "",
+             f"Command: `{_command(quick, None, jobs, tune=True, methods=methods, **overrides)}`  ",
+             f"Machine: {_machine()}  ",
+             f"Validation data: synthetic shapes, data seed {TUNE_DATA_SEED} ({p['train_images']} train / "
+             f"{p['val_images']} val images) with its own FCOS-ResNet-50 teacher (AP "
+             f"{(teacher['metrics'] or {}).get('AP', 0.0):.1f}); the reported benchmark uses data seeds "
+             f"{list(DATA_SEEDS)} and training seeds from 0. Training seed {TUNE_SEED}, {p['steps']} steps of batch "
+             f"{p['batch_size']}, FCOS-ResNet-18 students from scratch. Student alone: AP {base:.1f}.", "",
+             "Every method gets the same search: its whole loss's `weight` at "
+             + ", ".join(f"{f:g}" for f in TUNE_FACTORS) + " times its default (one run each). The best factor "
+             "(ties: the default) becomes the method's bench weight. One run per cell: differences near 1 AP are "
+             "noise.", "",
+             "| method | " + " | ".join(f"x{f:g}" for f in TUNE_FACTORS) + " | chosen |",
+             "|---|" + "---|" * len(TUNE_FACTORS) + "---|"]
+    for m in tuned:
+        cells = [f"**{ap[(m, f)]:.1f}**" if f == best[m] else f"{ap[(m, f)]:.1f}" for f in TUNE_FACTORS]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | x{best[m]:g} |")
     (out / "tuning.md").write_text("\n".join(lines) + "\n")
-    payload = {"results": results, "best": best, "grid": TUNE_GRID, "data_seed": tune_seed,
-               "seeds": list(p["seeds"])}
+    payload = {"data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "factors": list(TUNE_FACTORS), "student_AP": base,
+               "grid": grid, "best": best, "teacher_AP": float((teacher["metrics"] or {}).get("AP", 0.0))}
     (out / "tuning.json").write_text(json.dumps(payload, indent=2))
     print((out / "tuning.md").read_text())
+    return payload
+
+
+def run_costs(out_dir: str = "benchmarks", device: str = "cpu", image_size: int = 800, batch_size: int = 2,
+              reps: int = 5, archs: Optional[list[str]] = None, student_backbone: str = "resnet50",
+              teacher_backbone: str = "resnet101", channels_last: bool = False, compile: bool = False,
+              teacher_precision: str = "auto") -> dict:
+    """Cost profile on synthetic batches: step ratio, loss share and peak memory of every method per family.
+
+    Models are randomly initialised (speed does not depend on the weights); the batch is ``batch_size``
+    random images of ``image_size`` px with a few boxes each. Writes ``gpu.md`` / ``gpu.json`` on CUDA and
+    ``costs_cpu.md`` / ``costs_cpu.json`` elsewhere.
+    """
+    from .models import build_detector
+    dev = torch.device(device)
+    archs = archs or ["fcos", "retinanet", "faster_rcnn"]
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, image_size, image_size, generator=g).to(dev) for _ in range(batch_size)]
+    side = image_size / 8
+    targets = [{"boxes": torch.tensor([[side, side, 3 * side, 4 * side], [4 * side, 2 * side, 7 * side, 5 * side]],
+                                      device=dev),
+                "labels": torch.tensor([1, 2], device=dev)} for _ in images]
+    result = {}
+    for arch in archs:
+        torch.manual_seed(0)
+        common = dict(num_classes=81, min_size=image_size, max_size=image_size)
+        student = build_detector(arch, student_backbone, **common).to(dev)
+        teacher = build_detector(arch, teacher_backbone, **common).to(dev)
+        for model in (student, teacher):
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            if compile:
+                model.backbone.compile()
+        methods = {m: method_losses(m) for m in METHODS if METHODS[m] is not None}
+        result[arch] = measure_costs(student.train(), teacher, images, targets, methods, reps, teacher_precision)
+        print(f"[costs] {arch} done", flush=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "device": str(dev), "image_size": image_size,
+            "batch_size": batch_size, "reps": reps, "student": student_backbone, "teacher": teacher_backbone,
+            "channels_last": channels_last, "compile": compile, "teacher_precision": teacher_precision,
+            "command": f"samkd bench --costs --device {device} --image-size {image_size} --batch-size {batch_size}"
+                       + (" --channels-last" if channels_last else "") + (" --compile" if compile else "")}
+    stem = "gpu" if dev.type == "cuda" else f"costs_{dev.type}"
+    lines = [f"# Cost profile — {meta['date']}", "", f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
+             f"Synthetic batch of {batch_size} images at {image_size} px; student {student_backbone}, teacher "
+             f"{teacher_backbone} (random weights), teacher precision {teacher_precision}.", ""]
+    for arch, cost in result.items():
+        lines += [f"## {arch}", ""] + _cost_markdown(cost, {"cost_where": f"{arch}, {device}", "cost_reps": reps}) + [""]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    payload = {"meta": meta, "cost": result}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    print("\n".join(lines))
     return payload

@@ -59,14 +59,19 @@ def _cmd_visualize(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run_bench, run_tuning
-    common = dict(out_dir=args.out, quick=args.quick, seeds=args.seeds, work_dir=args.work_dir, steps=args.steps,
-                  teacher_steps=args.teacher_steps, data_seed=args.data_seed, jobs=args.jobs,
-                  batch_size=args.batch_size)
+    from .bench import run_bench, run_costs, run_tuning
+    if args.costs:
+        run_costs(out_dir=args.out, device=args.device, image_size=args.image_size or 800,
+                  batch_size=args.batch_size or 2, reps=args.reps, archs=args.archs,
+                  channels_last=args.channels_last, compile=args.compile)
+        return 0
+    common = dict(out_dir=args.out, quick=args.quick, work_dir=args.work_dir, steps=args.steps,
+                  teacher_steps=args.teacher_steps, jobs=args.jobs, batch_size=args.batch_size,
+                  methods=args.methods)
     if args.tune:
         run_tuning(**common)
     else:
-        run_bench(suite=args.suite, **common)
+        run_bench(suite=args.suite, seeds=args.seeds, data_seeds=args.data_seeds, **common)
     return 0
 
 
@@ -132,19 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of a train/distill run")
     p.set_defaults(func=_cmd_summary)
 
-    p = sub.add_parser("bench", help="the method comparison table on the synthetic benchmark")
+    p = sub.add_parser("bench", help="the method comparison tables on the synthetic benchmark")
     p.add_argument("--out", default="benchmarks")
-    p.add_argument("--work-dir", default=None, help="cache for data, teacher and runs (default: <out>/work)")
+    p.add_argument("--work-dir", default=None, help="cache for data, teachers and runs (default: <out>/work)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (CI): checks it runs and writes files")
-    p.add_argument("--suite", choices=("default", "full"), default="default")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--suite", choices=("fcos", "retinanet", "faster_rcnn", "pretrained", "all"), default="fcos",
+                   help="which table to (re)build; results of other suites already in results.json are kept")
+    p.add_argument("--methods", nargs="+", default=None, help="only these rows (default: the suite's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the suite's)")
+    p.add_argument("--data-seeds", type=int, nargs="+", default=None, help="data sets, each with its own teacher")
     p.add_argument("--steps", type=int, default=None, help="student steps per run")
     p.add_argument("--teacher-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="student batch size (default 4)")
-    p.add_argument("--data-seed", type=int, default=None, help="seed of the benchmark data (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="student batch size (default 4; --costs: 2)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")
     p.add_argument("--tune", action="store_true",
-                   help="try SAMKD variants on validation data (data seed + 1) and write tuning.md")
+                   help="the same weight grid for every method on validation data; writes tuning.md")
+    p.add_argument("--costs", action="store_true",
+                   help="only the cost profile, on synthetic batches (e.g. --device cuda --image-size 800)")
+    p.add_argument("--device", default="cpu", help="--costs: device to measure on")
+    p.add_argument("--image-size", type=int, default=None, help="--costs: image side in px (default 800)")
+    p.add_argument("--reps", type=int, default=5, help="--costs: timed repeats per method")
+    p.add_argument("--archs", nargs="+", default=None, choices=("fcos", "retinanet", "faster_rcnn"),
+                   help="--costs: detector families (default: all three)")
+    p.add_argument("--channels-last", action="store_true", help="--costs: channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="--costs: torch.compile both backbones")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,14 +1,18 @@
-"""`samkd bench --quick` (and `--tune --quick`) run end to end and write their files; the goal verdicts."""
+"""`samkd bench`: quick suites end to end, merging of suites, the tuning grid, verdicts, the cost profile."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from samkd.bench import METHODS, QUICK, TUNE_GRID, _goals, _run, _teacher_raw
+from samkd import bench
+from samkd.bench import (METHODS, QUICK, SUITES, TUNE_FACTORS, TUNED_METHODS, TUNED_WEIGHTS, _run, _teacher_raw,
+                         cost_goals, lead_verdict, method_losses)
 from samkd.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -21,69 +25,127 @@ def quick_bench(tmp_path_factory):
 def test_quick_bench_writes_table_json_and_plot(quick_bench):
     md = (quick_bench / "results.md").read_text()
     for method in METHODS:
-        assert f"| {method} |" in md
-    assert "Command: `samkd bench --quick`" in md and "Goals:" in md
+        assert f"| {method} |" in md or f"| **{method}** |" in md
+    assert "Command: `samkd bench --quick --suite fcos`" in md and "Speed goals:" in md
     payload = json.loads((quick_bench / "results.json").read_text())
-    assert set(payload["results"]) == set(METHODS)
-    assert set(payload["cost"]) == {m for m, spec in METHODS.items() if spec is not None}
-    for c in payload["cost"].values():
+    entry = payload["suites"]["fcos"]
+    assert set(entry["results"]) == set(METHODS)
+    assert set(entry["cost"]) == {m for m, spec in METHODS.items() if spec is not None}
+    for c in entry["cost"].values():
         assert c["step_ratio"] > 0 and 0 < c["loss_share"] < 1 and c["loss_vs_mgd"] > 0
-    assert payload["cost"]["mgd"]["loss_vs_mgd"] == pytest.approx(1.0)
-    assert len(payload["goals"]) == 3
+    assert entry["cost"]["mgd"]["loss_vs_mgd"] == pytest.approx(1.0)
+    assert entry["verdict"]["best_other"] not in ("student", "samkd", "samkd_sfd", "samkd_sld")
+    assert entry["meta"]["data_seeds"] == [0] and entry["meta"]["seeds"] == [0]
+    for row in entry["results"].values():
+        assert set(row["AP_by_data_seed"]) == {"d0"} and row["runs"] == 1
     assert (quick_bench / "results.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_quick_bench_reuses_cached_runs(quick_bench):
     work = quick_bench / "work"
     raw = _teacher_raw(QUICK, work / "data_s0_96px_16", "fcos")
-    (run_dir,) = [p for p in (work / "runs").iterdir() if p.name.startswith("teacher-fcos-")]
+    (run_dir,) = [p for p in (work / "runs").iterdir() if p.name.startswith("teacher-fcos-d0")]
     stamp = (run_dir / "summary.json").stat().st_mtime_ns
-    summary = _run(raw, work, "teacher-fcos")  # same config: read back, not trained again
+    summary = _run(raw, work, "teacher-fcos-d0")  # same config: read back, not trained again
     assert summary["output_dir"] == str(run_dir)
     assert (run_dir / "summary.json").stat().st_mtime_ns == stamp
 
 
-def test_quick_tuning_uses_other_data(quick_bench):
-    assert main(["bench", "--tune", "--quick", "--out", str(quick_bench)]) == 0
+def test_another_suite_merges_into_the_same_report(quick_bench):
+    assert main(["bench", "--quick", "--suite", "retinanet", "--methods", "student", "samkd",
+                 "--out", str(quick_bench)]) == 0
+    payload = json.loads((quick_bench / "results.json").read_text())
+    assert set(payload["suites"]) == {"fcos", "retinanet"}  # the FCOS table is kept
+    assert set(payload["suites"]["retinanet"]["results"]) == {"student", "samkd"}
+    md = (quick_bench / "results.md").read_text()
+    assert SUITES["fcos"].title in md and SUITES["retinanet"].title in md
+
+
+def test_quick_tuning_runs_the_same_grid_for_every_method(quick_bench):
+    assert main(["bench", "--tune", "--quick", "--out", str(quick_bench), "--methods", "fitnet", "samkd"]) == 0
     payload = json.loads((quick_bench / "tuning.json").read_text())
-    assert set(payload["results"]) == set(TUNE_GRID)
-    assert payload["data_seed"] == 1 and payload["best"].startswith("samkd")
+    assert payload["data_seed"] == 1 and payload["seed"] == 100
+    assert set(payload["grid"]) == {"fitnet", "samkd"}
+    for row in payload["grid"].values():
+        assert set(row) == {f"{f:g}" for f in TUNE_FACTORS}
+    assert all(b in TUNE_FACTORS for b in payload["best"].values())
     assert "data seed 1" in (quick_bench / "tuning.md").read_text()
     assert (quick_bench / "work" / "data_s1_96px_16" / "annotations" / "val.json").is_file()
+    # the validation data has its own teacher, not the report's
+    assert [p for p in (quick_bench / "work" / "runs").iterdir() if p.name.startswith("teacher-fcos-d1")]
 
 
-def _row(ap):
-    return {"AP": ap}
+def test_tuned_weights_match_the_recorded_tuning():
+    """The bench's weights are the best factors of benchmarks/tuning.json (the same search for every method)."""
+    payload = json.loads((REPO / "benchmarks" / "tuning.json").read_text())
+    if "best" not in payload or not isinstance(payload["best"], dict):
+        pytest.skip("benchmarks/tuning.json predates the per-method grid")
+    assert set(payload["best"]) == set(TUNED_METHODS)
+    assert {m: float(w) for m, w in payload["best"].items()} == TUNED_WEIGHTS
+    for method, row in payload["grid"].items():  # the recorded best really is the best cell
+        assert row[f"{payload['best'][method]:g}"] == max(row.values())
 
 
-def test_goal_verdicts():
-    cost = {"mgd": {"loss_share": 0.10, "loss_vs_mgd": 1.0}, "samkd": {"loss_share": 0.04, "loss_vs_mgd": 1.5}}
-    goals = _goals({"student": _row(10.0), "mgd": _row(11.0), "samkd": _row(11.3)}, cost)
-    assert {k: ok for k, (ok, _) in goals.items()} == {
-        "SAMKD loss cost under 5% of a distillation step": True,
-        "SAMKD loss at most 2x MGD's": True,
-        "SAMKD gain over the student at least 1.2x MGD's gain": True}
-    cost["samkd"] = {"loss_share": 0.2, "loss_vs_mgd": 2.5}
-    goals = _goals({"student": _row(10.0), "mgd": _row(11.0), "samkd": _row(11.1)}, cost)
-    assert not any(ok for ok, _ in goals.values())
-    # SAMKD gains while MGD loses: the ratio goal holds
-    goals = _goals({"student": _row(10.0), "mgd": _row(9.0), "samkd": _row(10.5)}, cost)
-    assert goals["SAMKD gain over the student at least 1.2x MGD's gain"][0]
+def test_method_losses_apply_the_tuned_weight_and_ablations_follow_samkd(monkeypatch):
+    monkeypatch.setattr(bench, "TUNED_WEIGHTS", {**TUNED_WEIGHTS, "mgd": 4.0, "samkd": 0.25})
+    assert method_losses("mgd") == {"mgd": {"weight": 4.0}}
+    assert method_losses("samkd_sfd") == {"samkd": {"use_sld": False, "weight": 0.25}}
+    assert method_losses("student") is None
+    assert method_losses("fitnet", {"fitnet": 1.0}) == {"fitnet": {}}
+
+
+def _row(ap, runs):
+    return {"AP": sum(runs) / len(runs), "AP_std": float(__import__("numpy").std(runs, ddof=1)),
+            "per_run_AP": {f"d0/s{i}": v for i, v in enumerate(runs)}}
+
+
+def test_lead_verdict():
+    results = {"student": _row(1, [1, 1, 1]), "mgd": _row(10, [9.0, 10.0, 11.0]),
+               "samkd": _row(14, [13.5, 14.0, 14.5]), "samkd_sfd": _row(20, [20.0, 20.0, 20.0])}
+    v = lead_verdict(results)
+    assert v["best_other"] == "mgd"  # ablations and the student are not rivals
+    assert v["lead"] == pytest.approx(4.0) and v["larger_than_spread"] and v["wins"] == 3
+    results["fitnet"] = _row(13, [11.0, 13.0, 15.0])
+    v = lead_verdict(results)
+    assert v["best_other"] == "fitnet" and v["lead"] == pytest.approx(1.0)
+    assert not v["larger_than_spread"]  # fitnet's std is 2
+    results["cwd"] = _row(15, [15.0, 15.0, 15.0])
+    v = lead_verdict(results)
+    assert v["lead"] < 0 and "does not lead" in bench._verdict_text(v)
+
+
+def test_cost_goal_verdicts():
+    cost = {"mgd": {"loss_vs_mgd": 1.0, "step_ratio": 1.5}, "fitnet": {"step_ratio": 1.40},
+            "samkd": {"loss_vs_mgd": 0.9, "step_ratio": 1.48}}
+    assert all(ok for ok, _ in cost_goals(cost).values())
+    cost["samkd"] = {"loss_vs_mgd": 1.6, "step_ratio": 1.71}
+    assert not any(ok for ok, _ in cost_goals(cost).values())
+
+
+def test_cost_profile_runs_on_cpu_at_tiny_size(tmp_path):
+    """The GPU profile command, at a size a CPU test affords: every method, every family, the files it writes."""
+    assert main(["bench", "--costs", "--device", "cpu", "--image-size", "64", "--batch-size", "1", "--reps", "1",
+                 "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "costs_cpu.json").read_text())
+    assert set(payload["cost"]) == {"fcos", "retinanet", "faster_rcnn"}
+    for cost in payload["cost"].values():
+        assert set(cost) == {m for m, spec in METHODS.items() if spec is not None}
+        assert all(c["step_ratio"] > 0 and c["peak_mib"] is None for c in cost.values())
+    assert "--image-size 64" in (tmp_path / "costs_cpu.md").read_text()
 
 
 def test_cache_key_follows_loss_defaults(monkeypatch):
     import hashlib
 
-    from samkd import bench
     from samkd.losses import samkd as samkd_module
     raw = {"seed": 0, "distill": {"losses": {"samkd": {}}}}
     key = bench._cache_key(raw)
-    monkeypatch.setitem(samkd_module.SAMKDLoss.__init__.__kwdefaults__, "mask_ratio", 0.75)
+    monkeypatch.setitem(samkd_module.SFDLoss.__init__.__kwdefaults__, "mask_ratio", 0.75)
     assert bench._cache_key(raw) != key  # a changed default is a new run, not the cached one
     monkeypatch.undo()
     assert bench._cache_key(raw) == key
     # a parameter spelled out at its default value is the same run; what is kept on disk does not matter
-    default_ratio = samkd_module.SAMKDLoss.__init__.__kwdefaults__["mask_ratio"]
+    default_ratio = samkd_module.SFDLoss.__init__.__kwdefaults__["mask_ratio"]
     assert bench._cache_key({"seed": 0, "distill": {"losses": {"samkd": {"mask_ratio": default_ratio}}}}) == key
     assert bench._cache_key({**raw, "train": {"keep_checkpoints": 0}}) == bench._cache_key({**raw, "train": {}})
     # runs without losses (teachers, plain students) keep the plain hash of their config
@@ -93,6 +155,6 @@ def test_cache_key_follows_loss_defaults(monkeypatch):
 
 def test_command_names_every_override():
     from samkd.bench import _command
-    assert _command(False, "default", 2) == "samkd bench --jobs 2"
-    assert (_command(False, "full", 1, tune=True, batch_size=8, seeds=[0, 1], steps=None)
-            == "samkd bench --tune --suite full --batch-size 8 --seeds 0 1")
+    assert _command(False, "fcos", 2) == "samkd bench --suite fcos --jobs 2"
+    assert (_command(False, None, 1, tune=True, batch_size=8, seeds=[0, 1], steps=None)
+            == "samkd bench --tune --batch-size 8 --seeds 0 1")
