@@ -518,6 +518,7 @@ def _run_suite(name: str, out: Path, work: Path, quick: bool, seeds, data_seeds,
                jobs: int, batch_size) -> dict:
     suite = SUITES[name]
     overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
+    command = _command(quick, name, jobs, seeds=seeds, data_seeds=data_seeds, methods=methods, **overrides)
     p = _params(quick, **overrides)
     seeds = tuple(seeds) if seeds else ((0,) if quick else suite.seeds)
     data_seeds = tuple(data_seeds) if data_seeds else ((0,) if quick else DATA_SEEDS)
@@ -538,9 +539,7 @@ def _run_suite(name: str, out: Path, work: Path, quick: bool, seeds, data_seeds,
     entry = {"results": results, "verdict": lead_verdict(results)}
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "jobs": jobs, "data_seeds": list(data_seeds),
             "seeds": list(seeds), "weights": dict(TUNED_WEIGHTS),
-            "command": _command(quick, name, jobs, seeds=list(seeds) if seeds != suite.seeds else None,
-                                data_seeds=list(data_seeds) if data_seeds != DATA_SEEDS else None,
-                                methods=methods, **overrides),
+            "command": command,
             "teacher_AP": {str(ds): float((t[1]["metrics"] or {}).get("AP", 0.0)) for ds, t in teachers.items()},
             **p}
     if suite.student_backbone == "resnet18" and suite.arch == "fcos":

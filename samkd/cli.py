@@ -58,6 +58,21 @@ def _cmd_visualize(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from .config import load_config
+    from .visualize import predict
+    cfg = load_config(args.config, args.overrides)
+    for path in predict(cfg, args.image, args.out, checkpoint=args.checkpoint, score_thresh=args.score_thresh):
+        print(path)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(args.out, quick=args.quick, jobs=args.jobs, onnx=not args.no_onnx, overwrite=args.overwrite)
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .bench import run_bench, run_costs, run_tuning
     if args.costs:
@@ -133,9 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=0, help="FPN level to show (0 = finest)")
     p.set_defaults(func=_cmd_visualize)
 
+    p = sub.add_parser("predict", help="draw a model's detections on images (PNG per image)")
+    _add_config_args(p)
+    p.add_argument("--image", required=True, nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default=None, help="weights (default: model.checkpoint)")
+    p.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this")
+    p.set_defaults(func=_cmd_predict)
+
     p = sub.add_parser("summary", help="table of the final COCO metrics of finished runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of a train/distill run")
     p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic data (~30 min on 2 cores)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="toy-sized: checks every step in about a minute")
+    p.add_argument("--jobs", type=int, default=2, help="the two students train in parallel (one process each)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="the method comparison tables on the synthetic benchmark")
     p.add_argument("--out", default="benchmarks")

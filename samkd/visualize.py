@@ -151,3 +151,45 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
                                f"SLD discrepancy weights (tau_d={params['tau_d']}, region={params['region']}), "
                                f"{where}", "jet"))
     return paths
+
+
+def class_names(cfg: Config) -> dict[int, str]:
+    """``{label: name}`` from the config's annotation files (labels as the dataset maps them), or ``{}``."""
+    from .data import CocoDetection
+    data = cfg.data.resolved()
+    for ann, images in ((data.val_ann, data.val_images), (data.train_ann, data.train_images)):
+        if ann and Path(ann).is_file():
+            ds = CocoDetection(ann, images or ".", label_mode=data.label_mode)
+            names = {c["id"]: c["name"] for c in ds.coco.dataset.get("categories", [])}
+            return {label: names.get(cat, str(cat)) for label, cat in ds.label_to_cat_id.items()}
+    return {}
+
+
+def predict(cfg: Config, image_paths, out_dir, checkpoint: Optional[str] = None,
+            score_thresh: float = 0.3) -> list[Path]:
+    """Draw the detections of ``cfg.model`` (weights ``checkpoint`` or ``model.checkpoint``) on each image.
+
+    Writes ``<out_dir>/<image stem>_detections.png`` per image (boxes with class name and score, those above
+    ``score_thresh``) and returns the paths.
+    """
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes
+
+    images = [_load_image(p) for p in image_paths]  # every image readable before anything is written
+    model = _build(cfg.model, checkpoint or cfg.model.checkpoint, None, "model").eval()
+    names = class_names(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with torch.no_grad():
+        for path, image in zip(image_paths, images):
+            det = model([image])[0]
+            keep = det["scores"] >= score_thresh
+            labels = [f"{names.get(int(label), int(label))} {float(score):.2f}"
+                      for label, score in zip(det["labels"][keep], det["scores"][keep])]
+            drawn = draw_bounding_boxes((image * 255).to(torch.uint8), det["boxes"][keep], labels=labels,
+                                        colors="red", width=2)
+            target = out / f"{Path(path).stem}_detections.png"
+            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
+            paths.append(target)
+    return paths

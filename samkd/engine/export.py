@@ -18,7 +18,7 @@ from ..models.builders import detector_from_config, read_state_dict, uses_frozen
 from ..models.families import family
 
 
-def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool) -> str:
+def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool, state_path="student_state_dict.pt") -> str:
     """Python that rebuilds the exported student with plain torchvision and loads the state dict.
 
     Every architectural fact comes from the family table (:mod:`samkd.models.families`), the same one the
@@ -60,7 +60,7 @@ def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool) -> str:
                           f"{num_classes})")
         kwargs.append(f"{fam.anchor_argument}=anchors")
     lines.append(f"model = {fam.class_name}(backbone, {num_classes}, {', '.join(kwargs)})")
-    lines.append("model.load_state_dict(torch.load('student_state_dict.pt', map_location='cpu'), strict=True)")
+    lines.append(f"model.load_state_dict(torch.load({str(state_path)!r}, map_location='cpu'), strict=True)")
     lines.append("model.eval()")
     return "\n".join(lines) + "\n"
 
@@ -111,7 +111,7 @@ def export_student(cfg: Config, checkpoint, out_dir, onnx: bool = False) -> dict
             "FrozenBatchNorm2d" if frozen else "BatchNorm2d",
         **m.torchvision_kwargs(),
         "source_checkpoint": str(checkpoint),
-        "torchvision_code": torchvision_code(m, num_classes, frozen),
+        "torchvision_code": torchvision_code(m, num_classes, frozen, sd_path),
     }
     json_path = out / "student.json"
     json_path.write_text(json.dumps(info, indent=2) + "\n")
