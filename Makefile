@@ -19,11 +19,12 @@ install: $(VENV)/.installed
 
 # The main job: synthetic data -> FCOS-R50 teacher -> FCOS-R18 student alone and distilled with SAMKD -> COCO
 # mAP of each -> the distilled student exported as a plain torchvision state dict + ONNX.
+# --resume auto: a finished run is left as it is, an interrupted one continues.
 demo: install
 	$(VENV)/bin/samkd make-data --out data/demo --images 160 --val-images 40 --seed 0 --image-size 128
-	$(VENV)/bin/samkd train -c configs/demo_teacher.yaml
-	$(VENV)/bin/samkd train -c configs/demo_student.yaml
-	$(VENV)/bin/samkd distill -c configs/demo_distill.yaml
+	$(VENV)/bin/samkd train -c configs/demo_teacher.yaml --resume auto
+	$(VENV)/bin/samkd train -c configs/demo_student.yaml --resume auto
+	$(VENV)/bin/samkd distill -c configs/demo_distill.yaml --resume auto
 	$(VENV)/bin/samkd export-student -c configs/demo_distill.yaml --checkpoint runs/demo_student/student.pt \
 		--out runs/demo_student/export --onnx
 	$(PY) -m samkd.cli summary runs/demo_teacher runs/demo_student_alone runs/demo_student

@@ -1,8 +1,15 @@
-"""The ``samkd`` command line: make-data, train, distill, eval, export-student, visualize, summary, bench."""
+"""The ``samkd`` command line: make-data, train, distill, eval, export-student, visualize, summary, bench.
+
+An error is one line, ``samkd: error: <cause, naming the file or key>``; exit 2 when the config, the data or a
+named file is wrong, 1 when the run itself fails (NaN loss, full disk, ...). ``--debug`` (before or after the
+subcommand) or ``SAMKD_DEBUG=1`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from typing import Optional
 
@@ -27,9 +34,10 @@ def _cmd_train(args, need_distill: bool = False) -> int:
     cfg = load_config(args.config, args.overrides)
     if need_distill and cfg.distill is None:
         raise ConfigError(f"{args.config}: `samkd distill` needs a 'distill' block (losses, ...) and a 'teacher'")
-    summary = train(cfg, resume=args.resume)
-    print(json.dumps({"metrics": summary["metrics"], "s_per_step": summary["s_per_step"],
-                      "output_dir": summary["output_dir"]}, indent=2))
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same summary
+        print(json.dumps({"metrics": summary["metrics"], "s_per_step": summary["s_per_step"],
+                          "output_dir": summary["output_dir"]}, indent=2))
     return 0
 
 
@@ -51,9 +59,16 @@ def _cmd_export(args) -> int:
 
 def _cmd_visualize(args) -> int:
     from .config import load_config
+    from .data import DatasetError
     from .visualize import visualize
     cfg = load_config(args.config, args.overrides)
-    for path in visualize(cfg, args.image, args.out, checkpoint=args.checkpoint, level=args.level):
+    try:
+        paths = visualize(cfg, args.image, args.out, checkpoint=args.checkpoint, level=args.level)
+    except ValueError as exc:
+        if "cannot be read" in str(exc):  # an unreadable --image: bad input data, not a bug
+            raise DatasetError(str(exc)) from exc
+        raise
+    for path in paths:
         print(path)
     return 0
 
@@ -90,6 +105,13 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _fmt(value, spec: str) -> str:
+    """A number of summary.json, or n/a (null: not measured, e.g. the s/step of a run without steps)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return format(value, spec)
+
+
 def _cmd_summary(args) -> int:
     from pathlib import Path
 
@@ -101,8 +123,8 @@ def _cmd_summary(args) -> int:
             raise FileNotFoundError(f"{path}: no summary.json (has `samkd train` finished in {run}?)")
         summary = json.loads(path.read_text())
         metrics = summary.get("metrics") or {}
-        rows.append(f"| {run} | " + " | ".join(f"{metrics.get(k, float('nan')):.1f}" for k in METRIC_NAMES)
-                    + f" | {summary.get('steps', '?')} | {summary.get('s_per_step', float('nan')):.2f} |")
+        rows.append(f"| {run} | " + " | ".join(_fmt(metrics.get(k), ".1f") for k in METRIC_NAMES)
+                    + f" | {summary.get('steps', '?')} | {_fmt(summary.get('s_per_step'), '.2f')} |")
     print("| run | " + " | ".join(METRIC_NAMES) + " | steps | s/step |")
     print("|---" * (len(METRIC_NAMES) + 3) + "|")
     print("\n".join(rows))
@@ -111,9 +133,17 @@ def _cmd_summary(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samkd", description="Knowledge distillation for torchvision detectors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: SAMKD_DEBUG=1)")
+    # Every subcommand takes --debug too; SUPPRESS keeps a subcommand from resetting a global --debug.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-data", help="write the synthetic-shapes detection set (JPEGs + COCO json)")
+    def add(name, helptext):
+        return sub.add_parser(name, help=helptext, parents=[debug])
+
+    p = add("make-data", "write the synthetic-shapes detection set (JPEGs + COCO json)")
     p.add_argument("--out", required=True)
     p.add_argument("--images", type=int, default=200, help="training images")
     p.add_argument("--val-images", type=int, default=None, help="validation images (default: images // 5)")
@@ -123,24 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_make_data)
 
     for name, helptext in (("train", "train a detector"), ("distill", "distil a teacher into a student")):
-        p = sub.add_parser(name, help=helptext)
+        p = add(name, helptext)
         _add_config_args(p)
-        p.add_argument("--resume", default=None, metavar="PATH|auto", help="continue from a checkpoint")
+        start = p.add_mutually_exclusive_group()
+        start.add_argument("--resume", default=None, metavar="PATH|auto",
+                           help="continue from a checkpoint (auto: the newest one of output_dir that loads)")
+        start.add_argument("--overwrite", action="store_true",
+                           help="replace the finished or unfinished run in output_dir")
         p.set_defaults(func=_cmd_train if name == "train" else (lambda a: _cmd_train(a, need_distill=True)))
 
-    p = sub.add_parser("eval", help="COCO mAP of a model on the config's validation set")
+    p = add("eval", "COCO mAP of a model on the config's validation set")
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None, help="weights to evaluate (default: model.checkpoint)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("export-student", help="plain torchvision state dict (+ ONNX) of a trained student")
+    p = add("export-student", "plain torchvision state dict (+ ONNX) of a trained student")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="samkd checkpoint or student state dict")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--onnx", action="store_true", help="also write student.onnx")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("visualize", help="PNGs of SAMKD's hierarchical masks, teacher attention, SLD weights")
+    p = add("visualize", "PNGs of SAMKD's hierarchical masks, teacher attention, SLD weights")
     _add_config_args(p)
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True)
@@ -148,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=0, help="FPN level to show (0 = finest)")
     p.set_defaults(func=_cmd_visualize)
 
-    p = sub.add_parser("predict", help="draw a model's detections on images (PNG per image)")
+    p = add("predict", "draw a model's detections on images (PNG per image)")
     _add_config_args(p)
     p.add_argument("--image", required=True, nargs="+")
     p.add_argument("--out", required=True)
@@ -156,11 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("summary", help="table of the final COCO metrics of finished runs")
+    p = add("summary", "table of the final COCO metrics of finished runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of a train/distill run")
     p.set_defaults(func=_cmd_summary)
 
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic data (~30 min on 2 cores)")
+    p = add("demo", "the whole pipeline on the embedded synthetic data (~30 min on 2 cores)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="toy-sized: checks every step in about a minute")
     p.add_argument("--jobs", type=int, default=2, help="the two students train in parallel (one process each)")
@@ -168,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("bench", help="the method comparison tables on the synthetic benchmark")
+    p = add("bench", "the method comparison tables on the synthetic benchmark")
     p.add_argument("--out", default="benchmarks")
     p.add_argument("--work-dir", default=None, help="cache for data, teachers and runs (default: <out>/work)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (CI): checks it runs and writes files")
@@ -196,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(exc: BaseException) -> str:
+    """One line naming the cause (and the path, for file system errors)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror[0].lower()}{exc.strerror[1:]}"
+    if isinstance(exc, (ValueError, RuntimeError, OSError, ArithmeticError)) and str(exc):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc} (--debug shows the traceback)"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from .config import ConfigError
     from .data import DatasetError
@@ -203,14 +247,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .models import ModelConfigError
 
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("SAMKD_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, ModelConfigError, DistillConfigError, FileNotFoundError) as exc:
-        print(f"samkd: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("samkd: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"samkd: error: {_message(exc)}", file=sys.stderr)
+        # 2: the config, the data or a named file is wrong; 1: the run failed (NaN loss, disk full, ...)
+        usage = (ConfigError, DatasetError, ModelConfigError, DistillConfigError, FileNotFoundError)
+        return 2 if isinstance(exc, usage) else 1
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """YAML experiment configs, validated against typed dataclasses.
 
 Every error names the file and the dotted key at fault (``configs/x.yaml: train.lr: expected a number, got
-'fast'``); unknown keys are refused with the closest known key suggested. ``--set key=value`` overrides are
-applied to the raw YAML before validation, their values parsed as YAML (``--set train.lr=0.02``).
+'fast'``); unknown keys are refused with the closest known key suggested; values out of range (:data:`RULES`)
+are refused before any work. ``--set key=value`` overrides are applied to the raw YAML before validation,
+their values parsed as YAML (``--set train.lr=0.02``). Numbers may be written ``5e-4`` (a string to YAML 1.1).
+Names that pick code (archs, optimizers, losses, ...) are checked against the tables their owners export.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,36 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``5e-4`` (no dot) as a string; resolve YAML 1.2 style floats as numbers."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+# A number written as text: what float() reads, without inf/nan/underscores.
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _number(value: Any) -> Any:
+    """``"5e-4"`` -> ``0.0005``, ``"4"`` -> ``4`` (dicts read with plain yaml.safe_load keep such strings)."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        try:
+            return int(value)
+        except ValueError:
+            return float(value)
+    return value
+
+
+def _suggest(key: str, known) -> str:
+    """`` (did you mean 'lr'?)`` for ``lr_rate``, else the list of known keys."""
+    known = list(known)
+    close = (difflib.get_close_matches(key, known, n=1)
+             or difflib.get_close_matches(key.split("_")[0], known, n=1))  # lr_rate -> lr
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
 
 
 @dataclass
@@ -89,7 +122,8 @@ class TrainConfig:
     log_every: int = 10  # steps
     eval_every: int = 1  # epochs; 0: only at the end
     checkpoint_every: int = 1  # epochs
-    keep_checkpoints: int = 2  # step_*.pt files kept; 0: write none (no --resume), only student.pt
+    checkpoint_every_steps: int = 0  # also checkpoint every N optimiser steps (mid-epoch); 0: off
+    keep_checkpoints: int = 2  # step_*.pt files kept; 0: write none (no --resume), only the weights
     progress: bool = True
     tensorboard: bool = True
 
@@ -154,6 +188,8 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, item = typing.get_args(tp)
         return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        value = _number(value)
     ok = {bool: isinstance(value, bool),
           int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -168,18 +204,19 @@ def _build(cls, raw: dict, where: str):
     known = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
-            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(str(key), known)}")
     sep = "." if where and not where.endswith(": ") else ""
     kwargs = {k: _coerce(v, hints[k], f"{where}{sep}{k}") for k, v in raw.items()}
     return cls(**kwargs)
 
 
 def _check_choices(cfg: Config, where: str) -> None:
+    """Names that select code (arch, optimizer, loss, ...) are checked against the tables of the code's owners."""
+    from .data.coco import LABEL_MODES
     from .distill import FEATURE_NORMS
+    from .engine.train import OPTIMIZERS, SCHEDULERS
     from .losses import LOSSES, loss_params
-    from .models.builders import ARCHS, BACKBONES
+    from .models import ARCHS, BACKBONES
 
     def choice(value, allowed, key):
         if value not in allowed:
@@ -190,21 +227,60 @@ def _check_choices(cfg: Config, where: str) -> None:
         if m is not None:
             choice(m.arch, ARCHS, f"{block}.arch")
             choice(m.backbone, BACKBONES, f"{block}.backbone")
-    choice(cfg.data.label_mode, ("contiguous", "category_id"), "data.label_mode")
-    choice(cfg.train.optimizer, ("sgd", "adamw"), "train.optimizer")
-    choice(cfg.train.scheduler, ("cosine", "step", "constant"), "train.scheduler")
+    choice(cfg.data.label_mode, LABEL_MODES, "data.label_mode")
+    choice(cfg.train.optimizer, tuple(OPTIMIZERS), "train.optimizer")
+    choice(cfg.train.scheduler, tuple(SCHEDULERS), "train.scheduler")
     if cfg.distill is not None:
         choice(cfg.distill.feature_norm, FEATURE_NORMS, "distill.feature_norm")
         for name, params in cfg.distill.losses.items():
             choice(name, sorted(LOSSES), "distill.losses")
-            accepted = list(loss_params(name))
+            accepted = loss_params(name)
             for key in params or {}:
                 if key not in accepted:
-                    close = difflib.get_close_matches(key, accepted, n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else f" (accepted: {', '.join(accepted)})"
-                    raise ConfigError(f"{where}distill.losses.{name}: unknown parameter '{key}'{hint}")
+                    raise ConfigError(f"{where}distill.losses.{name}: unknown parameter '{key}'"
+                                      f"{_suggest(key, accepted)}")
+            if params:  # typed Any: every loss parameter is a number, a flag or a list of numbers
+                cfg.distill.losses[name] = {k: [_number(x) for x in v] if isinstance(v, list) else _number(v)
+                                            for k, v in params.items()}
         if cfg.teacher is None:
             raise ConfigError(f"{where}distill needs a 'teacher' block (arch, backbone, checkpoint, ...)")
+
+
+def _at_least(n):
+    return lambda v: v >= n, f"must be >= {n}"
+
+
+def _between(lo, hi, lo_open=False):
+    return (lambda v: (lo < v if lo_open else lo <= v) and v <= hi), f"must be in {'[('[lo_open]}{lo}, {hi}]"
+
+
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+# Value ranges, checked in one place for the whole config: "block.field" -> (test, what the value must be).
+# Model rules apply to the teacher block too; None (unset) is always allowed; lists are checked item by item.
+RULES = {
+    "data.batch_size": _at_least(1), "data.val_batch_size": _at_least(1), "data.num_workers": _at_least(0),
+    "data.flip_prob": _between(0, 1), "data.max_val_images": _at_least(1),
+    "model.num_classes": _at_least(2), "model.min_size": _at_least(1), "model.max_size": _at_least(1),
+    "model.anchor_sizes": _POSITIVE, "model.score_thresh": _between(0, 1), "model.detections_per_img": _at_least(1),
+    "train.epochs": _at_least(1), "train.max_steps": _at_least(1), "train.lr": _POSITIVE,
+    "train.momentum": _between(0, 1), "train.weight_decay": _at_least(0), "train.milestones": _between(0, 1),
+    "train.gamma": _between(0, 1, lo_open=True), "train.warmup_steps": _at_least(0),
+    "train.warmup_factor": _between(0, 1), "train.grad_clip": _POSITIVE, "train.log_every": _at_least(1),
+    "train.eval_every": _at_least(0), "train.checkpoint_every": _at_least(0),
+    "train.checkpoint_every_steps": _at_least(0), "train.keep_checkpoints": _at_least(0),
+    "distill.stop_distill_at": _at_least(0),
+}
+
+
+def _check_ranges(cfg: Config, where: str) -> None:
+    rules = dict(RULES, **{k.replace("model.", "teacher.", 1): r for k, r in RULES.items() if k.startswith("model.")})
+    for key, (ok, must) in rules.items():
+        block, name = key.split(".")
+        value = getattr(getattr(cfg, block), name, None) if getattr(cfg, block) is not None else None
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, v in items:
+            if v is not None and (not math.isfinite(v) or not ok(v)):
+                raise ConfigError(f"{where}{key}{'' if i is None else f'[{i}]'}: {must}, got {v!r}")
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -218,7 +294,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = yaml.load(value, Loader=_Loader)
     return nested
 
 
@@ -234,6 +310,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     cfg = _build(Config, raw, where)
+    _check_ranges(cfg, where)
     _check_choices(cfg, where)
     return cfg
 
@@ -246,7 +323,7 @@ def read_yaml(path, _seen: tuple = ()) -> dict:
     if p.resolve() in _seen:
         raise ConfigError(f"{path}: _base_ chain loops back to itself")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

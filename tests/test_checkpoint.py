@@ -145,3 +145,51 @@ def test_prune_mtime_fallback(tmp_path):
         os.utime(p, (now + i, now + i))
     prune_checkpoints(tmp_path, keep=1, pattern="*.pt")
     assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_checkpoint_is_an_ordinary_file_for_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "a.pt", {"step": 1})
+        os.umask(0o027)
+        save_checkpoint(tmp_path / "b.pt", {"step": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert (tmp_path / "b.pt").stat().st_mode & 0o777 == 0o640
+
+
+def test_full_disk_raises_oserror_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "step_1.pt"
+    save_checkpoint(path, {"step": 0})
+    real_fdopen = os.fdopen
+
+    class Full:  # a file on a disk that fills up after 100 bytes
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            self.n += len(data)
+            if self.n > 100:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    # torch.save alone reports this as an opaque RuntimeError ("unexpected pos ...")
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, {"w": torch.zeros(1000)})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 0  # the previous file is intact
+    assert sorted(os.listdir(tmp_path)) == ["step_1.pt"]  # no temp file left

@@ -40,7 +40,7 @@ def test_make_data_writes_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("patch,key,fragment", [
-    ({"train": {"lr_rate": 0.1}}, "train", "unknown key 'lr_rate'"),
+    ({"train": {"lr_rate": 0.1}}, "train", "unknown key 'lr_rate' (did you mean 'lr'?)"),
     ({"train": {"lr": "fast"}}, "train.lr", "expected a number"),
     ({"train": {"epochs": 1.5}}, "train.epochs", "expected an integer"),
     ({"model": {"arch": "yolo"}}, "model.arch", "'yolo'"),
@@ -197,3 +197,99 @@ def test_eval_command(tmp_path, capsys, tiny_data):
         assert main(["eval", "--config", str(cfg)]) == 0
     err = _err(capsys, ["eval", "--config", str(cfg), "--checkpoint", str(tmp_path / "none.pt")])
     assert "none.pt" in err
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 5e-4 as the string '5e-4'; config files are read as YAML 1.2 numbers.
+    cfg = _write(tmp_path / "c.yaml", "train: {lr: 5e-4, weight_decay: 1E-5}\nmodel: {score_thresh: 5.e-2}\n"
+                                      "teacher: {arch: fcos}\ndistill: {losses: {samkd: {alpha_sfd: 2e-5}}}\n"
+                                      "output_dir: '1e3'\n")
+    c = load_config(str(cfg), ["train.momentum=9e-1", "distill.losses.mgd.alpha_mgd=+3e-5"])
+    assert (c.train.lr, c.train.weight_decay, c.model.score_thresh, c.train.momentum) == (5e-4, 1e-5, 5e-2, 0.9)
+    assert c.distill.losses == {"samkd": {"alpha_sfd": 2e-5}, "mgd": {"alpha_mgd": 3e-5}}
+    assert c.output_dir == "1e3"  # a quoted string stays a string
+    # dicts read with plain yaml.safe_load (scripts, the bench) still hold the strings: accepted too
+    from samkd.config import config_from_dict
+    c = config_from_dict({"train": {"lr": "5e-4"}, "teacher": {"arch": "fcos"},
+                          "distill": {"losses": {"samkd": {"alpha_sfd": "5e-5", "pyramid": ["4", 2]}}}})
+    assert c.train.lr == 5e-4 and c.distill.losses["samkd"] == {"alpha_sfd": 5e-5, "pyramid": [4, 2]}
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        config_from_dict({"train": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        config_from_dict({"train": {"epochs": "1e3"}})
+
+
+def test_scientific_notation_on_the_command_line(tmp_path, tiny_data, capsys):
+    cfg = _write(tmp_path / "c.yaml", tiny_config_dict(tiny_data, tmp_path / "out"))
+    assert load_config(str(cfg), ["train.lr=1e-3"]).train.lr == 1e-3
+    err = _err(capsys, ["train", "-c", str(cfg), "--set", "train.lr=-1e-3"])  # parsed, then range-checked
+    assert "train.lr: must be > 0, got -0.001" in err
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("train.max_steps", -1, "must be >= 1, got -1"),
+    ("train.epochs", 0, "must be >= 1"),
+    ("train.lr", -0.1, "must be > 0"),
+    ("train.lr", 0, "must be > 0"),
+    ("data.batch_size", 0, "must be >= 1"),
+    ("data.val_batch_size", 0, "must be >= 1"),
+    ("data.num_workers", -2, "must be >= 0"),
+    ("data.flip_prob", 1.5, "must be in [0, 1]"),
+    ("data.max_val_images", 0, "must be >= 1"),
+    ("train.momentum", 1.2, "must be in [0, 1]"),
+    ("train.weight_decay", -1e-4, "must be >= 0"),
+    ("train.gamma", 0, "must be in (0, 1]"),
+    ("train.warmup_factor", 2, "must be in [0, 1]"),
+    ("train.warmup_steps", -5, "must be >= 0"),
+    ("train.milestones", "[0.5, 1.5]", "train.milestones[1]: must be in [0, 1]"),
+    ("train.grad_clip", 0, "must be > 0"),
+    ("train.log_every", 0, "must be >= 1"),
+    ("train.eval_every", -1, "must be >= 0"),
+    ("train.checkpoint_every", -1, "must be >= 0"),
+    ("train.checkpoint_every_steps", -1, "must be >= 0"),
+    ("train.keep_checkpoints", -1, "must be >= 0"),
+    ("model.min_size", 0, "must be >= 1"),
+    ("model.max_size", -1, "must be >= 1"),
+    ("model.anchor_sizes", "[4, 0, 16]", "model.anchor_sizes[1]: must be > 0"),
+    ("model.score_thresh", 1.5, "must be in [0, 1]"),
+    ("model.num_classes", 1, "must be >= 2"),
+    ("teacher.min_size", 0, "must be >= 1"),
+    ("train.lr", ".nan", "must be > 0, got nan"),
+])
+def test_out_of_range_values_exit_2_before_anything_is_written(tmp_path, capsys, tiny_data, key, value, fragment):
+    raw = tiny_config_dict(tiny_data, tmp_path / "out", teacher={"arch": "fcos"})
+    cfg = _write(tmp_path / "c.yaml", raw)
+    for argv in (["train", "-c", str(cfg), "--set", f"{key}={value}"],):
+        err = _err(capsys, argv)
+        assert str(cfg) in err and key in err and fragment in err, err
+    # the same from the file itself
+    block, name = key.split(".")
+    raw[block][name] = yaml.safe_load(str(value)) if isinstance(value, str) else value
+    err = _err(capsys, ["train", "-c", str(_write(tmp_path / "d.yaml", raw))])
+    assert f"d.yaml: {key}" in err and fragment in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_loss_parameter_suggests_by_prefix(tmp_path, capsys):
+    cfg = _write(tmp_path / "kd.yaml", {"teacher": {"arch": "fcos"},
+                                        "distill": {"losses": {"samkd": {"mask_ratio_value": 0.3}}}})
+    err = _err(capsys, ["distill", "--config", str(cfg)])
+    assert "unknown parameter 'mask_ratio_value' (did you mean 'mask_ratio'?)" in err
+
+
+def test_choices_come_from_their_owners():
+    from samkd.config import config_from_dict
+    from samkd.engine.train import OPTIMIZERS, SCHEDULERS
+    for key, owner in (("train.optimizer", OPTIMIZERS), ("train.scheduler", SCHEDULERS)):
+        block, name = key.split(".")
+        with pytest.raises(ConfigError, match=", ".join(owner)):
+            config_from_dict({block: {name: "nope"}})
+        for choice in owner:
+            assert getattr(getattr(config_from_dict({block: {name: choice}}), block), name) == choice
+
+
+def test_debug_flag_is_accepted_globally_and_per_command(tmp_path):
+    from samkd.cli import build_parser
+    assert build_parser().parse_args(["--debug", "summary", "x"]).debug
+    assert build_parser().parse_args(["summary", "--debug", "x"]).debug
+    assert not build_parser().parse_args(["summary", "x"]).debug

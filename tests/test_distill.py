@@ -100,7 +100,7 @@ def test_zero_weight_reproduces_plain_training(tiny_data, tmp_path):
         s1 = train(plain)
         s2 = train(kd)
     assert s1["steps"] == s2["steps"] == 3
-    a = torch.load(tmp_path / "plain" / "student.pt")
+    a = torch.load(tmp_path / "plain" / "model.pt")
     b = torch.load(tmp_path / "kd" / "student.pt")
     assert a.keys() == b.keys()
     for k in a:
@@ -184,7 +184,7 @@ def pretrained_teachers(tiny_data, tmp_path_factory):
         assert summary["steps"] == 6
         losses = [float(r["loss"]) for r in csv.DictReader((out / "train.csv").open())]
         assert losses[-1] < losses[0], losses  # it did learn something
-        checkpoints[arch] = str(out / "student.pt")
+        checkpoints[arch] = str(out / "model.pt")
     return checkpoints
 
 

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from conftest import tiny_config, tiny_config_dict
+from samkd.cli import main
 from samkd.config import config_from_dict
 from samkd.data import build_loader, make_synthetic_dataset
 from samkd.engine.evaluate import evaluate
@@ -66,8 +67,8 @@ def test_resume_is_exact(tiny_data, tmp_path):
     assert a["steps"] == b2["steps"] == 4
     rows = list(csv.DictReader((tmp_path / "B" / "train.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # continues from the saved step
-    sa = torch.load(tmp_path / "A" / "student.pt")
-    sb = torch.load(tmp_path / "B" / "student.pt")
+    sa = torch.load(tmp_path / "A" / "model.pt")
+    sb = torch.load(tmp_path / "B" / "model.pt")
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), (k, (sa[k].float() - sb[k].float()).abs().max())
@@ -94,6 +95,46 @@ def test_distill_resume_is_exact_and_checkpoint_has_no_teacher(tiny_data, tmp_pa
     sa, sb = torch.load(tmp_path / "A" / "student.pt"), torch.load(tmp_path / "B" / "student.pt")
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+    assert not (tmp_path / "A" / "model.pt").exists()  # a distilled run writes student.pt, a plain one model.pt
+
+
+def test_student_training_has_the_distiller_interface(tiny_data, tmp_path):
+    from samkd.engine.train import StudentTraining, build_model
+    cfg = tiny_config(tiny_data, tmp_path)
+    model = build_model(cfg, 6)
+    assert isinstance(model, StudentTraining)
+    images, targets = [torch.rand(3, 96, 96)], [{"boxes": torch.tensor([[10.0, 10, 40, 40]]),
+                                                  "labels": torch.tensor([1])}]
+    losses = model.train()(images, targets, epoch=0)
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    state = model.trainable_state_dict()
+    assert state.keys() == model.student.state_dict().keys()  # the detector's own keys, no prefix
+    other = build_model(cfg, 6)
+    other.load_trainable_state_dict(state)
+    assert all(torch.equal(v, other.student.state_dict()[k]) for k, v in state.items())
+
+
+def test_plain_checkpoint_keeps_its_format(tiny_data, tmp_path):
+    # Before StudentTraining, a plain run's checkpoint held the detector's state dict under "model"; it still
+    # does, so those checkpoints resume, and "student" is what eval/export read.
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 1}, data={"max_val_images": 1})
+    train(cfg)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    weights = torch.load(tmp_path / "run" / "model.pt")
+    assert state["model"].keys() == state["student"].keys() == weights.keys()
+    assert not (tmp_path / "run" / "student.pt").exists()
+    b = train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 2}, data={"max_val_images": 1}),
+              resume=str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    assert b["steps"] == 2
+
+
+def test_checkpoint_every_steps_checkpoints_mid_epoch(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"epochs": 2, "checkpoint_every_steps": 3,
+                                                          "keep_checkpoints": 9}, data={"batch_size": 2})
+    summary = train(cfg)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert names == ["step_3.pt", "step_4.pt", "step_6.pt", "step_8.pt"]  # steps and epoch ends (4/epoch)
+    assert summary["checkpoint"].endswith("step_8.pt")
 
 
 def test_keep_checkpoints_zero_writes_only_the_student(tiny_data, tmp_path):
@@ -101,7 +142,7 @@ def test_keep_checkpoints_zero_writes_only_the_student(tiny_data, tmp_path):
                       data={"max_val_images": 1})
     summary = train(cfg)
     assert summary["checkpoint"] is None
-    assert (tmp_path / "run" / "student.pt").is_file()
+    assert (tmp_path / "run" / "model.pt").is_file()
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
 
@@ -111,9 +152,23 @@ def test_resume_auto(tiny_data, tmp_path):
     assert s["steps"] == 2  # already done: nothing more to train
 
 
-def test_torchrun_two_processes(tiny_data, tmp_path):
+def test_torchrun_two_processes_report_the_ap_of_the_saved_weights(tiny_data, tmp_path, capsys):
+    # Each rank updates BatchNorm statistics on its own batches; unless the ranks agree before evaluating,
+    # rank 1 scores its half of the validation set with statistics that are not the saved ones.
+    # For AP > 0 after 2 steps: one class, RetinaNet (its boxes start as anchors), every detection kept;
+    # val batch 1 so the single-process eval batches alike.
+    anns = {}
+    for split in ("train", "val"):
+        ann = json.loads((tiny_data / f"annotations/{split}.json").read_text())
+        ann["categories"] = ann["categories"][:1]
+        for a in ann["annotations"]:
+            a["category_id"] = ann["categories"][0]["id"]
+        anns[split] = tmp_path / f"{split}.json"
+        anns[split].write_text(json.dumps(ann))
     raw = tiny_config_dict(tiny_data, tmp_path / "ddp", train={"max_steps": 2, "checkpoint_every": 0},
-                           data={"max_val_images": 2, "batch_size": 2})
+                           data={"max_val_images": 4, "batch_size": 2, "val_batch_size": 1,
+                                 "train_ann": str(anns["train"]), "val_ann": str(anns["val"])},
+                           model={"arch": "retinanet", "anchor_sizes": [8, 16, 32, 64, 128], "score_thresh": 0.0})
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -124,7 +179,14 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
         env=env, capture_output=True, text=True, timeout=240)
     elapsed = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count('"metrics"') == 1, proc.stdout  # printed by rank 0 only
+    reported = json.loads(proc.stdout)["metrics"]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert summary["steps"] == 2
-    assert (tmp_path / "ddp" / "student.pt").is_file()
+    assert summary["steps"] == 2 and summary["metrics"] == reported
+    assert main(["eval", "--config", str(cfg), "--checkpoint", str(tmp_path / "ddp" / "model.pt")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert reported["AP"] > 0, reported  # else the comparison below would prove nothing
+    assert reported.keys() == evaluated.keys()
+    for k in reported:
+        assert abs(reported[k] - evaluated[k]) <= 1e-9, (k, reported, evaluated)
     print(f"torchrun smoke: {elapsed:.1f}s")

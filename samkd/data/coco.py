@@ -30,7 +30,10 @@ from torch.utils.data import Dataset
 
 from .errors import DatasetError
 
-__all__ = ["CocoDetection"]
+__all__ = ["CocoDetection", "LABEL_MODES"]
+
+# contiguous: labels 1..K in category-id order | category_id: label = COCO category id
+LABEL_MODES = ("contiguous", "category_id")
 
 # How many offending entries to list in an error / warning message.
 _MAX_LISTED = 5
@@ -99,7 +102,7 @@ class CocoDetection(Dataset):
         num_clipped_boxes: annotations whose box was clipped to the image.
     """
 
-    LABEL_MODES = ("contiguous", "category_id")
+    LABEL_MODES = LABEL_MODES
 
     def __init__(self, ann_file, img_dir, transforms: Optional[Callable] = None, label_mode: str = "contiguous"):
         super().__init__()
@@ -262,6 +265,11 @@ class CocoDetection(Dataset):
                 f"or has zero/negative area after clipping (annotation ids {listed})",
                 stacklevel=3,
             )
+
+        if not any(labels for _, labels in per_image.values()):
+            # Legal (background-only images are kept), but training on it teaches a detector nothing.
+            warnings.warn(f"{name}: no usable annotations in any of its {len(images)} image(s): a detector "
+                          "trained on it only learns background", stacklevel=3)
 
         # ---- image files (check all now, so nothing half-runs)
         missing: List[str] = []

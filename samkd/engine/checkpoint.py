@@ -5,6 +5,7 @@ Public API
 ``save_checkpoint(path, state)``
     Atomic ``torch.save``: written to a temp file in the same directory, fsynced
     and ``os.replace``-d onto ``path``; ``path`` is never left half-written.
+    The file gets the permissions of any new file (0666 less the umask).
 ``link_checkpoint(source, alias)``
     Atomically point ``alias`` (``last.pt``) at ``source``: a hard link, not a second copy.
 ``load_checkpoint(path, map_location="cpu") -> dict``
@@ -58,13 +59,38 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+class _Writer:
+    """The file torch.save writes into, keeping the OSError of a failed write (a full disk): torch.save itself
+    reports it as an opaque RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
     """Atomically save ``state`` to ``path`` (parent directories are created).
 
     The state is serialised with ``torch.save`` into a hidden temp file in the
     same directory, flushed and fsynced, then moved onto ``path`` with
     ``os.replace``.  On any error the temp file is removed and the exception
-    re-raised; an existing file at ``path`` is left untouched.
+    re-raised; an existing file at ``path`` is left untouched.  A failed write
+    raises ``OSError`` naming ``path`` (``ENOSPC``: no space left on device).
 
     Returns the final path.
     """
@@ -74,16 +100,25 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
     fd, tmp_name = tempfile.mkstemp(dir=str(parent), prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            writer = _Writer(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     _fsync_dir(parent)
     return path

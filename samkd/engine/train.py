@@ -2,6 +2,11 @@
 
 SGD/AdamW, linear warm-up then cosine/step/constant schedule, gradient clipping, AMP on CUDA, tqdm progress,
 CSV + TensorBoard logs, atomic checkpoints with ``resume``, and DDP under ``torchrun`` (gloo on CPU).
+
+Plain training goes through :class:`StudentTraining`, which has the Distiller's interface, so the loop below
+has one code path: ``setup`` -> ``resume`` -> ``train_one_epoch`` / ``evaluate_run`` / ``save_training_state``
+-> ``finish``. Nothing is written into ``output_dir`` before the config, the data, the models and the resume
+checkpoint have all been checked.
 """
 from __future__ import annotations
 
@@ -10,9 +15,12 @@ import json
 import math
 import os
 import random
+import shutil
+import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +37,27 @@ from ..models import build_detector
 from .checkpoint import (capture_rng_state, link_checkpoint, load_checkpoint, prune_checkpoints, restore_rng_state,
                          save_checkpoint)
 from .evaluate import evaluate
+
+# name -> (parameter groups, train config) -> optimizer; config.py takes the accepted names from here.
+OPTIMIZERS = {
+    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr),
+}
+
+
+def _cosine(step: int, total: int, cfg) -> float:
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# name -> (step, total steps, train config) -> lr factor after warm-up.
+SCHEDULERS = {
+    "cosine": _cosine,
+    "step": lambda step, total, cfg: cfg.gamma ** sum(step >= m * total for m in cfg.milestones),
+    "constant": lambda step, total, cfg: 1.0,
+}
+
+_SUMMARY = "summary.json"
 
 
 # ----------------------------------------------------------------------------------------------- set-up helpers
@@ -84,22 +113,38 @@ def model_from_config(m: ModelConfig, num_classes: int) -> nn.Module:
         **m.torchvision_kwargs())
 
 
+class StudentTraining(nn.Module):
+    """Plain training of one detector behind the :class:`~samkd.distill.Distiller` interface.
+
+    Its trainable state is the detector's own state dict (no ``student.`` prefix): the ``model`` entry of
+    plain-training checkpoints has always been exactly that, so checkpoints of earlier versions resume.
+    """
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images, targets, epoch: Optional[int] = None) -> dict[str, torch.Tensor]:
+        return self.student(images, targets)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.student.state_dict()
+
+    def load_trainable_state_dict(self, state) -> None:
+        self.student.load_state_dict(state)
+
+
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The student alone, or a Distiller (student + frozen teacher + losses) when ``cfg.distill`` is set."""
+    """A :class:`StudentTraining`, or a Distiller (student + frozen teacher + losses) when ``cfg.distill`` is set."""
     student = model_from_config(cfg.model, num_classes)
     if cfg.distill is None:
-        return student
+        return StudentTraining(student)
     teacher = model_from_config(cfg.teacher, num_classes)
     if not cfg.teacher.checkpoint and not cfg.teacher.weights:
         warnings.warn("teacher has neither checkpoint nor weights: distilling from a random teacher")
     return Distiller(student, teacher, losses=cfg.distill.losses,
                      init_student_from_teacher=cfg.distill.init_student_from_teacher,
                      stop_distill_at=cfg.distill.stop_distill_at, feature_norm=cfg.distill.feature_norm)
-
-
-def student_of(model: nn.Module) -> nn.Module:
-    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return model.student if isinstance(model, Distiller) else model
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -109,44 +154,125 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return OPTIMIZERS[cfg.optimizer](groups, cfg)
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
-    """Linear warm-up from ``warmup_factor`` to 1, then cosine to 0, step decay, or constant."""
+    """Linear warm-up from ``warmup_factor`` to 1, then the configured schedule (cosine to 0, step, constant)."""
     if step < cfg.warmup_steps:
         alpha = step / max(1, cfg.warmup_steps)
         return cfg.warmup_factor * (1 - alpha) + alpha
-    if cfg.scheduler == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if cfg.scheduler == "step":
-        return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
-    return 1.0
+    return SCHEDULERS[cfg.scheduler](step, total, cfg)
 
 
-# ----------------------------------------------------------------------------------------------------- logging
+def weights_name(cfg: Config) -> str:
+    """``student.pt`` of a distillation run; ``model.pt`` of a plain one (a teacher or a baseline)."""
+    return "student.pt" if cfg.distill is not None else "model.pt"
+
+
+# ----------------------------------------------------------------------------------------------------- files
+def note(message: str) -> None:
+    """A line on stderr, from rank 0 only."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        print(f"samkd: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def writing(path: Path):
+    """Name ``path`` in OSErrors that do not (torch.save into a file object raises them without a name)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic, strict JSON: non-finite floats (a run without steps has no s/step) become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(tmp):
+        tmp.write_text(json.dumps(clean(data), indent=2, allow_nan=False))
+        os.replace(tmp, path)
+
+
+def read_summary(out: Path) -> Optional[dict]:
+    """The summary.json of a finished run in ``out`` ({} when it cannot be read), None when there is none."""
+    path = out / _SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def truncate_csv(path: Path, step: int) -> list[dict]:
+    """Drop the rows of ``path`` logged after ``step`` (a resumed run logs them again); returns the rows kept."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = reader.fieldnames or []
+
+    def step_of(row):
+        try:
+            return int(row.get("step") or "")
+        except ValueError:  # a line cut short by a kill
+            return None
+
+    keep = [r for r in rows if step_of(r) is not None and step_of(r) <= step and None not in r.values()]
+    if not keep:
+        path.unlink()  # a fresh start may log other columns: the next row writes a new header
+    elif len(keep) != len(rows):
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(keep)
+        os.replace(tmp, path)
+    return keep
+
+
 class RunLogger:
-    """CSV files (always) and TensorBoard scalars (when installed and enabled), written by rank 0 only."""
+    """CSV files (always) and TensorBoard scalars (when installed and enabled), written by rank 0 only.
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
+    Created at ``step`` (0, or the step a run resumes from): rows logged after it by an interrupted run are
+    dropped, so a resumed run's logs have each step once. ``history`` holds the eval rows kept.
+    """
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, step: int = 0):
         self.out, self.enabled = out, enabled
         self.tb = None
-        if enabled and tensorboard:
+        self.history: list[dict] = []
+        if not enabled:
+            return
+        truncate_csv(out / "train.csv", step)
+        self.history = [{k: (float(v) if k not in ("step", "epoch") else int(v)) for k, v in r.items()}
+                        for r in truncate_csv(out / "eval.csv", step)]
+        if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step)
             except ImportError:  # optional dependency
                 self.tb = None
 
     def row(self, name: str, values: dict) -> None:
+        if name == "eval":
+            self.history.append(values)
         if not self.enabled:
             return
         path = self.out / f"{name}.csv"
         new = not path.exists()
-        with path.open("a", newline="") as f:
+        with writing(path), path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(values))
             if new:
                 writer.writeheader()
@@ -161,155 +287,326 @@ class RunLogger:
             self.tb.close()
 
 
-# ------------------------------------------------------------------------------------------------------- train
-def train(cfg: Config, resume: Optional[str] = None) -> dict:
-    """Train as configured; returns ``{"metrics", "history", "s_per_step", "checkpoint", "output_dir"}``.
+# ------------------------------------------------------------------------------------------------------- setup
+@dataclass
+class Run:
+    """Everything one training run holds; ``model`` is a StudentTraining or a Distiller, ``ddp`` what trains."""
+    cfg: Config
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    loader: torch.utils.data.DataLoader
+    val_loader: Optional[torch.utils.data.DataLoader]
+    val_set: Optional[CocoDetection]
+    total_steps: int
+    model: nn.Module = None
+    ddp: nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR = None
+    scaler: torch.amp.GradScaler = None
+    step: int = 0
+    saved_step: int = -1  # step of the newest checkpoint (the one loaded or written)
+    step_times: list = field(default_factory=list)
+    num_classes: int = 0
 
-    ``resume``: a checkpoint path, or ``"auto"`` for ``<output_dir>/checkpoints/last.pt`` if it exists.
-    """
-    device = resolve_device(cfg.train.device)
-    rank, world = init_distributed(device)
-    is_main = rank == 0
-    out = Path(cfg.output_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def setup_data(cfg: Config) -> Run:
+    """Device, process group, data sets and loaders: a Run without its model yet."""
+    rank, world = init_distributed(resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)  # under torchrun: cuda:LOCAL_RANK, now that the group is up
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     train_set, val_set = build_datasets(cfg.data)
-    seed_everything(cfg.seed)
-    model = build_model(cfg, train_set.num_classes).to(device)
-    params_model = model
-    optimizer = build_optimizer(params_model, cfg.train)
-    # Re-seed after building so that what happens next (data order, augmentation, masks) does not depend on
-    # how many random draws model construction took: a distill weight of 0 then equals plain training.
-    seed_everything(cfg.seed + rank)
     loader = build_loader(train_set, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
                           distributed=world > 1, seed=cfg.seed)
     val_loader = None
     if val_set is not None:
+        subset = val_set
         if cfg.data.max_val_images:
-            val_set = torch.utils.data.Subset(val_set, range(min(cfg.data.max_val_images, len(val_set))))
-        val_loader = build_loader(val_set, cfg.data.val_batch_size, train=False, num_workers=cfg.data.num_workers,
+            subset = torch.utils.data.Subset(val_set, range(min(cfg.data.max_val_images, len(val_set))))
+        val_loader = build_loader(subset, cfg.data.val_batch_size, train=False, num_workers=cfg.data.num_workers,
                                   distributed=world > 1, seed=cfg.seed)
-    base_val = val_set.dataset if isinstance(val_set, torch.utils.data.Subset) else val_set
+    total = cfg.train.max_steps or cfg.train.epochs * len(loader)
+    return Run(cfg, Path(cfg.output_dir), device, rank, world, loader, val_loader, val_set, total,
+               num_classes=train_set.num_classes)
 
-    steps_per_epoch = len(loader)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.train))
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    step, start_epoch = 0, 0
-    ckpt_dir = out / "checkpoints"
-    if resume == "auto":
-        resume = str(ckpt_dir / "last.pt") if (ckpt_dir / "last.pt").exists() else None
-    if resume:
-        state = load_checkpoint(resume, map_location=device)
-        if isinstance(model, Distiller):
-            model.load_trainable_state_dict(state["model"])
-        else:
-            model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, start_epoch = state["step"], state["epoch"]
-        restore_rng_state(state["rng"])
+def setup_model(run: Run) -> None:
+    """Model (teacher checkpoint included), optimizer, lr schedule and AMP scaler."""
+    cfg = run.cfg
+    seed_everything(cfg.seed)
+    run.model = build_model(cfg, run.num_classes).to(run.device)
+    run.optimizer = build_optimizer(run.model, cfg.train)
+    # Re-seed after building so that what happens next (augmentation, masks) does not depend on how many
+    # random draws model construction took: a distill weight of 0 then equals plain training.
+    seed_everything(cfg.seed + run.rank)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer,
+                                                      lambda s: lr_factor(s, run.total_steps, cfg.train))
+    run.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and run.device.type == "cuda")
 
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=isinstance(model, Distiller))
 
-    logger = RunLogger(out, is_main, cfg.train.tensorboard)
-    history: list[dict] = []
-    step_times: list[float] = []
-    metrics: dict = {}
+def wrap_ddp(run: Run) -> None:
+    run.ddp = run.model
+    if run.world > 1:
+        # Parameters outside the student (distillation heads) go unused once distillation stops.
+        extra = any(p.requires_grad for n, p in run.model.named_parameters() if not n.startswith("student."))
+        run.ddp = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+            find_unused_parameters=extra)
 
-    def run_eval(epoch: int) -> dict:
-        if val_loader is None:
-            return {}
-        m = evaluate(student_of(model), val_loader, base_val.coco, base_val.label_to_cat_id, device=device,
-                     progress=cfg.train.progress and is_main, desc=f"eval ep{epoch}")
-        logger.row("eval", {"step": step, "epoch": epoch, **m})
-        history.append({"step": step, "epoch": epoch, **m})
-        return m
 
-    def save(epoch: int, name: str) -> Path:
-        path = ckpt_dir / name
-        if is_main:
-            own = model.trainable_state_dict() if isinstance(model, Distiller) else model.state_dict()
-            state = {"model": own, "student": student_of(model).state_dict(),  # storage shared: no extra bytes
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "rng": capture_rng_state(),
-                     "config": cfg.to_dict()}
-            save_checkpoint(path, state)
-            link_checkpoint(path, ckpt_dir / "last.pt")
-            prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
-        return path
+# ------------------------------------------------------------------------------------------------------ resume
+def check_fresh_start(out: Path, overwrite: bool, resume: Optional[str] = None) -> None:
+    """Refuse to start over a run's record (summary.json, resumable checkpoints) unless told to overwrite it."""
+    held = ("a finished run (summary.json)" if (out / _SUMMARY).is_file() else
+            "checkpoints of an unfinished run" if list((out / "checkpoints").glob("step_*.pt")) else None)
+    if overwrite or held is None:
+        return
+    if resume:  # auto, and nothing loads
+        raise ConfigError(f"{out}: no checkpoint in {out / 'checkpoints'} loads, and it holds {held}; "
+                          "pass --overwrite to start over")
+    raise ConfigError(f"{out}: holds {held}; pass --overwrite to replace it or --resume auto to continue it")
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.train.progress and is_main), desc="train",
-               dynamic_ncols=True)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if use_amp else nullcontext
-    last_ckpt = None
-    epoch = start_epoch
-    skip = step - start_epoch * steps_per_epoch  # resuming mid-epoch: skip the batches already seen
-    for epoch in range(start_epoch, num_epochs):
-        train_model.train()
-        set_epoch(loader, epoch)
-        for i, (images, targets) in enumerate(loader):
-            if skip > 0:
-                skip -= 1
-                continue
-            if step >= total_steps:
-                break
-            t0 = time.perf_counter()
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            with autocast():
-                losses = (train_model(images, targets, epoch=epoch) if isinstance(model, Distiller)
-                          else train_model(images, targets))
-            total = sum(losses.values())
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"loss is {total.item()} at step {step}: "
-                                         f"{ {k: float(v) for k, v in losses.items()} } (lower train.lr?)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if cfg.train.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(params_model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            step_times.append(time.perf_counter() - t0)
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                       "loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()},
-                       "s_per_step": float(np.mean(step_times[-cfg.train.log_every:]))}
-                logger.row("train", row)
-                bar.set_postfix(loss=f"{float(total.detach()):.3f}")
-        done = step >= total_steps
-        if (cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0) or done:
-            metrics = run_eval(epoch) or metrics
-        wants_ckpt = (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0) or done
-        if wants_ckpt and cfg.train.keep_checkpoints > 0:  # 0: no resumable checkpoints, only student.pt
-            last_ckpt = save(epoch + 1 if not done or step % steps_per_epoch == 0 else epoch, f"step_{step}.pt")
-        if done:
+
+def resume_candidates(ckpt_dir: Path) -> list[Path]:
+    """``last.pt``, then the ``step_*.pt`` files newest first (those that are not last.pt itself)."""
+    last = ckpt_dir / "last.pt"
+    steps = sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1,
+                   reverse=True)
+    if not last.is_file():
+        return steps
+    return [last] + [p for p in steps if not os.path.samefile(p, last)]
+
+
+def load_training_checkpoint(path, device) -> dict:
+    state = load_checkpoint(path, map_location=device)  # errors name the file
+    missing = {"model", "optimizer", "scheduler", "scaler", "step", "rng"} - set(state)
+    if missing:
+        raise RuntimeError(f"{path}: not a samkd training checkpoint (no {', '.join(sorted(missing))})")
+    return state
+
+
+def load_resume_state(run: Run, resume: str) -> tuple[Optional[Path], Optional[dict]]:
+    """(path, state) of the checkpoint to resume from; ``auto`` falls back past files that do not load."""
+    if resume != "auto":
+        return Path(resume), load_training_checkpoint(resume, run.device)
+    for path in resume_candidates(run.ckpt_dir):
+        try:
+            return path, load_training_checkpoint(path, run.device)
+        except RuntimeError as exc:  # cut short by a kill or a full disk on a file system without atomic rename
+            note(f"--resume auto: skipped {exc}")
+    return None, None
+
+
+def restore(run: Run, path: Path, state: dict) -> dict:
+    """Load a training checkpoint into ``run``; returns its RNG state (restored once the data has caught up)."""
+    try:
+        run.model.load_trainable_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ConfigError(f"{path}: does not fit this run's model (a plain checkpoint for a distillation run, "
+                          f"or another arch?): {str(exc).splitlines()[0]}") from exc
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.step = run.saved_step = state["step"]
+    note(f"resuming {run.out} from {path} (step {run.step} of {run.total_steps})")
+    return state["rng"]
+
+
+def prepare_output(run: Run, overwrite: bool) -> None:
+    """The first writes into output_dir: the previous run's files when overwriting, then config.yaml."""
+    if not run.is_main:
+        return
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in (_SUMMARY, "train.csv", "eval.csv", "model.pt", "student.pt"):
+            (out / name).unlink(missing_ok=True)
+        for path in [run.ckpt_dir / "last.pt", *run.ckpt_dir.glob("step_*.pt")]:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    with writing(out / "config.yaml"):
+        dump_config(run.cfg, out / "config.yaml")
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def sync_buffers(run: Run) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), so that all ranks evaluate, and rank 0
+    saves, the same weights. Rank 0's are the ones DDP (broadcast_buffers) hands every rank at the start of the
+    next forward anyway, so training is unchanged; each rank's own last-step update is what is dropped."""
+    if run.world > 1:
+        for buffer in run.model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def train_step(run: Run, images, targets, epoch: int) -> dict[str, float]:
+    """One optimiser step; returns the losses as floats (``loss`` is their sum)."""
+    cfg = run.cfg.train
+    images = [im.to(run.device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(run.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    autocast = torch.autocast(run.device.type, dtype=torch.float16) if run.scaler.is_enabled() else nullcontext()
+    with autocast:
+        losses = run.ddp(images, targets, epoch=epoch)
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"{run.out}: loss is {total.item()} at step {run.step}: "
+                                 f"{ {k: float(v) for k, v in losses.items()} } (lower train.lr?)")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(total).backward()
+    if cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+
+
+def train_one_epoch(run: Run, epoch: int, logger: RunLogger, bar, skip: int = 0, rng: Optional[dict] = None) -> None:
+    """Train on epoch ``epoch`` from its batch ``skip`` on, until the epoch or the run's steps end.
+
+    A run resumed mid-epoch fetches the ``skip`` batches it already trained on (the sampler order depends on
+    the epoch only) and then restores the checkpoint's RNG state ``rng``, which was captured after them.
+    """
+    cfg = run.cfg.train
+    run.ddp.train()
+    set_epoch(run.loader, epoch)
+    batches = iter(run.loader)
+    for _ in range(skip):
+        next(batches)
+    if rng is not None:
+        restore_rng_state(rng)
+    for images, targets in batches:
+        if run.step >= run.total_steps:
             break
-    bar.close()
-    logger.close()
-    if is_main:
-        torch.save(student_of(model).state_dict(), out / "student.pt")
-    timed = step_times[2:] or step_times  # the first steps pay one-off allocation costs
-    summary = {"metrics": metrics, "history": history, "steps": step,
+        t0 = time.perf_counter()
+        losses = train_step(run, images, targets, epoch)
+        run.step += 1
+        run.step_times.append(time.perf_counter() - t0)
+        bar.update(1)
+        if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+            logger.row("train", {"step": run.step, "epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"],
+                                 **losses, "s_per_step": float(np.mean(run.step_times[-cfg.log_every:]))})
+            bar.set_postfix(loss=f"{losses['loss']:.3f}")
+        if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
+            save_training_state(run)
+
+
+def evaluate_run(run: Run, epoch: int, logger: RunLogger) -> dict:
+    """COCO metrics of the student on the validation set ({} without one); every rank takes part."""
+    if run.val_loader is None:
+        return {}
+    sync_buffers(run)
+    m = evaluate(run.model.student, run.val_loader, run.val_set.coco, run.val_set.label_to_cat_id,
+                 device=run.device, progress=run.cfg.train.progress and run.is_main, desc=f"eval ep{epoch}")
+    logger.row("eval", {"step": run.step, "epoch": epoch, **m})
+    return m
+
+
+def save_training_state(run: Run) -> Optional[Path]:
+    """Resumable checkpoint ``step_<step>.pt`` (+ ``last.pt``), unless ``keep_checkpoints`` is 0 or it exists."""
+    if run.cfg.train.keep_checkpoints == 0 or run.saved_step == run.step:
+        return None
+    sync_buffers(run)
+    path = run.ckpt_dir / f"step_{run.step}.pt"
+    if run.is_main:
+        state = {"model": run.model.trainable_state_dict(),
+                 "student": run.model.student.state_dict(),  # the same tensors: no extra bytes
+                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict(), "step": run.step,
+                 "epoch": run.step // len(run.loader), "rng": capture_rng_state(), "config": run.cfg.to_dict()}
+        with writing(path):
+            save_checkpoint(path, state)
+            link_checkpoint(path, run.ckpt_dir / "last.pt")
+            prune_checkpoints(run.ckpt_dir, run.cfg.train.keep_checkpoints)
+    run.saved_step = run.step
+    return path
+
+
+def finish(run: Run, metrics: dict, history: list[dict]) -> dict:
+    """Write the weights (``model.pt`` / ``student.pt``) and summary.json; returns the summary."""
+    sync_buffers(run)
+    weights = run.out / weights_name(run.cfg)
+    last = run.ckpt_dir / f"step_{run.saved_step}.pt"
+    timed = run.step_times[2:] or run.step_times  # the first steps pay one-off allocation costs
+    summary = {"metrics": metrics, "history": history, "steps": run.step,
                "s_per_step": float(np.mean(timed)) if timed else float("nan"),
-               "checkpoint": str(last_ckpt) if last_ckpt else None, "output_dir": str(out)}
-    if is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+               "checkpoint": str(last) if last.is_file() else None, "weights": str(weights),
+               "output_dir": str(run.out)}
+    if run.is_main:
+        with writing(weights):
+            save_checkpoint(weights, run.model.student.state_dict())
+        write_json(run.out / _SUMMARY, summary)  # last: its presence marks the run finished
     return summary
+
+
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Train as configured; returns ``{"metrics", "history", "steps", "s_per_step", "checkpoint", "weights",
+    "output_dir"}`` (also written to ``<output_dir>/summary.json``).
+
+    ``resume``: a checkpoint path, or ``"auto"``: the newest checkpoint of ``output_dir`` that loads (a fresh
+    start when there is none). Resuming a finished run (summary.json with all steps done) does nothing and
+    returns its summary. A fresh start over a finished or resumable run is refused unless ``overwrite``.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: pass one")
+    own_group = not (dist.is_available() and dist.is_initialized())
+    try:
+        return _train(cfg, resume, overwrite)
+    finally:
+        if own_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, resume: Optional[str], overwrite: bool) -> dict:
+    run = setup_data(cfg)
+    if resume:
+        done = read_summary(run.out)
+        if done and done.get("steps", -1) >= run.total_steps:
+            note(f"{run.out} has finished its {run.total_steps} steps: nothing to resume, every file left as is "
+                 "(--overwrite trains it again)")
+            return done
+    else:
+        check_fresh_start(run.out, overwrite)
+    setup_model(run)
+    path, state = load_resume_state(run, resume) if resume else (None, None)
+    if resume and state is None:  # auto, and no checkpoint that loads: a fresh start
+        check_fresh_start(run.out, overwrite, resume)
+    rng = restore(run, path, state) if state is not None else None
+    # Everything is checked: from here on output_dir is written.
+    prepare_output(run, overwrite)
+    wrap_ddp(run)
+    logger = RunLogger(run.out, run.is_main, cfg.train.tensorboard, run.step)
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (cfg.train.progress and run.is_main),
+               desc="train", dynamic_ncols=True)
+    steps_per_epoch = len(run.loader)
+    start_epoch, skip = divmod(run.step, steps_per_epoch)
+    metrics: dict = {}
+    try:
+        for epoch in range(start_epoch, math.ceil(run.total_steps / steps_per_epoch)):
+            train_one_epoch(run, epoch, logger, bar, skip, rng)
+            skip, rng = 0, None
+            if run.step >= run.total_steps:
+                break
+            if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
+                metrics = evaluate_run(run, epoch, logger) or metrics
+            if cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0:
+                save_training_state(run)
+        metrics = evaluate_run(run, (run.step - 1) // steps_per_epoch, logger) or metrics
+        save_training_state(run)
+    finally:
+        bar.close()
+        logger.close()
+    return finish(run, metrics, logger.history)
 
 
 def evaluate_config(cfg: Config, checkpoint: Optional[str] = None) -> dict:
