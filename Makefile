@@ -6,28 +6,25 @@ PIP    := $(PY) -m pip
 # On x86_64 this torch/torchvision pair installs offline from the local pip cache here; elsewhere pip finds a build.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-slow bench bench-tune bench-quick clean
+.PHONY: install demo demo-quick test test-slow bench bench-tune bench-quick bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH) || $(PIP) install -q "torch>=2.2" "torchvision>=0.17"
-	$(PIP) install -q -e ".[test,tensorboard,onnx]"
+	$(PIP) install -q -e ".[test,tensorboard,onnx,timm]"
 	touch $@
 
 install: $(VENV)/.installed
 
-# The main job: synthetic data -> FCOS-R50 teacher -> FCOS-R18 student alone and distilled with SAMKD -> COCO
-# mAP of each -> the distilled student exported as a plain torchvision state dict + ONNX.
-# --resume auto: a finished run is left as it is, an interrupted one continues.
+# The main job: synthetic data -> FCOS-R50 teacher -> FCOS-R18 student alone and distilled with SAMKD (same data
+# and steps) -> COCO mAP of each -> the distilled student exported (torchvision state dict + ONNX) -> its
+# detections drawn on an image. A finished demo is printed again, not re-run (samkd demo --overwrite re-runs it).
 demo: install
-	$(VENV)/bin/samkd make-data --out data/demo --images 160 --val-images 40 --seed 0 --image-size 128
-	$(VENV)/bin/samkd train -c configs/demo_teacher.yaml --resume auto
-	$(VENV)/bin/samkd train -c configs/demo_student.yaml --resume auto
-	$(VENV)/bin/samkd distill -c configs/demo_distill.yaml --resume auto
-	$(VENV)/bin/samkd export-student -c configs/demo_distill.yaml --checkpoint runs/demo_student/student.pt \
-		--out runs/demo_student/export --onnx
-	$(PY) -m samkd.cli summary runs/demo_teacher runs/demo_student_alone runs/demo_student
+	$(VENV)/bin/samkd demo --out runs/demo
+
+demo-quick: install
+	$(VENV)/bin/samkd demo --quick --out runs/demo-quick --overwrite
 
 test: install
 	$(PY) -m pytest -q
@@ -35,15 +32,20 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# The benchmark tables, one detector family at a time (each merges into benchmarks/results.md).
 bench: install
-	$(VENV)/bin/samkd bench --out benchmarks --jobs 2
+	$(VENV)/bin/samkd bench --suite all --out benchmarks --jobs 2
 
-# The tuning behind SAMKD's defaults ran at batch 8 (benchmarks/tuning.md); this repeats it exactly.
+# The same weight grid for every method on validation data (benchmarks/tuning.md).
 bench-tune: install
-	$(VENV)/bin/samkd bench --tune --batch-size 8 --out benchmarks --jobs 2
+	$(VENV)/bin/samkd bench --tune --out benchmarks --jobs 2
 
 bench-quick: install
 	$(VENV)/bin/samkd bench --quick --out /tmp/samkd-bench-quick
 
+# The GPU cost profile (a CUDA machine): step ratios, loss shares and peak memory at COCO scale.
+bench-gpu: install
+	$(VENV)/bin/samkd bench --costs --device cuda --image-size 800 --out benchmarks
+
 clean:
-	rm -rf $(VENV) runs data/demo
+	rm -rf $(VENV) runs

@@ -69,9 +69,10 @@ def main(argv=None) -> int:
         grads = {}
         for name, value in (("cls", det["classification"]), ("sld", sld(s, t)["sld"]), ("kd", kd(s, t)["logit_kd"])):
             g = torch.autograd.grad(value, logits, retain_graph=True, allow_unused=True)
+            value = value.detach()
             grads[name] = (float(value), sum(float(x.norm() ** 2) for x in g if x is not None) ** 0.5)
         for level, (fs, ft) in enumerate(zip(s.features, t.features)):
-            w = sld_weights(ft, fs, sld.tau_d, sld.region)
+            w = sld_weights(ft, fs, sld.tau_d, sld.region, sld.weighting)
             n, _, h, wd = w.shape
             flat = w.flatten(1)
             top = max(1, round(0.01 * h * wd))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import re
 import typing
@@ -54,6 +55,18 @@ def _suggest(key: str, known) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
 
 
+def _builder_default(name: str):
+    """A default of :func:`samkd.models.build_detector`, so that a model block and the builder cannot disagree."""
+    from .models import build_detector
+    return inspect.signature(build_detector).parameters[name].default
+
+
+def _distiller_default(name: str):
+    """A default of :class:`samkd.distill.Distiller`."""
+    from .distill import Distiller
+    return inspect.signature(Distiller.__init__).parameters[name].default
+
+
 @dataclass
 class DataConfig:
     root: Optional[str] = None  # a `samkd make-data` folder: fills the four paths below when they are unset
@@ -82,13 +95,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "fcos"  # fcos | retinanet | faster_rcnn
-    backbone: str = "resnet18"  # resnet18/34/50/101 | mobilenet_v3_large
+    # Defaults are build_detector's own (one place): see samkd.models.build_detector.
+    arch: str = _builder_default("arch")  # fcos | retinanet | faster_rcnn
+    backbone: str = _builder_default("backbone")  # resnet18/34/50/101 | mobilenet_v3_large | efficientnet_lite0
     num_classes: Optional[int] = None  # including background; None: from the training set
-    min_size: int = 800
-    max_size: int = 1333
+    min_size: int = _builder_default("min_size")
+    max_size: int = _builder_default("max_size")
     weights: Optional[str] = None  # torchvision detector weights, e.g. DEFAULT
-    backbone_weights: Optional[str] = None  # torchvision ImageNet weights, e.g. IMAGENET1K_V1
+    backbone_weights: Optional[str] = None  # ImageNet weights: IMAGENET1K_V1 (torchvision) | IMAGENET (efficientnet_lite0)
     checkpoint: Optional[str] = None  # local state dict / samkd checkpoint
     trainable_backbone_layers: Optional[int] = None
     anchor_sizes: Optional[list[float]] = None  # one base size per FPN level; None: torchvision default
@@ -118,6 +132,8 @@ class TrainConfig:
     warmup_factor: float = 0.001
     grad_clip: Optional[float] = 10.0  # max gradient norm; None: off
     amp: bool = False  # mixed precision (CUDA only; ignored on CPU)
+    channels_last: bool = False  # channels_last memory format for student and teacher (faster convs on recent GPUs)
+    compile: bool = False  # torch.compile the backbones of student and teacher (opt-in; the first steps compile)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10  # steps
     eval_every: int = 1  # epochs; 0: only at the end
@@ -136,7 +152,10 @@ class DistillConfig:
     stop_distill_at: Optional[int] = None  # epoch
     # standardize: each FPN map of both models -> zero mean, unit variance per image before the losses (scale
     # free: a teacher trained another way may have features 50x the student's) | none: the published formulas
-    feature_norm: str = "standardize"
+    feature_norm: str = _distiller_default("feature_norm")
+    # dtype of the teacher's forward: auto (bfloat16 autocast on CUDA, float16 where bf16 is unsupported; float32 on
+    # CPU) | float32 | bfloat16 | float16. The losses compute in float32.
+    teacher_precision: str = _distiller_default("teacher_precision")
 
 
 @dataclass
@@ -213,7 +232,7 @@ def _build(cls, raw: dict, where: str):
 def _check_choices(cfg: Config, where: str) -> None:
     """Names that select code (arch, optimizer, loss, ...) are checked against the tables of the code's owners."""
     from .data.coco import LABEL_MODES
-    from .distill import FEATURE_NORMS
+    from .distill import FEATURE_NORMS, TEACHER_PRECISIONS
     from .engine.train import OPTIMIZERS, SCHEDULERS
     from .losses import LOSSES, loss_params
     from .models import ARCHS, BACKBONES
@@ -232,6 +251,7 @@ def _check_choices(cfg: Config, where: str) -> None:
     choice(cfg.train.scheduler, tuple(SCHEDULERS), "train.scheduler")
     if cfg.distill is not None:
         choice(cfg.distill.feature_norm, FEATURE_NORMS, "distill.feature_norm")
+        choice(cfg.distill.teacher_precision, TEACHER_PRECISIONS, "distill.teacher_precision")
         for name, params in cfg.distill.losses.items():
             choice(name, sorted(LOSSES), "distill.losses")
             accepted = loss_params(name)

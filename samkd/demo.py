@@ -56,7 +56,7 @@ def _train_in_worker(args) -> dict:
     cfg, threads = args
     from .engine.train import train
     torch.set_num_threads(threads)
-    return train(cfg)
+    return train(cfg, resume="auto")  # a run finished by an interrupted demo is kept as it is
 
 
 def _train_parallel(cfgs: list[Config], jobs: int) -> list[dict]:
@@ -92,7 +92,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, jobs: int = 2, onnx: b
              overwrite: bool = False) -> dict:
     """Run the demo into ``out``; returns ``{"table", "export", "images", "summaries", "wall_s"}``.
 
-    A finished demo in ``out`` is not overwritten unless ``overwrite`` (its runs would be lost).
+    A finished demo in ``out`` is not run again (its table is printed) unless ``overwrite``; an interrupted one
+    continues: each finished run is kept (``resume="auto"``), the others train from their start.
     """
     from .data import make_synthetic_dataset
     from .engine.export import export_student
@@ -101,7 +102,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, jobs: int = 2, onnx: b
     t0 = time.time()
     out = Path(out)
     if (out / "demo.md").exists() and not overwrite:
-        raise FileExistsError(f"{out}: a finished demo is there (demo.md); pass --overwrite or choose another --out")
+        print(f"[demo] {out} holds a finished demo (--overwrite runs it again):\n", flush=True)
+        print((out / "demo.md").read_text(), flush=True)
+        return {"table": None, "finished_before": True}
     if overwrite and out.exists():
         shutil.rmtree(out)
     cfgs = demo_configs(out, quick)  # every config validated before anything is written

@@ -25,7 +25,7 @@ from .losses import loss_params
 from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
 from .models import detector_from_config, num_classes
 
-_SHOWN_PARAMS = ("pyramid", "mask_ratio", "tau", "random_share", "tau_d", "region")
+_SHOWN_PARAMS = ("pyramid", "mask_ratio", "tau", "random_share", "tau_d", "region", "weighting")
 
 
 def _samkd_params(cfg: Config) -> dict:
@@ -145,7 +145,7 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
                                f"SFD keep-masks (mask_ratio={params['mask_ratio']}, "
                                f"random_share={params['random_share']}), {where}", "Greys", vmin=0.0, vmax=1.0))
 
-    weights = sld_weights(t_feat, s_feat, params["tau_d"], params["region"])
+    weights = sld_weights(t_feat, s_feat, params["tau_d"], params["region"], params["weighting"])
     paths.append(_save_overlay(out / "sld_weights.png", shown,
                                [("SLD weights", _to_image_grid(weights, batch_hw, (h, w)).numpy())],
                                f"SLD discrepancy weights (tau_d={params['tau_d']}, region={params['region']}), "

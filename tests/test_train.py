@@ -18,7 +18,8 @@ from samkd.cli import main
 from samkd.config import config_from_dict
 from samkd.data import build_loader, make_synthetic_dataset
 from samkd.engine.evaluate import evaluate
-from samkd.engine.train import build_datasets, model_from_config, train
+from samkd.engine.train import build_datasets, train
+from samkd.models import detector_from_config
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_training_lowers_loss_and_beats_fresh_model(easy_data, tmp_path):
 
     _, val_set = build_datasets(cfg.data)
     torch.manual_seed(cfg.seed)
-    fresh = model_from_config(cfg.model, val_set.num_classes)
+    fresh = detector_from_config(cfg.model, val_set.num_classes)
     loader = build_loader(val_set, 4, train=False)
     fresh_ap50 = evaluate(fresh, loader, val_set.coco, val_set.label_to_cat_id, progress=False)["AP50"]
     assert trained_ap50 > fresh_ap50, (trained_ap50, fresh_ap50)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..config import Config, ConfigError, DataConfig, ModelConfig, dump_config
 from ..data import CocoDetection, DatasetError, build_loader, build_transforms, set_epoch
 from ..distill import Distiller
-from ..models import build_detector
+from ..models import detector_from_config
 from .checkpoint import (capture_rng_state, link_checkpoint, load_checkpoint, prune_checkpoints, restore_rng_state,
                          save_checkpoint)
 from .evaluate import evaluate
@@ -101,18 +101,6 @@ def build_datasets(data: DataConfig) -> tuple[CocoDetection, Optional[CocoDetect
     return train_set, val_set
 
 
-def model_from_config(m: ModelConfig, num_classes: int) -> nn.Module:
-    """Build the detector of a model block; ``num_classes`` (from the data) is used unless the block sets one."""
-    if m.num_classes is not None and m.num_classes < num_classes:
-        raise ConfigError(f"num_classes {m.num_classes} is smaller than the data set's {num_classes} "
-                          "(classes + background): leave it unset to take it from the data")
-    return build_detector(
-        arch=m.arch, backbone=m.backbone, num_classes=m.num_classes or num_classes, min_size=m.min_size,
-        max_size=m.max_size, weights=m.weights, backbone_weights=m.backbone_weights, checkpoint=m.checkpoint,
-        trainable_backbone_layers=m.trainable_backbone_layers, anchor_sizes=m.anchor_sizes,
-        **m.torchvision_kwargs())
-
-
 class StudentTraining(nn.Module):
     """Plain training of one detector behind the :class:`~samkd.distill.Distiller` interface.
 
@@ -136,15 +124,16 @@ class StudentTraining(nn.Module):
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """A :class:`StudentTraining`, or a Distiller (student + frozen teacher + losses) when ``cfg.distill`` is set."""
-    student = model_from_config(cfg.model, num_classes)
+    student = detector_from_config(cfg.model, num_classes)
     if cfg.distill is None:
         return StudentTraining(student)
-    teacher = model_from_config(cfg.teacher, num_classes)
+    teacher = detector_from_config(cfg.teacher, num_classes)
     if not cfg.teacher.checkpoint and not cfg.teacher.weights:
         warnings.warn("teacher has neither checkpoint nor weights: distilling from a random teacher")
     return Distiller(student, teacher, losses=cfg.distill.losses,
                      init_student_from_teacher=cfg.distill.init_student_from_teacher,
-                     stop_distill_at=cfg.distill.stop_distill_at, feature_norm=cfg.distill.feature_norm)
+                     stop_distill_at=cfg.distill.stop_distill_at, feature_norm=cfg.distill.feature_norm,
+                     teacher_precision=cfg.distill.teacher_precision)
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -345,6 +334,13 @@ def setup_model(run: Run) -> None:
     cfg = run.cfg
     seed_everything(cfg.seed)
     run.model = build_model(cfg, run.num_classes).to(run.device)
+    for detector in (run.model.student, getattr(run.model, "teacher", None)):
+        if detector is None:
+            continue
+        if cfg.train.channels_last:
+            detector.to(memory_format=torch.channels_last)
+        if cfg.train.compile:  # in place: parameter names, hooks and checkpoints stay those of the plain module
+            detector.backbone.compile()
     run.optimizer = build_optimizer(run.model, cfg.train)
     # Re-seed after building so that what happens next (augmentation, masks) does not depend on how many
     # random draws model construction took: a distill weight of 0 then equals plain training.
@@ -422,12 +418,19 @@ def restore(run: Run, path: Path, state: dict) -> dict:
     return state["rng"]
 
 
-def prepare_output(run: Run, overwrite: bool) -> None:
-    """The first writes into output_dir: the previous run's files when overwriting, then config.yaml."""
+def prepare_output(run: Run, overwrite: bool, fresh: bool) -> None:
+    """The first writes into output_dir: the previous run's files when overwriting, then config.yaml.
+
+    A fresh start also drops the logs of an interrupted attempt that left no checkpoint (check_fresh_start has
+    made sure nothing else is there), so its rows are not mixed into the new run's.
+    """
     if not run.is_main:
         return
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for name in ("train.csv", "eval.csv"):
+            (out / name).unlink(missing_ok=True)
     if overwrite:
         for name in (_SUMMARY, "train.csv", "eval.csv", "model.pt", "student.pt"):
             (out / name).unlink(missing_ok=True)
@@ -583,7 +586,7 @@ def _train(cfg: Config, resume: Optional[str], overwrite: bool) -> dict:
         check_fresh_start(run.out, overwrite, resume)
     rng = restore(run, path, state) if state is not None else None
     # Everything is checked: from here on output_dir is written.
-    prepare_output(run, overwrite)
+    prepare_output(run, overwrite, fresh=state is None)
     wrap_ddp(run)
     logger = RunLogger(run.out, run.is_main, cfg.train.tensorboard, run.step)
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not (cfg.train.progress and run.is_main),
@@ -619,7 +622,7 @@ def evaluate_config(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     if not m.checkpoint and not m.weights:
         warnings.warn("model has neither checkpoint nor weights: evaluating a randomly initialised detector "
                       "(pass --checkpoint)")
-    model = model_from_config(m, val_set.num_classes).to(device)
+    model = detector_from_config(m, val_set.num_classes).to(device)
     subset = val_set
     if cfg.data.max_val_images:
         subset = torch.utils.data.Subset(val_set, range(min(cfg.data.max_val_images, len(val_set))))

@@ -168,13 +168,29 @@ def region_average(x: Tensor, region: int) -> Tensor:
     return upsample_cells(pooled, region, x.shape[-2:])
 
 
-def sld_weights(teacher_feat: Tensor, student_feat: Tensor, tau_d: float = 1.0, region: int = 1) -> Tensor:
-    """Discrepancy weights ``W = H W softmax(D~ / tau_d)``, ``(N, 1, H, W)``, mean 1 per image, no gradient."""
+SLD_WEIGHTINGS = ("softmax", "power")
+
+
+def sld_weights(teacher_feat: Tensor, student_feat: Tensor, tau_d: float = 1.0, region: int = 1,
+                weighting: str = "softmax") -> Tensor:
+    """Discrepancy weights ``(N, 1, H, W)``, mean 1 per image, no gradient.
+
+    ``softmax``: ``W = H W softmax(D~ / tau_d)``; ``power``: ``W = D~^(1/tau_d) / mean_hw D~^(1/tau_d)`` (linear in
+    the discrepancy at ``tau_d = 1``). Both sharpen as ``tau_d`` falls; the exponential of ``softmax`` turns a
+    discrepancy a few times the mean into a weight tens of times the mean.
+    """
+    if weighting not in SLD_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(SLD_WEIGHTINGS)}, got {weighting!r}")
     with torch.no_grad():
         n, _, h, w = teacher_feat.shape
         gap = (teacher_feat.detach().float() - student_feat.detach().float()).pow(2).mean(dim=1, keepdim=True)
         gap = gap / gap.mean(dim=(2, 3), keepdim=True).clamp(min=_EPS)
         gap = region_average(gap, region)
+        if weighting == "power":
+            powered = gap.pow(1.0 / tau_d)
+            mean = powered.mean(dim=(2, 3), keepdim=True)
+            # no discrepancy at all (identical maps): uniform weights, as the softmax gives
+            return torch.where(mean > _EPS, powered / mean.clamp(min=_EPS), torch.ones_like(powered))
         return (h * w * F.softmax(gap.reshape(n, h * w) / tau_d, dim=1)).reshape(n, 1, h, w)
 
 
@@ -336,6 +352,7 @@ class SLDLoss(nn.Module):
     """
 
     def __init__(self, channels: int, num_levels: int, *, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
+                 weighting: str = "softmax",
                  beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
                  roi_sampling_ratio: int = 2, weight: float = 1.0):
         super().__init__()
@@ -344,8 +361,10 @@ class SLDLoss(nn.Module):
         check_non_negative(beta_sld=beta_sld, roi_weight=roi_weight, roi_sampling_ratio=roi_sampling_ratio)
         if int(region) != region:
             raise ValueError(f"region must be a positive integer, got {region!r}")
+        if weighting not in SLD_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(SLD_WEIGHTINGS)}, got {weighting!r}")
         check_weight(weight)
-        self.channels, self.num_levels = channels, num_levels
+        self.channels, self.num_levels, self.weighting = channels, num_levels, weighting
         self.T, self.tau_d, self.region, self.beta_sld = T, tau_d, int(region), beta_sld
         self.roi_weight, self.roi_levels = roi_weight, roi_levels
         self.roi_output_size, self.roi_sampling_ratio = roi_output_size, roi_sampling_ratio
@@ -356,7 +375,7 @@ class SLDLoss(nn.Module):
         check_dense_logits("SLDLoss", student, teacher)
         self._check_logits_match_features(teacher)
         weight_maps = [
-            sld_weights(t, s, self.tau_d, self.region) for s, t in zip(student.features, teacher.features)
+            sld_weights(t, s, self.tau_d, self.region, self.weighting) for s, t in zip(student.features, teacher.features)
         ]
         a, k = teacher.num_anchors, teacher.num_logit_classes
         total = zero_scalar(student, teacher)
