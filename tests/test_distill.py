@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import warnings
 
@@ -15,8 +16,10 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from conftest import tiny_config
+from test_losses import fgd_by_hand
 from samkd.distill import Distiller, DistillConfigError, copy_neck_and_head
 from samkd.engine.train import train
+from samkd.losses import LOSSES, FGDLoss
 from samkd.models.builders import build_detector
 
 NUM_CLASSES = 6
@@ -238,3 +241,165 @@ def test_feature_norm_makes_losses_independent_of_teacher_scale(method):
     assert loss_with_teacher_scale(30.0, "none") > 50 * loss_with_teacher_scale(1.0, "none")
     with pytest.raises(DistillConfigError, match="feature_norm"):
         Distiller(_det(), _det(seed=1), losses={method: {}}, feature_norm="l2")
+
+
+# --------------------------------------------------------------------------------------------------
+# What the losses receive: resized targets, a grad-free teacher, aligned and standardised features
+# --------------------------------------------------------------------------------------------------
+# Faster R-CNN with fewer sampled RoIs: its box head on 512 RoIs dominates a CPU step.
+FAST_TWO_STAGE = dict(box_batch_size_per_image=64, rpn_post_nms_top_n_train=300)
+
+
+def _portrait_batch():
+    """Two portrait images that the 64 px transform really resizes (by 2/3 and by 1/2), batched as 64 x 32."""
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, 96, 40, generator=g), torch.rand(3, 128, 56, generator=g)]
+    targets = [{"boxes": torch.tensor([[4.0, 10.0, 30.0, 80.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 20.0, 50.0, 120.0], [0.0, 0.0, 8.0, 8.0]]),
+                "labels": torch.tensor([1, 2])}]
+    return images, targets
+
+
+def _resized_by_hand(images, targets, size=64):
+    """torchvision's resize: scale = min(size / short side, size / long side), sides floored; boxes per axis."""
+    sizes, boxes = [], []
+    for image, target in zip(images, targets):
+        h, w = image.shape[-2:]
+        scale = min(size / min(h, w), size / max(h, w))
+        new_h, new_w = math.floor(h * scale), math.floor(w * scale)
+        sizes.append((new_h, new_w))
+        boxes.append(target["boxes"] * torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h]))
+    return sizes, boxes
+
+
+def test_fgd_receives_boxes_resized_into_the_padded_batch(monkeypatch):
+    seen = {}
+    original_forward = FGDLoss.forward
+
+    def recording_forward(self, student, teacher):
+        out = original_forward(self, student, teacher)
+        seen.update(student=student, teacher=teacher, fgd=out["fgd"])
+        return out
+
+    monkeypatch.setattr(FGDLoss, "forward", recording_forward)
+    d = Distiller(_det(), _det(seed=1), losses={"fgd": {}}).train()
+    images, targets = _portrait_batch()
+    d(images, targets)
+    teacher = seen["teacher"]
+    sizes, boxes = _resized_by_hand(images, targets)
+    assert sizes == [(64, 26), (64, 28)]  # really resized, and by different factors per axis
+    assert teacher.image_sizes == sizes
+    assert teacher.batch_shape == (64, 32)  # padded to a multiple of 32: not square
+    assert len(teacher.targets) == 2
+    for target, expected in zip(teacher.targets, boxes):
+        torch.testing.assert_close(target["boxes"], expected)
+    # ... and the loss places them on each level of that 64 x 32 frame.
+    by_hand = dataclasses.replace(teacher, targets=[{"boxes": b} for b in boxes])
+    torch.testing.assert_close(seen["fgd"], fgd_by_hand(d.losses["fgd"], seen["student"], by_hand, frame=(64, 32)))
+
+
+@pytest.mark.parametrize("arch", ["fcos", "faster_rcnn"])
+def test_teacher_forward_builds_no_autograd_graph(arch):
+    extra = FAST_TWO_STAGE if arch == "faster_rcnn" else {}
+    d = Distiller(_det(arch, **extra), _det(arch, seed=1, **extra), losses={"samkd": {}}).train()
+    calls = []
+    d.teacher.backbone.register_forward_hook(
+        lambda module, args, output: calls.append((torch.is_grad_enabled(), list(output.values()))))
+    seen = {}
+    original_prepare = d.prepare
+
+    def recording_prepare(student, teacher):
+        seen["teacher"] = teacher
+        return original_prepare(student, teacher)
+
+    d.prepare = recording_prepare
+    images, targets = _batch()
+    sum(d(images, targets).values()).backward()
+    (grad_enabled, features), = calls
+    assert not grad_enabled  # no activations are kept for a backward through the teacher
+    teacher = seen["teacher"]
+    tensors = features + teacher.features + teacher.cls_logits
+    if arch == "faster_rcnn":
+        tensors.append(teacher.roi_logits)
+    for x in tensors:
+        assert not x.requires_grad and x.grad_fn is None
+
+
+@pytest.mark.parametrize("feature_norm", ["standardize", "none"])
+def test_prepare_aligns_the_student_then_normalises_both(feature_norm):
+    d = Distiller(_narrow_fcos(128), _det(seed=1), losses={"fitnet": {}}, feature_norm=feature_norm).train()
+    images, targets = _batch()
+    d.student(images, targets)
+    student = d.student_taps.collect()
+    teacher = d.teacher_forward(student)
+    raw_student = [f.detach().clone() for f in student.features]
+    raw_teacher = [f.clone() for f in teacher.features]
+    student, teacher = d.prepare(student, teacher)
+
+    def standardized_by_hand(x):
+        """Per image over (C, H, W): subtract the mean, divide by the (M - 1) std plus 1e-6."""
+        flat = x.flatten(1)
+        mean = flat.mean(dim=1, keepdim=True)
+        std = torch.sqrt(((flat - mean) ** 2).sum(dim=1, keepdim=True) / (flat.shape[1] - 1))
+        return ((flat - mean) / (std + 1e-6)).reshape(x.shape)
+
+    normalise = standardized_by_hand if feature_norm == "standardize" else (lambda x: x)
+    assert len(student.features) == len(teacher.features) == 5
+    for conv, fs, ft, got_s, got_t in zip(d.align, raw_student, raw_teacher, student.features, teacher.features):
+        aligned = torch.einsum("oc,nchw->nohw", conv.weight[:, :, 0, 0], fs) + conv.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(got_s, normalise(aligned), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_t, normalise(ft), rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_steps_leave_the_teacher_untouched():
+    d = Distiller(_det(seed=0), _det(seed=1), losses={"samkd": {}, "fgd": {}, "mgd": {}}).train()
+    trainable = [p for p in d.parameters() if p.requires_grad]  # what the training engine optimises
+    assert not any(p is q for p in trainable for q in d.teacher.parameters())
+    optimizer = torch.optim.SGD(trainable, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    teacher_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in d.student.state_dict().items()}
+    images, targets = _batch()
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum(d(images, targets).values()).backward()
+        optimizer.step()
+    teacher_after = d.teacher.state_dict()
+    assert any(k.endswith("running_mean") for k in teacher_after)  # BatchNorm buffers are compared too
+    for k, v in teacher_before.items():
+        assert torch.equal(teacher_after[k], v), k
+    changed = [k for k, v in d.student.state_dict().items() if not torch.equal(v, student_before[k])]
+    assert any(k.endswith("running_mean") for k in changed) and any(k.endswith("weight") for k in changed)
+
+
+@pytest.mark.parametrize("arch,names", [("fcos", sorted(set(LOSSES) - {"sfd", "sld"})),  # samkd holds both
+                                        ("faster_rcnn", ["samkd", "logit_kd", "fgd"])])
+def test_batch_of_one_through_the_distiller(arch, names):
+    extra = FAST_TWO_STAGE if arch == "faster_rcnn" else {}
+    d = Distiller(_det(arch, **extra), _det(arch, seed=1, **extra), losses={n: {} for n in names}).train()
+    images, targets = _batch(n=1)
+    losses = d(images, targets)
+    terms = {k for k in losses if k.startswith("distill/")}
+    assert terms == {f"distill/{term}" for n in names for term in (("sfd", "sld") if n == "samkd" else (n,))}
+    for k, v in losses.items():
+        assert v.shape == () and torch.isfinite(v), k
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
+
+
+def test_bfloat16_teacher_gives_float32_terms():
+    d = Distiller(_det(), _det(seed=1), losses={"samkd": {}, "fgd": {}, "logit_kd": {}},
+                  teacher_precision="bfloat16").train()
+    images, targets = _batch()
+    losses = d(images, targets)
+    for term in ("distill/sfd", "distill/sld", "distill/fgd", "distill/logit_kd"):
+        assert losses[term].dtype == torch.float32 and torch.isfinite(losses[term]), term
+    sum(losses.values()).backward()
+
+
+def test_stop_distill_at_and_zero_weight_switch_terms_off():
+    d = Distiller(_det(), _det(seed=1), losses={"fitnet": {}, "mgd": {"weight": 0.0}}, stop_distill_at=2).train()
+    images, targets = _batch()
+    distill_terms = {epoch: {k for k in d(images, targets, epoch=epoch) if k.startswith("distill/")}
+                     for epoch in (None, 1, 2, 3)}
+    # A zero-weight loss is never computed; from epoch stop_distill_at on, no loss is.
+    assert distill_terms == {None: {"distill/fitnet"}, 1: {"distill/fitnet"}, 2: set(), 3: set()}
