@@ -25,7 +25,8 @@ from .losses import loss_params
 from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
 from .models import detector_from_config, num_classes
 
-_SHOWN_PARAMS = ("pyramid", "mask_ratio", "tau", "random_share", "tau_d", "region", "weighting")
+_SHOWN_PARAMS = ("pyramid", "mask_ratio", "random_share", "tau_d", "region", "weighting")
+ATTENTION_TAU = 0.5  # temperature of the attention map drawn (FGD's); the masks use only its ranking
 
 
 def _samkd_params(cfg: Config) -> dict:
@@ -130,14 +131,14 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
     out.mkdir(parents=True, exist_ok=True)
     paths = []
 
-    attention = teacher_spatial_attention(t_feat, 1, params["tau"])
+    attention = teacher_spatial_attention(t_feat, 1, ATTENTION_TAU)
     paths.append(_save_overlay(out / "teacher_attention.png", shown,
                                [("teacher attention", _to_image_grid(attention, batch_hw, (h, w)).numpy())],
-                               f"teacher spatial attention (tau={params['tau']}), {where}", "jet"))
+                               f"teacher spatial attention (tau={ATTENTION_TAU}), {where}", "jet"))
 
     generator = torch.Generator().manual_seed(cfg.seed)
-    masks = hierarchical_masks(t_feat.float(), params["pyramid"], params["mask_ratio"], params["tau"],
-                               params["random_share"], generator=generator)
+    masks = hierarchical_masks(t_feat.float(), params["pyramid"], params["mask_ratio"], params["random_share"],
+                               generator=generator)
     # Masked cells drawn dark, visible cells left transparent.
     panels = [(f"k={k}: masked = dark", np.ma.masked_equal(1.0 - _to_image_grid(mk, batch_hw, (h, w)).numpy(), 0.0))
               for k, mk in zip(params["pyramid"], masks)]

@@ -171,7 +171,7 @@ def sfd_attention_by_hand(ft, k, tau):
     return spatial_attention_by_hand(cell_max_by_hand(ft.abs(), k), tau)
 
 
-def sfd_keep_mask_by_hand(ft, k, ratio, tau):
+def sfd_keep_mask_by_hand(ft, k, ratio, tau=0.5):
     """SFD step 2 without the random share: 0 on the ``round_half_up(ratio * cells)`` most attended cells."""
     n, _, h, w = ft.shape
     attention = sfd_attention_by_hand(ft, k, tau)
@@ -474,7 +474,7 @@ def test_teacher_spatial_attention_equals_formula(k):
 
 def test_hierarchical_masks_equal_formula_on_non_divisible_sizes():
     ft = torch.randn(2, 8, 13, 10, generator=torch.Generator().manual_seed(0))
-    masks = hierarchical_masks(ft, (4, 3, 1), mask_ratio=0.3, tau=0.5, random_share=0.0)
+    masks = hierarchical_masks(ft, (4, 3, 1), mask_ratio=0.3, random_share=0.0)
     for mask, k in zip(masks, (4, 3, 1)):
         torch.testing.assert_close(mask, sfd_keep_mask_by_hand(ft, k, 0.3, 0.5))
 
@@ -516,7 +516,7 @@ def test_sfd_random_share_draws_differ():
     assert torch.all(a.flatten(1).gather(1, top) == 0) and torch.all(b.flatten(1).gather(1, top) == 0)
 
 
-def sfd_by_hand(sfd, s, t, *, ratio, tau, channel_tau, use_channel_attention=True):
+def sfd_by_hand(sfd, s, t, *, ratio, channel_tau, use_channel_attention=True, tau=0.5):
     """``alpha_sfd sum_l 1/N sum A^C_T (sum_k pi_k G_k(F_S M_k) - F_T)^2`` (no random share)."""
     hidden = sfd.generation[0].hidden
     ref = 0.0
@@ -537,14 +537,14 @@ def sfd_by_hand(sfd, s, t, *, ratio, tau, channel_tau, use_channel_attention=Tru
 
 def test_sfd_equals_formula_written_out():
     s, t = student_teacher()
-    tau, channel_tau, ratio = 0.7, 0.3, 0.5
-    sfd = build("sfd", seed=4, pyramid=(2, 1), random_share=0.0, mask_ratio=ratio, tau=tau, channel_tau=channel_tau)
+    channel_tau, ratio = 0.3, 0.5
+    sfd = build("sfd", seed=4, pyramid=(2, 1), random_share=0.0, mask_ratio=ratio, channel_tau=channel_tau)
     with torch.no_grad():
         sfd.fusion_logits.copy_(torch.tensor([[0.3, -0.2], [0.3, -0.2], [-1.0, 0.5]]))
     out = sfd(s, t)["sfd"]
-    torch.testing.assert_close(out, sfd_by_hand(sfd, s, t, ratio=ratio, tau=tau, channel_tau=channel_tau))
+    torch.testing.assert_close(out, sfd_by_hand(sfd, s, t, ratio=ratio, channel_tau=channel_tau))
     plain = build("sfd", seed=4, pyramid=(2, 1), use_channel_attention=False, random_share=0.0)
-    by_hand = sfd_by_hand(plain, s, t, ratio=0.5, tau=0.5, channel_tau=None, use_channel_attention=False)
+    by_hand = sfd_by_hand(plain, s, t, ratio=0.5, channel_tau=None, use_channel_attention=False)
     torch.testing.assert_close(plain(s, t)["sfd"], by_hand)
     assert not torch.isclose(plain(s, t)["sfd"], out)
 
@@ -554,18 +554,22 @@ def test_sfd_non_divisible_levels_equal_formula():
     sizes = [(13, 10), (7, 5), (3, 2)]
     s, t = make_taps(1, requires_grad=True, sizes=sizes), make_taps(2, sizes=sizes)
     sfd = build("sfd", seed=2, pyramid=(4, 2, 1), random_share=0.0, mask_ratio=0.5, alpha_sfd=1.0, weight=0.5)
-    torch.testing.assert_close(sfd(s, t)["sfd"], sfd_by_hand(sfd, s, t, ratio=0.5, tau=0.5, channel_tau=0.5))
+    torch.testing.assert_close(sfd(s, t)["sfd"], sfd_by_hand(sfd, s, t, ratio=0.5, channel_tau=0.5))
 
 
-def test_sfd_channel_tau_weights_the_error_and_tau_guides_the_mask():
-    """``channel_tau`` is the channel attention's temperature, ``tau`` the mask attention's: not interchangeable."""
+def test_sfd_channel_tau_weights_the_error_and_the_masks_take_no_temperature():
+    """``channel_tau`` is the channel attention's temperature; the masks follow the attention ranking only."""
     s, t = student_teacher()
     common = dict(pyramid=(2, 1), random_share=0.0, mask_ratio=0.5)
-    loss = build("sfd", seed=4, tau=0.8, channel_tau=0.2, **common)
-    swapped = build("sfd", seed=4, tau=0.2, channel_tau=0.8, **common)
-    torch.testing.assert_close(loss(s, t)["sfd"], sfd_by_hand(loss, s, t, ratio=0.5, tau=0.8, channel_tau=0.2))
-    torch.testing.assert_close(swapped(s, t)["sfd"], sfd_by_hand(swapped, s, t, ratio=0.5, tau=0.2, channel_tau=0.8))
-    assert not torch.isclose(loss(s, t)["sfd"], swapped(s, t)["sfd"], rtol=1e-3)
+    sharp, soft = build("sfd", seed=4, channel_tau=0.2, **common), build("sfd", seed=4, channel_tau=0.8, **common)
+    torch.testing.assert_close(sharp(s, t)["sfd"], sfd_by_hand(sharp, s, t, ratio=0.5, channel_tau=0.2))
+    torch.testing.assert_close(soft(s, t)["sfd"], sfd_by_hand(soft, s, t, ratio=0.5, channel_tau=0.8))
+    assert not torch.isclose(sharp(s, t)["sfd"], soft(s, t)["sfd"], rtol=1e-3)
+    for k in (1, 2):  # any attention temperature ranks the cells alike, so gives the same mask
+        torch.testing.assert_close(sfd_keep_mask_by_hand(t.features[0], k, 0.5, tau=0.1),
+                                   sfd_keep_mask_by_hand(t.features[0], k, 0.5, tau=3.0))
+    with pytest.raises(TypeError, match="tau"):
+        build("sfd", tau=0.5)
 
 
 def test_sfd_grouped_generators_equal_per_scale_reference():

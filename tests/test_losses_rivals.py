@@ -53,7 +53,6 @@ def test_registered_and_exported():
     ("freekd", {"token_init_std": -0.1}, "token_init_std"),
     ("dmkd", {"spatial_ratio": 1.5}, "spatial_ratio"),
     ("dmkd", {"channel_ratio": -0.1}, "channel_ratio"),
-    ("dmkd", {"tau": -0.5}, "tau"),
     ("dmkd", {"alpha_dmkd": -2e-5}, "alpha_dmkd"),
 ])
 def test_bad_parameters_are_named(name, params, param):
@@ -348,14 +347,14 @@ def generator_by_hand(gen, x):
 
 def test_dmkd_equals_formula():
     s, t = student_teacher()
-    dmkd = build("dmkd", seed=3, spatial_ratio=0.4, channel_ratio=0.3, tau=0.7)
+    dmkd = build("dmkd", seed=3, spatial_ratio=0.4, channel_ratio=0.3)
     with torch.no_grad():
         dmkd.fusion_logits.copy_(torch.tensor([[0.4, -0.3], [0.0, 1.0], [-2.0, 0.5]]))
     out = dmkd(s, t)["dmkd"]
     ref = 0.0
     for level, (fs, ft) in enumerate(zip(s.features, t.features)):
         n, c, h, w = fs.shape
-        spatial, channel = attention_by_hand(ft, 0.7)
+        spatial, channel = attention_by_hand(ft, 0.7)  # any temperature: only the ranking counts
         keep_s = keep_mask_by_hand(spatial, 0.4).reshape(n, 1, h, w)
         keep_c = keep_mask_by_hand(channel, 0.3).reshape(n, c, 1, 1)
         w_s, w_c = torch.softmax(dmkd.fusion_logits[level].detach(), dim=0)
@@ -373,7 +372,7 @@ def test_dmkd_equals_formula():
 def test_dmkd_masks_count_and_pick_most_attended(shape, ratio):
     feat = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     n, c, h, w = shape
-    keep_s, keep_c = dual_keep_masks(feat, ratio, ratio, tau=0.5)
+    keep_s, keep_c = dual_keep_masks(feat, ratio, ratio)
     assert keep_s.shape == (n, 1, h, w) and keep_c.shape == (n, c, 1, 1) and not keep_s.requires_grad
     assert set(keep_s.unique().tolist()) | set(keep_c.unique().tolist()) <= {0.0, 1.0}
     spatial, channel = attention_by_hand(feat, 0.5)
@@ -388,11 +387,11 @@ def test_dmkd_masks_count_and_pick_most_attended(shape, ratio):
 
 def test_dmkd_keeps_one_element_visible_unless_ratio_is_one():
     feat = torch.randn(2, 16, 1, 1)
-    keep_s, _ = dual_keep_masks(feat, 0.5, 0.5, tau=0.5)  # round(0.5 * 1) = 1 would mask the whole 1 x 1 map
+    keep_s, _ = dual_keep_masks(feat, 0.5, 0.5)  # round(0.5 * 1) = 1 would mask the whole 1 x 1 map
     assert torch.all(keep_s == 1)
-    keep_s, keep_c = dual_keep_masks(feat, 1.0, 1.0, tau=0.5)
+    keep_s, keep_c = dual_keep_masks(feat, 1.0, 1.0)
     assert torch.all(keep_s == 0) and torch.all(keep_c == 0)
-    _, keep_c = dual_keep_masks(torch.randn(2, 3, 4, 4), 0.9, 0.9, tau=0.5)  # round(2.7) = 3 -> capped at 2
+    _, keep_c = dual_keep_masks(torch.randn(2, 3, 4, 4), 0.9, 0.9)  # round(2.7) = 3 -> capped at 2
     assert torch.all((keep_c == 0).reshape(2, 3).sum(dim=1) == 2)
 
 

@@ -18,7 +18,8 @@ from ..models.builders import detector_from_config, read_state_dict, uses_frozen
 from ..models.families import family
 
 
-def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool, state_path="student_state_dict.pt") -> str:
+def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool, state_path="student_state_dict.pt",
+                     head_norm: str = "none") -> str:
     """Python that rebuilds the exported student with plain torchvision and loads the state dict.
 
     Every architectural fact comes from the family table (:mod:`samkd.models.families`), the same one the
@@ -54,11 +55,13 @@ def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool, state_pa
     if m.anchor_sizes is not None:
         sizes = fam.anchor_sizes_per_level(m.anchor_sizes)
         lines.append(f"anchors = AnchorGenerator({sizes}, ({tuple(fam.anchor_ratios)},) * {len(sizes)})")
-        if fam.head_needs_anchor_count:
-            lines.append(f"from {fam.module_path} import RetinaNetHead")
-            kwargs.append(f"head=RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], "
-                          f"{num_classes})")
         kwargs.append(f"{fam.anchor_argument}=anchors")
+    if fam.custom_head:
+        per_location = "anchors.num_anchors_per_location()[0]" if m.anchor_sizes is not None else "9"
+        norm = ", norm_layer=partial(nn.GroupNorm, 32)" if head_norm == "group" else ""
+        lines.append("from functools import partial")
+        lines.append(f"from {fam.module_path} import RetinaNetHead")
+        kwargs.append(f"head=RetinaNetHead(backbone.out_channels, {per_location}, {num_classes}{norm})")
     lines.append(f"model = {fam.class_name}(backbone, {num_classes}, {', '.join(kwargs)})")
     lines.append(f"model.load_state_dict(torch.load({str(state_path)!r}, map_location='cpu'), strict=True)")
     lines.append("model.eval()")
@@ -111,7 +114,7 @@ def export_student(cfg: Config, checkpoint, out_dir, onnx: bool = False) -> dict
             "FrozenBatchNorm2d" if frozen else "BatchNorm2d",
         **m.torchvision_kwargs(),
         "source_checkpoint": str(checkpoint),
-        "torchvision_code": torchvision_code(m, num_classes, frozen, sd_path),
+        "torchvision_code": torchvision_code(m, num_classes, frozen, sd_path, family(m.arch).head_norm_of_state(state)),
     }
     json_path = out / "student.json"
     json_path.write_text(json.dumps(info, indent=2) + "\n")

@@ -10,10 +10,10 @@ self-adjusting weights.
 
 For FPN level ``l`` with maps ``(N, C, H, W)``:
 
-1. Teacher attention (FGD's definitions, ``tau`` the temperature):
+1. Teacher attention (FGD's definitions; masks use only its ranking, so no temperature is needed):
 
-       A_S = H W softmax_{hw}( mean_c |F_T| / tau )      (N, 1, H, W)
-       A_C = C   softmax_c ( mean_hw |F_T| / tau )       (N, C, 1, 1)
+       A_S = H W softmax_{hw}( mean_c |F_T| )      (N, 1, H, W)
+       A_C = C   softmax_c ( mean_hw |F_T| )       (N, C, 1, 1)
 
 2. Keep-masks (1 = visible, 0 = masked), per image: ``M_s`` masks the ``round(spatial_ratio * H W)`` most
    attended positions, ``M_c`` the ``round(channel_ratio * C)`` most attended channels (round half up).
@@ -33,7 +33,7 @@ For FPN level ``l`` with maps ``(N, C, H, W)``:
        L_dmkd = weight * alpha_dmkd * sum_l 1/N sum_{n,c,h,w} (R - F_T)^2
 
 Defaults are samkd's choices (the paper's are not public): ``alpha_dmkd = 2e-5`` (MGD's one-stage
-coefficient, same error scale), ``spatial_ratio = channel_ratio = 0.5``, ``tau = 0.5`` (FGD's temperature).
+coefficient, same error scale), ``spatial_ratio = channel_ratio = 0.5``.
 """
 from __future__ import annotations
 
@@ -72,14 +72,13 @@ def top_attention_keep_mask(attention: Tensor, ratio: float) -> Tensor:
     return keep
 
 
-def dual_keep_masks(teacher_feat: Tensor, spatial_ratio: float, channel_ratio: float,
-                    tau: float) -> tuple[Tensor, Tensor]:
+def dual_keep_masks(teacher_feat: Tensor, spatial_ratio: float, channel_ratio: float) -> tuple[Tensor, Tensor]:
     """Spatial ``(N, 1, H, W)`` and channel ``(N, C, 1, 1)`` keep-masks from the teacher's attention."""
     n, c, h, w = teacher_feat.shape
     with torch.no_grad():
         t = teacher_feat.detach().float()
-        spatial = top_attention_keep_mask(spatial_attention(t, tau).reshape(n, h * w), spatial_ratio)
-        channel = top_attention_keep_mask(channel_attention(t, tau).reshape(n, c), channel_ratio)
+        spatial = top_attention_keep_mask(spatial_attention(t, 1.0).reshape(n, h * w), spatial_ratio)
+        channel = top_attention_keep_mask(channel_attention(t, 1.0).reshape(n, c), channel_ratio)
     return spatial.reshape(n, 1, h, w), channel.reshape(n, c, 1, 1)
 
 
@@ -92,23 +91,21 @@ class DMKDLoss(nn.Module):
         alpha_dmkd: loss coefficient (MGD's 2e-5: same error scale).
         spatial_ratio: fraction of positions masked in the spatial branch (the most attended ones).
         channel_ratio: fraction of channels masked in the channel branch (the most attended ones).
-        tau: temperature of the teacher's spatial and channel attention.
         weight: multiplies the returned term.
 
     Returns ``{"dmkd": scalar}``.
     """
 
     def __init__(self, channels: int, num_levels: int, *, alpha_dmkd: float = 2e-5, spatial_ratio: float = 0.5,
-                 channel_ratio: float = 0.5, tau: float = 0.5, weight: float = 1.0):
+                 channel_ratio: float = 0.5, weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)
         check_non_negative(alpha_dmkd=alpha_dmkd)
         check_unit_interval(spatial_ratio=spatial_ratio, channel_ratio=channel_ratio)
-        check_positive(tau=tau)
         check_weight(weight)
         self.channels, self.num_levels = channels, num_levels
         self.alpha_dmkd, self.spatial_ratio, self.channel_ratio = alpha_dmkd, spatial_ratio, channel_ratio
-        self.tau, self.weight = tau, weight
+        self.weight = weight
         self.spatial_generation = nn.ModuleList(make_generator(channels) for _ in range(num_levels))
         self.channel_generation = nn.ModuleList(make_generator(channels) for _ in range(num_levels))
         # (w_s, w_c) = softmax of each row; zeros = both branches weigh 1/2 at the start.
@@ -124,7 +121,7 @@ class DMKDLoss(nn.Module):
         total = zero_scalar(student, teacher)
         for level, (s, t) in enumerate(zip(student.features, teacher.features)):
             s, t = s.float(), t.detach().float()  # autocast may still run the convs in half precision
-            keep_s, keep_c = dual_keep_masks(t, self.spatial_ratio, self.channel_ratio, self.tau)
+            keep_s, keep_c = dual_keep_masks(t, self.spatial_ratio, self.channel_ratio)
             rebuilt_s = self.spatial_generation[level](s * keep_s).float()
             rebuilt_c = self.channel_generation[level](s * keep_c).float()
             rebuilt = weights[level, 0] * rebuilt_s + weights[level, 1] * rebuilt_c
@@ -133,4 +130,4 @@ class DMKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"alpha_dmkd={self.alpha_dmkd}, spatial_ratio={self.spatial_ratio}, "
-                f"channel_ratio={self.channel_ratio}, tau={self.tau}, weight={self.weight}")
+                f"channel_ratio={self.channel_ratio}, weight={self.weight}")

@@ -10,7 +10,7 @@ the defaults are this library's choices. Two complementary terms:
 1. Teacher saliency on the ``k``-grid: ``P_k = maxpool_k(|F_T|)`` (kernel = stride = ``k``,
    ``ceil_mode``) of size ``H_k x W_k`` with ``H_k = ceil(H / k)``, and spatial attention
 
-       A_k = H_k W_k softmax_{cells}( mean_c P_k / tau )                 (mean 1)
+       A_k = H_k W_k softmax_{cells}( mean_c P_k )                       (mean 1; only its ranking matters below)
 
 2. Attention-guided mask on the grid: ``m = round(mask_ratio * H_k W_k)`` cells are masked, of which
    ``m_top = round((1 - random_share) m)`` are the cells with the largest ``A_k`` and the other
@@ -141,17 +141,17 @@ def grid_keep_mask(attention: Tensor, mask_ratio: float, random_share: float,
 
 
 def hierarchical_masks(teacher_feat: Tensor, pyramid: Sequence[int] = (4, 2, 1), mask_ratio: float = 0.5,
-                       tau: float = 0.5, random_share: float = 0.5,
-                       generator: Optional[torch.Generator] = None) -> list[Tensor]:
+                       random_share: float = 0.5, generator: Optional[torch.Generator] = None) -> list[Tensor]:
     """One attention-guided keep-mask ``(N, 1, H, W)`` per granularity ``k`` in ``pyramid`` (same order).
 
-    ``H, W`` need not be divisible by ``k``. No gradient flows through the masks.
+    ``H, W`` need not be divisible by ``k``. No gradient flows through the masks. The masked cells are the
+    top of the attention ranking, which no softmax temperature changes: the masks take none.
     """
     h, w = teacher_feat.shape[-2:]
     masks = []
     with torch.no_grad():
         for k in pyramid:
-            attention = teacher_spatial_attention(teacher_feat, k, tau)
+            attention = teacher_spatial_attention(teacher_feat, k)
             grid = grid_keep_mask(attention, mask_ratio, random_share, generator)
             masks.append(upsample_cells(grid, k, (h, w)).to(teacher_feat.dtype))
     return masks
@@ -270,7 +270,6 @@ class SFDLoss(nn.Module):
         num_levels: number of FPN levels.
         pyramid: mask granularities ``k`` (cell side in feature pixels), one generator per (level, k).
         mask_ratio: fraction of grid cells masked at every granularity.
-        tau: temperature of the teacher spatial attention that guides the mask.
         random_share: fraction of the masked cells drawn at random instead of by attention.
         alpha_sfd: loss coefficient (MGD's scale: the error is a sum over C*H*W, divided by N). The default
             5e-5 was picked over MGD's 2e-5 on validation data (benchmarks/tuning.md).
@@ -284,7 +283,7 @@ class SFDLoss(nn.Module):
     """
 
     def __init__(self, channels: int, num_levels: int, *, pyramid: Sequence[int] = (4, 2, 1),
-                 mask_ratio: float = 0.5, tau: float = 0.5, random_share: float = 0.5, alpha_sfd: float = 5e-5,
+                 mask_ratio: float = 0.5, random_share: float = 0.5, alpha_sfd: float = 5e-5,
                  use_channel_attention: bool = True, channel_tau: float = 0.5, generator_ratio: float = 0.5,
                  weight: float = 1.0):
         super().__init__()
@@ -293,11 +292,11 @@ class SFDLoss(nn.Module):
         check_positive(generator_ratio=generator_ratio)
         hidden = max(1, round_half_up(generator_ratio * channels))
         check_unit_interval(mask_ratio=mask_ratio, random_share=random_share)
-        check_positive(tau=tau, channel_tau=channel_tau)
+        check_positive(channel_tau=channel_tau)
         check_non_negative(alpha_sfd=alpha_sfd)
         check_weight(weight)
         self.channels, self.num_levels = channels, num_levels
-        self.mask_ratio, self.tau, self.random_share = mask_ratio, tau, random_share
+        self.mask_ratio, self.random_share = mask_ratio, random_share
         self.alpha_sfd, self.weight = alpha_sfd, weight
         self.use_channel_attention, self.channel_tau = use_channel_attention, channel_tau
         self.generator_ratio = generator_ratio
@@ -316,7 +315,7 @@ class SFDLoss(nn.Module):
         total = zero_scalar(student, teacher)
         for level, (s, t) in enumerate(zip(student.features, teacher.features)):
             t = t.detach().float()
-            keep = torch.stack(hierarchical_masks(t, self.pyramid, self.mask_ratio, self.tau, self.random_share,
+            keep = torch.stack(hierarchical_masks(t, self.pyramid, self.mask_ratio, self.random_share,
                                                   generator), dim=1)  # (N, S, 1, H, W)
             rebuilt = self.generation[level](s.unsqueeze(1) * keep.to(s.dtype)).float()  # (N, S, C, H, W)
             fused = (pis[level].view(1, -1, 1, 1, 1) * rebuilt).sum(dim=1)
@@ -327,7 +326,7 @@ class SFDLoss(nn.Module):
         return {"sfd": self.weight * self.alpha_sfd * total}
 
     def extra_repr(self) -> str:
-        return (f"pyramid={self.pyramid}, mask_ratio={self.mask_ratio}, tau={self.tau}, "
+        return (f"pyramid={self.pyramid}, mask_ratio={self.mask_ratio}, "
                 f"random_share={self.random_share}, alpha_sfd={self.alpha_sfd}, "
                 f"use_channel_attention={self.use_channel_attention}, channel_tau={self.channel_tau}, "
                 f"generator_ratio={self.generator_ratio}, weight={self.weight}")

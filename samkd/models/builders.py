@@ -66,6 +66,19 @@ def anchor_generator(fam: Family, anchor_sizes: Optional[Sequence[float]], num_l
     return AnchorGenerator(fam.anchor_sizes_per_level(anchor_sizes), (tuple(fam.anchor_ratios),) * num_levels)
 
 
+def custom_head(fam: Family, channels: int, anchors: Optional[AnchorGenerator], num_classes: int,
+                head_norm: str) -> nn.Module:
+    """The head samkd builds for a ``custom_head`` family (RetinaNet): see :attr:`Family.custom_head`."""
+    from functools import partial
+
+    from torchvision.models.detection.retinanet import RetinaNetHead
+    if head_norm not in ("group", "none"):
+        raise ModelConfigError(f"head_norm must be group or none, got {head_norm!r}")
+    per_location = anchors.num_anchors_per_location()[0] if anchors is not None else 9
+    norm = partial(nn.GroupNorm, 32) if head_norm == "group" else None
+    return RetinaNetHead(channels, per_location, num_classes, norm_layer=norm)
+
+
 def build_detector(
     arch: str = "fcos",
     backbone: str = "resnet18",
@@ -77,6 +90,7 @@ def build_detector(
     checkpoint: Optional[str] = None,
     trainable_backbone_layers: Optional[int] = None,
     anchor_sizes: Optional[Sequence[float]] = None,
+    head_norm: Optional[str] = None,
     **detector_kwargs,
 ) -> nn.Module:
     """Build a torchvision detector.
@@ -95,6 +109,8 @@ def build_detector(
             or exported student work too); loaded strictly.
         trainable_backbone_layers: as in torchvision (default: all layers).
         anchor_sizes: one base anchor size per FPN level (``None``: torchvision's defaults for 800 px images).
+        head_norm: families with ``custom_head`` (RetinaNet): ``"group"`` (GroupNorm after each head conv) or
+            ``"none"`` (torchvision's v1 head); default ``"group"`` unless ``weights`` are torchvision's v1 weights.
         detector_kwargs: passed to the torchvision detector class (e.g. ``score_thresh``).
     """
     fam = _family(arch)
@@ -109,9 +125,9 @@ def build_detector(
     common = dict(min_size=min_size, max_size=max_size, **detector_kwargs)
     if anchors is not None:
         common[fam.anchor_argument] = anchors
-        if fam.head_needs_anchor_count:  # RetinaNet's default head is built for 9 anchors per location
-            from torchvision.models.detection.retinanet import RetinaNetHead
-            common["head"] = RetinaNetHead(body.out_channels, anchors.num_anchors_per_location()[0], num_classes)
+    if fam.custom_head:
+        common["head"] = custom_head(fam, body.out_channels, anchors, num_classes,
+                                     head_norm or ("none" if weights else "group"))
     accepted = inspect.signature(fam.detector_class.__init__).parameters
     unknown = sorted(set(detector_kwargs) - set(accepted))
     if unknown:
@@ -234,7 +250,7 @@ def detector_from_config(m, num_classes: Optional[int] = None, checkpoint: Optio
                   **m.torchvision_kwargs())
     if state is None:
         return build_detector(weights=m.weights, backbone_weights=m.backbone_weights, **common)
-    model = build_detector(**common)
+    model = build_detector(head_norm=fam.head_norm_of_state(state), **common)
     if uses_frozen_bn(state):
         freeze_batchnorm(model)
     load_state_strict(model, state, path, f"a {m.arch}/{m.backbone} detector with {classes} classes")
