@@ -606,7 +606,7 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
 def run_costs(out_dir: str = "benchmarks", device: str = "cpu", image_size: int = 800, batch_size: int = 2,
               reps: int = 5, archs: Optional[list[str]] = None, student_backbone: str = "resnet50",
               teacher_backbone: str = "resnet101", channels_last: bool = False, compile: bool = False,
-              teacher_precision: str = "auto") -> dict:
+              teacher_precision: str = "auto", methods: Optional[list[str]] = None) -> dict:
     """Cost profile on synthetic batches: step ratio, loss share and peak memory of every method per family.
 
     Models are randomly initialised (speed does not depend on the weights); the batch is ``batch_size``
@@ -633,8 +633,8 @@ def run_costs(out_dir: str = "benchmarks", device: str = "cpu", image_size: int 
                 model.to(memory_format=torch.channels_last)
             if compile:
                 model.backbone.compile()
-        methods = {m: method_losses(m) for m in METHODS if METHODS[m] is not None}
-        result[arch] = measure_costs(student.train(), teacher, images, targets, methods, reps, teacher_precision)
+        specs = {m: method_losses(m) for m in METHODS if METHODS[m] is not None and (not methods or m in methods)}
+        result[arch] = measure_costs(student.train(), teacher, images, targets, specs, reps, teacher_precision)
         print(f"[costs] {arch} done", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "device": str(dev), "image_size": image_size,
             "batch_size": batch_size, "reps": reps, "student": student_backbone, "teacher": teacher_backbone,

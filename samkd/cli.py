@@ -93,7 +93,7 @@ def _cmd_bench(args) -> int:
     if args.costs:
         run_costs(out_dir=args.out, device=args.device, image_size=args.image_size or 800,
                   batch_size=args.batch_size or 2, reps=args.reps, archs=args.archs,
-                  channels_last=args.channels_last, compile=args.compile)
+                  channels_last=args.channels_last, compile=args.compile, methods=args.methods)
         return 0
     common = dict(out_dir=args.out, quick=args.quick, work_dir=args.work_dir, steps=args.steps,
                   teacher_steps=args.teacher_steps, jobs=args.jobs, batch_size=args.batch_size,

@@ -123,15 +123,25 @@ def test_cost_goal_verdicts():
 
 
 def test_cost_profile_runs_on_cpu_at_tiny_size(tmp_path):
-    """The GPU profile command, at a size a CPU test affords: every method, every family, the files it writes."""
-    assert main(["bench", "--costs", "--device", "cpu", "--image-size", "64", "--batch-size", "1", "--reps", "1",
-                 "--out", str(tmp_path)]) == 0
-    payload = json.loads((tmp_path / "costs_cpu.json").read_text())
+    """The GPU profile, at a size a CPU test affords: every family, the files it writes (the quick bench times every
+    method on CPU)."""
+    from samkd.bench import run_costs
+    payload = run_costs(out_dir=str(tmp_path), device="cpu", image_size=64, batch_size=1, reps=1,
+                        student_backbone="resnet18", teacher_backbone="resnet18", methods=["fitnet", "mgd", "samkd"])
     assert set(payload["cost"]) == {"fcos", "retinanet", "faster_rcnn"}
     for cost in payload["cost"].values():
-        assert set(cost) == {m for m, spec in METHODS.items() if spec is not None}
+        assert set(cost) == {"fitnet", "mgd", "samkd"}
         assert all(c["step_ratio"] > 0 and c["peak_mib"] is None for c in cost.values())
     assert "--image-size 64" in (tmp_path / "costs_cpu.md").read_text()
+
+
+def test_cost_profile_command_line(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(bench, "run_costs", lambda **kw: seen.update(kw))
+    assert main(["bench", "--costs", "--device", "cuda", "--image-size", "800", "--channels-last",
+                 "--out", str(tmp_path)]) == 0
+    assert seen["device"] == "cuda" and seen["image_size"] == 800 and seen["batch_size"] == 2
+    assert seen["channels_last"] and not seen["compile"]
 
 
 def test_cache_key_follows_loss_defaults(monkeypatch):
