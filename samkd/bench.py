@@ -70,7 +70,8 @@ TUNE_FACTORS = (0.25, 1.0, 4.0)
 # Chosen by `samkd bench --tune` (benchmarks/tuning.md): the best factor of TUNE_FACTORS per method on the
 # validation data. Written here by hand after the tuning run; tests/test_bench.py checks it against
 # benchmarks/tuning.json so the two cannot drift.
-TUNED_WEIGHTS: dict[str, float] = {"fitnet": 4.0, "logit_kd": 4.0, "mgd": 4.0, "fgd": 1.0, "cwd": 1.0, "pkd": 0.25, "freekd": 0.25, "dmkd": 4.0, "samkd": 1.0}
+TUNED_WEIGHTS: dict[str, float] = {"fitnet": 4.0, "logit_kd": 4.0, "mgd": 4.0, "fgd": 1.0, "cwd": 1.0, "pkd": 0.25,
+                                   "freekd": 0.25, "dmkd": 4.0, "samkd": 1.0}
 
 DATA_SEEDS = (0, 2)
 TUNE_DATA_SEED = 1
@@ -500,6 +501,12 @@ def _load_payload(out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ entry points
+def _check_methods(methods: Optional[list[str]]) -> None:
+    unknown = sorted(set(methods or []) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+
+
 def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "fcos",
               seeds: Optional[list[int]] = None, data_seeds: Optional[list[int]] = None,
               work_dir: Optional[str] = None, steps: Optional[int] = None, teacher_steps: Optional[int] = None,
@@ -509,9 +516,7 @@ def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "fc
     for name in names:
         if name not in SUITES:
             raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)} or all")
-    unknown = sorted(set(methods or []) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    _check_methods(methods)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else out / "work"
@@ -624,6 +629,7 @@ def run_costs(out_dir: str = "benchmarks", device: str = "cpu", image_size: int 
     ``costs_cpu.md`` / ``costs_cpu.json`` elsewhere.
     """
     from .models import build_detector
+    _check_methods(methods)
     dev = torch.device(device)
     archs = archs or ["fcos", "retinanet", "faster_rcnn"]
     g = torch.Generator().manual_seed(0)

@@ -168,3 +168,12 @@ def test_command_names_every_override():
     assert _command(False, "fcos", 2) == "samkd bench --suite fcos --jobs 2"
     assert (_command(False, None, 1, tune=True, batch_size=8, seeds=[0, 1], steps=None)
             == "samkd bench --tune --batch-size 8 --seeds 0 1")
+
+
+def test_unknown_methods_are_refused_by_the_bench_and_the_cost_profile(tmp_path):
+    from samkd.bench import run_bench, run_costs
+    with pytest.raises(ValueError, match="unknown method.*mgdd"):
+        run_costs(out_dir=str(tmp_path), methods=["mgd", "mgdd"])
+    with pytest.raises(ValueError, match="unknown method.*mgdd"):
+        run_bench(out_dir=str(tmp_path), quick=True, methods=["mgdd"])
+    assert not any(tmp_path.iterdir())  # refused before anything is written
