@@ -1,4 +1,4 @@
-"""``samkd demo``: the whole pipeline on the embedded synthetic-shapes data, in about 50 minutes on 2 CPU cores.
+"""``samkd demo``: the whole pipeline on the embedded synthetic-shapes data, in about half an hour on 2 CPU cores.
 
 1. write the synthetic-shapes set (real JPEGs + COCO json);
 2. train the FCOS-ResNet-50 teacher (``samkd/configs/demo_teacher.yaml``);
