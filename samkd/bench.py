@@ -143,10 +143,19 @@ def _train_raw(p: dict, data_root: Path, seed: int, steps: int, batch_size: int)
                       "progress": False, "tensorboard": False}}
 
 
+# A teacher trains for 20-40 minutes on 2 cores: it saves a resume state this often, so that a bench cut short
+# (a closed session, a spent GPU lease) goes on from there instead of from step 0. Students are short: none.
+TEACHER_CHECKPOINT_STEPS = 200
+# What only decides what is left on disk, not the result: left out of a run's cache key.
+_DISK_ONLY = ("keep_checkpoints", "checkpoint_every_steps")
+
+
 def _teacher_raw(p: dict, data_root: Path, arch: str) -> dict:
     steps = max(1, round(p["teacher_steps"] * TEACHER_STEPS.get(arch, 1.0)))
-    return {**_train_raw(p, data_root, 0, steps, p["teacher_batch_size"]),
-            "model": _model_block(arch, "resnet50", p["image_size"])}
+    raw = {**_train_raw(p, data_root, 0, steps, p["teacher_batch_size"]),
+           "model": _model_block(arch, "resnet50", p["image_size"])}
+    raw["train"].update(checkpoint_every_steps=min(TEACHER_CHECKPOINT_STEPS, steps), keep_checkpoints=1)
+    return raw
 
 
 def _student_raw(p: dict, data_root: Path, suite: Suite, seed: int, losses: Optional[dict],
@@ -172,11 +181,13 @@ def _cache_key(raw: dict) -> str:
     """Hash of what decides a run's result: its config, with every loss parameter *resolved to its value*.
 
     ``{"samkd": {}}`` and ``{"samkd": {"alpha_sfd": <the default>}}`` are the same run; after a default changes,
-    ``{"samkd": {}}`` names a new one. ``train.keep_checkpoints`` only decides what is left on disk.
+    ``{"samkd": {}}`` names a new one. The checkpoint settings (:data:`_DISK_ONLY`) only decide what is left on
+    disk: a run resumed from its checkpoint ends where an uninterrupted one does.
     """
     from .losses import loss_params
     what = json.loads(json.dumps(raw))
-    what.get("train", {}).pop("keep_checkpoints", None)
+    for name in _DISK_ONLY:
+        what.get("train", {}).pop(name, None)
     losses = (what.get("distill") or {}).get("losses")
     if losses:
         what["distill"]["losses"] = {name: json.loads(json.dumps({**loss_params(name), **(params or {})}))
@@ -194,15 +205,16 @@ def weights_file(summary: dict) -> Path:
 
 
 def _run(raw: dict, work: Path, name: str) -> dict:
-    """Train one config, cached by :func:`_cache_key`."""
-    from .engine.train import train
+    """Train one config, cached by :func:`_cache_key`; a run cut short goes on from its last checkpoint."""
+    from .engine.train import resume_candidates, train
     key = _cache_key(raw)
     out = work / "runs" / f"{name.replace(' ', '_').replace('=', '')}-{key}"
     summary_path = out / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     cfg = config_from_dict({**raw, "output_dir": str(out)}, source=f"bench:{name}")
-    return train(cfg)
+    checkpoints = out / "checkpoints"  # a teacher's (TEACHER_CHECKPOINT_STEPS); students keep none
+    return train(cfg, resume="auto" if resume_candidates(checkpoints) else None)
 
 
 def _run_in_worker(args: tuple) -> dict:

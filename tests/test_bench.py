@@ -158,9 +158,37 @@ def test_cache_key_follows_loss_defaults(monkeypatch):
     default_ratio = samkd_module.SFDLoss.__init__.__kwdefaults__["mask_ratio"]
     assert bench._cache_key({"seed": 0, "distill": {"losses": {"samkd": {"mask_ratio": default_ratio}}}}) == key
     assert bench._cache_key({**raw, "train": {"keep_checkpoints": 0}}) == bench._cache_key({**raw, "train": {}})
+    assert (bench._cache_key({**raw, "train": {"checkpoint_every_steps": 200, "keep_checkpoints": 1}})
+            == bench._cache_key({**raw, "train": {}}))  # a resumable teacher is the same run as before
+    assert bench._cache_key({**raw, "train": {"max_steps": 5}}) != bench._cache_key({**raw, "train": {}})
     # runs without losses (teachers, plain students) keep the plain hash of their config
     plain = {"seed": 0, "model": {"arch": "fcos"}}
     assert bench._cache_key(plain) == hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def test_a_teacher_cut_short_goes_on_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A bench killed mid-teacher (a closed session, a spent GPU lease) loses the steps since the last save."""
+    from samkd.engine import train as train_module
+    root = bench._dataset(tmp_path, dict(QUICK), 0, True)
+    monkeypatch.setattr(bench, "TEACHER_CHECKPOINT_STEPS", 2)
+    raw = _teacher_raw({**QUICK, "teacher_steps": 4}, root, "fcos")
+    real_step, steps_taken = train_module.train_step, []
+
+    def killed_at_the_third_step(run, *args, **kwargs):
+        steps_taken.append(run.step)
+        if len(steps_taken) == 3:
+            raise SystemExit("killed")
+        return real_step(run, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", killed_at_the_third_step)
+    with pytest.raises(SystemExit):
+        _run(raw, tmp_path, "teacher")
+    assert not list(tmp_path.glob("runs/teacher-*/summary.json"))
+    steps_taken.clear()
+    summary = _run(raw, tmp_path, "teacher")
+    assert steps_taken == [2, 3]  # on from the state saved at step 2, not from step 0
+    assert summary["steps"] == 4 and bench.weights_file(summary).is_file()
+    assert summary["metrics"] is not None
 
 
 def test_command_names_every_override():
