@@ -1,0 +1,36 @@
+"""Does SFD need MGD's 4x weight once SLD is present? (README: "Reading the FCOS table").
+
+A diagnostic on the validation data (data seed 1, training seed 100), not a tuning: nothing here feeds a default
+or a reported table. Runs through the bench's cache, so finished runs are read back:
+
+    python benchmarks/sfd_weight_diagnostic.py [--work-dir benchmarks/work] [--jobs 2]
+"""
+import argparse
+from pathlib import Path
+
+from samkd import bench
+
+ALPHA_SFD_4X = 4 * 5e-5  # 4x SAMKD's default alpha_sfd
+VARIANTS = {
+    "sfd-only-alpha4x": {"samkd": {"use_sld": False, "alpha_sfd": ALPHA_SFD_4X}},
+    "samkd-alpha4x-beta1x": {"samkd": {"alpha_sfd": ALPHA_SFD_4X}},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", default="benchmarks/work")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    p = bench._params(False)
+    work = Path(args.work_dir).resolve()
+    ((root, teacher),) = bench._teachers(p, work, "fcos", (bench.TUNE_DATA_SEED,), 1, True).values()
+    ckpt = str(bench.weights_file(teacher))
+    runs = [(bench._student_raw(p, root, bench.SUITES["fcos"], bench.TUNE_SEED, spec, ckpt),
+             f"diag-{name}-s{bench.TUNE_SEED}") for name, spec in VARIANTS.items()]
+    for (_, name), summary in zip(runs, bench._run_all(runs, work, args.jobs)):
+        print(f"{name}: AP {summary['metrics']['AP']:.1f} AP50 {summary['metrics']['AP50']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
