@@ -9,8 +9,9 @@ import argparse
 from pathlib import Path
 
 from samkd import bench
+from samkd.losses import loss_params
 
-ALPHA_SFD_4X = 4 * 5e-5  # 4x SAMKD's default alpha_sfd
+ALPHA_SFD_4X = 4 * loss_params("samkd")["alpha_sfd"]
 VARIANTS = {
     "sfd-only-alpha4x": {"samkd": {"use_sld": False, "alpha_sfd": ALPHA_SFD_4X}},
     "samkd-alpha4x-beta1x": {"samkd": {"alpha_sfd": ALPHA_SFD_4X}},

@@ -206,15 +206,15 @@ def weights_file(summary: dict) -> Path:
 
 def _run(raw: dict, work: Path, name: str) -> dict:
     """Train one config, cached by :func:`_cache_key`; a run cut short goes on from its last checkpoint."""
-    from .engine.train import resume_candidates, train
+    from .engine.train import train
     key = _cache_key(raw)
     out = work / "runs" / f"{name.replace(' ', '_').replace('=', '')}-{key}"
     summary_path = out / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     cfg = config_from_dict({**raw, "output_dir": str(out)}, source=f"bench:{name}")
-    checkpoints = out / "checkpoints"  # a teacher's (TEACHER_CHECKPOINT_STEPS); students keep none
-    return train(cfg, resume="auto" if resume_candidates(checkpoints) else None)
+    # "auto": on from the newest checkpoint (a teacher's, TEACHER_CHECKPOINT_STEPS), else a fresh start
+    return train(cfg, resume="auto")
 
 
 def _run_in_worker(args: tuple) -> dict:
