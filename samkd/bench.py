@@ -27,6 +27,7 @@ thread each: on a 2-core machine two single-thread runs train ~2x faster than on
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import multiprocessing
@@ -336,6 +337,30 @@ def _bench_costs(teacher_ckpt: str, suite: Suite, p: dict, data_root: Path, reps
 
 
 # ------------------------------------------------------------------------------------------------ reporting
+def kd_to_task_loss(train_csv: Path) -> Optional[float]:
+    """How hard the distillation pulls against the detector's own loss in one run, from its ``train.csv``.
+
+    The mean, over the second half of the logged steps, of (sum of the weighted ``distill/*`` terms) / (the
+    detection loss: ``loss`` minus those terms). ``None`` for a run without distillation or without a log.
+    The same ``weight`` gives very different ratios on different detector families (their detection losses
+    differ in scale), which is why a weight tuned on one family need not suit another.
+    """
+    if not train_csv.is_file():
+        return None
+    with open(train_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    kd_columns = [c for c in (rows[0] if rows else {}) if c.startswith("distill/")]
+    if not kd_columns:
+        return None
+    ratios = []
+    for row in rows[len(rows) // 2:]:
+        kd = sum(float(row[c]) for c in kd_columns)
+        task = float(row["loss"]) - kd
+        if task > 0:
+            ratios.append(kd / task)
+    return float(np.mean(ratios)) if ratios else None
+
+
 def _aggregate(runs: list[dict], keys: list[tuple[int, int]]) -> dict:
     """Mean and sample std of every metric over the runs; per-run and per-data-seed AP."""
     row = {}
@@ -345,6 +370,9 @@ def _aggregate(runs: list[dict], keys: list[tuple[int, int]]) -> dict:
         row[k + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     row["s_per_step"] = float(np.nanmean([r.get("s_per_step") or np.nan for r in runs]))
     row["runs"] = len(runs)
+    ratios = [kd_to_task_loss(Path(r["output_dir"]) / "train.csv") for r in runs if r.get("output_dir")]
+    ratios = [x for x in ratios if x is not None]
+    row["kd_to_task"] = float(np.mean(ratios)) if ratios else None
     row["per_run_AP"] = {f"d{ds}/s{seed}": float((r["metrics"] or {}).get("AP", 0.0))
                          for (ds, seed), r in zip(keys, runs)}
     by_data: dict[int, list[float]] = {}
@@ -400,19 +428,25 @@ def _suite_markdown(name: str, entry: dict) -> list[str]:
              + f", {meta['steps']} steps of batch {meta['batch_size']}, {meta['optimizer']} lr {meta['lr']}, "
              f"{meta['image_size']} px; data seeds {meta['data_seeds']} x training seeds {meta['seeds']} = "
              f"{len(meta['data_seeds']) * len(meta['seeds'])} runs per row. AP: mean ± std over the runs; "
-             "weights: the tuned factor of each method's default.", "",
+             "weights: the tuned factor of each method's default. KD / task loss: the weighted distillation loss "
+             "over the detection loss in the second half of training (mean of the runs).", "",
              "| method | weight | AP | " + " | ".join(f"AP {c}" for c in data_cols)
-             + " | AP50 | AP75 | APs | APm | gain over student | s/step |",
-             "|---|---|---|" + "---|" * len(data_cols) + "---|---|---|---|---|---|"]
+             + " | AP50 | AP75 | APs | APm | gain over student | KD / task loss | s/step |",
+             "|---|---|---|" + "---|" * len(data_cols) + "---|---|---|---|---|---|---|"]
     base = results.get("student", {}).get("AP")
+    alone = results.get("student", {}).get("AP_by_data_seed", {})
+    lines[5:5] = [f"**Warning:** the data-seed-{ds} teacher (AP {ap:.1f}) is no better than the student alone "
+                  f"(AP {alone[f'd{ds}']:.1f}): distilling from it cannot show a gain.  "
+                  for ds, ap in meta["teacher_AP"].items() if f"d{ds}" in alone and ap <= alone[f"d{ds}"]]
     for method, r in results.items():
         weight = "—" if METHODS[method] is None else f"{meta['weights'].get(ABLATIONS.get(method, method), 1.0):g}"
         cells = [f"{r['AP']:.1f} ± {r['AP_std']:.1f}"] + [f"{r['AP_by_data_seed'].get(c, float('nan')):.1f}"
                                                           for c in data_cols]
         cells += [f"{r[k]:.1f}" for k in ("AP50", "AP75", "APs", "APm")]
         gain = f"{r['AP'] - base:+.1f}" if base is not None else "n/a"
+        ratio = f"{r['kd_to_task']:.1f}" if r.get("kd_to_task") is not None else "—"
         lines.append(f"| {'**' + method + '**' if method == 'samkd' else method} | {weight} | "
-                     + " | ".join(cells) + f" | {gain} | {r['s_per_step']:.2f} |")
+                     + " | ".join(cells) + f" | {gain} | {ratio} | {r['s_per_step']:.2f} |")
     text = _verdict_text(entry.get("verdict", {}))
     if text:
         lines += ["", text]
@@ -532,10 +566,12 @@ def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "fc
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else out / "work"
-    payload = _load_payload(out)
     for name in names:
-        payload["suites"][name] = _run_suite(name, out, work, quick, seeds, data_seeds, steps, teacher_steps,
-                                             methods, jobs, batch_size)
+        entry = _run_suite(name, out, work, quick, seeds, data_seeds, steps, teacher_steps, methods, jobs,
+                           batch_size)
+        # read the report again only now: a suite run meanwhile by another `samkd bench` keeps its table
+        payload = _load_payload(out)
+        payload["suites"][name] = entry
         (out / "results.json").write_text(json.dumps(payload, indent=2))
     print(write_report(out, payload))
     return payload

@@ -47,7 +47,8 @@ def standardize(feat: Tensor, eps: float = 1e-6) -> Tensor:
     feat = feat.float()  # a bf16/fp16 map (autocast teacher) is standardised in float32
     flat = feat.flatten(1)
     mean = flat.mean(dim=1).view(-1, 1, 1, 1)
-    std = flat.std(dim=1).view(-1, 1, 1, 1)
+    # held at eps from below: std's gradient is NaN for a constant map (see samkd.losses.pkd)
+    std = flat.var(dim=1).clamp_min(eps * eps).sqrt().view(-1, 1, 1, 1)
     return (feat - mean) / (std + eps)
 
 

@@ -38,6 +38,8 @@ def test_quick_bench_writes_table_json_and_plot(quick_bench):
     assert entry["meta"]["data_seeds"] == [0] and entry["meta"]["seeds"] == [0]
     for row in entry["results"].values():
         assert set(row["AP_by_data_seed"]) == {"d0"} and row["runs"] == 1
+    assert entry["results"]["student"]["kd_to_task"] is None and entry["results"]["samkd"]["kd_to_task"] > 0
+    assert "| KD / task loss |" in md
     assert (quick_bench / "results.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -59,6 +61,23 @@ def test_another_suite_merges_into_the_same_report(quick_bench):
     assert set(payload["suites"]["retinanet"]["results"]) == {"student", "samkd"}
     md = (quick_bench / "results.md").read_text()
     assert SUITES["fcos"].title in md and SUITES["retinanet"].title in md
+
+
+def test_a_suite_finished_meanwhile_by_another_bench_keeps_its_table(quick_bench, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    fcos = json.loads((quick_bench / "results.json").read_text())["suites"]["fcos"]
+    run_suite = bench._run_suite
+
+    def other_sitting_finishes_first(name, *args, **kwargs):
+        entry = run_suite(name, *args, **kwargs)
+        (out / "results.json").write_text(json.dumps({"suites": {"fcos": fcos}}))
+        return entry
+
+    monkeypatch.setattr(bench, "_run_suite", other_sitting_finishes_first)
+    assert main(["bench", "--quick", "--suite", "retinanet", "--methods", "student", "--out", str(out),
+                 "--work-dir", str(quick_bench / "work")]) == 0
+    suites = json.loads((out / "results.json").read_text())["suites"]
+    assert set(suites) == {"fcos", "retinanet"} and suites["fcos"] == fcos
 
 
 def test_quick_tuning_runs_the_same_grid_for_every_method(quick_bench):
@@ -97,6 +116,37 @@ def test_method_losses_apply_the_tuned_weight_and_ablations_follow_samkd(monkeyp
 def _row(ap, runs):
     return {"AP": sum(runs) / len(runs), "AP_std": float(__import__("numpy").std(runs, ddof=1)),
             "per_run_AP": {f"d0/s{i}": v for i, v in enumerate(runs)}}
+
+
+def test_kd_to_task_loss_is_the_distillation_share_of_the_second_half(tmp_path):
+    log = tmp_path / "train.csv"
+    log.write_text("step,loss,classification,distill/sfd,distill/sld,s_per_step\n"
+                   "10,9.0,1.0,7.0,1.0,0.5\n"    # first half: left out
+                   "20,3.0,1.0,1.5,0.5,0.5\n"    # kd 2.0, task 1.0
+                   "30,1.5,0.5,0.75,0.25,0.5\n")  # kd 1.0, task 0.5
+    # second half = the last 2 of 3 rows; each ratio = (sfd + sld) / (loss - sfd - sld)
+    assert bench.kd_to_task_loss(log) == pytest.approx(((1.5 + 0.5) / (3.0 - 2.0) + (0.75 + 0.25) / (1.5 - 1.0)) / 2)
+    log.write_text("step,loss,classification,s_per_step\n10,1.0,1.0,0.5\n20,1.0,1.0,0.5\n")
+    assert bench.kd_to_task_loss(log) is None  # the student alone
+    assert bench.kd_to_task_loss(tmp_path / "missing.csv") is None
+
+
+def test_the_report_warns_when_a_teacher_is_no_better_than_the_student_alone():
+    meta = {"command": "samkd bench", "date": "today", "machine": "here", "teacher_steps": 10,
+            "teacher_batch_size": 2, "teacher_AP": {"0": 28.9, "2": 24.6}, "steps": 3, "batch_size": 2,
+            "optimizer": "adamw", "lr": 1e-3, "image_size": 96, "data_seeds": [0, 2], "seeds": [0],
+            "weights": {}}
+
+    def row(d0, d2):
+        return {"AP": (d0 + d2) / 2, "AP_std": 0.0, "AP_by_data_seed": {"d0": d0, "d2": d2}, "AP50": 0.0,
+                "AP75": 0.0, "APs": 0.0, "APm": 0.0, "s_per_step": 1.0, "kd_to_task": None}
+
+    lines = bench._suite_markdown("fcos", {"meta": meta, "results": {"student": row(42.5, 24.6)}})
+    warnings = [line for line in lines if line.startswith("**Warning:**")]
+    # 28.9 < 42.5 on data seed 0; 24.6 is not better than 24.6 on data seed 2
+    assert len(warnings) == 2 and "data-seed-0 teacher (AP 28.9)" in warnings[0] and "(AP 24.6)" in warnings[1]
+    assert not any(l.startswith("**Warning:**") for l in
+                   bench._suite_markdown("fcos", {"meta": meta, "results": {"student": row(0.9, 0.6)}}))
 
 
 def test_lead_verdict():

@@ -220,6 +220,10 @@ def test_standardize_is_per_image_and_scale_free():
     torch.testing.assert_close(y.flatten(1).std(1), torch.ones(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(standardize(x * 40 - 3), y, atol=1e-4, rtol=1e-4)
     assert standardize(torch.randn(2, 256, 1, 1)).isfinite().all()  # a 1x1 level still has C values
+    flat = torch.full((2, 4, 3, 3), 0.25).requires_grad_(True)  # a constant map: std 0
+    out = standardize(flat)
+    (out * torch.randn_like(out)).sum().backward()
+    assert (out == 0).all() and flat.grad.isfinite().all()
 
 
 @pytest.mark.parametrize("method", ["fitnet", "mgd"])

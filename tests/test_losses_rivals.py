@@ -18,6 +18,7 @@ from test_losses import _single_thread  # noqa: F401  (autouse: one intra-op thr
 from samkd.config import ConfigError, config_from_dict
 from samkd.losses import LOSSES, CWDLoss, DMKDLoss, FreeKDLoss, PKDLoss, haar_dwt
 from samkd.losses.dmkd import dual_keep_masks
+from samkd.models.taps import Taps
 
 RIVALS = ("cwd", "pkd", "freekd", "dmkd")
 
@@ -158,6 +159,25 @@ def test_pkd_is_one_minus_pearson_r():
         r = [torch.corrcoef(torch.stack([fs[:, ch].reshape(-1), ft[:, ch].reshape(-1)]))[0, 1] for ch in range(C)]
         ref = ref + 1 - torch.stack(r).mean()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_pkd_gradient_stays_finite_for_a_constant_channel():
+    # a 1x1 level and a batch of 4: a channel can be constant over (N, H, W)
+    s = torch.randn(4, 3, 1, 1)
+    s[:, 1] = 0.5
+    s.requires_grad_(True)
+    t = torch.randn(4, 3, 1, 1)
+    def taps(feature):
+        return Taps(features=[feature], cls_logits=[], num_anchors=1, num_logit_classes=1)
+
+    loss = PKDLoss(3, 1)(taps(s), taps(t))["pkd"]
+    loss.backward()
+    assert s.grad.isfinite().all()
+    # the constant channel standardises to 0: its term is the teacher's z alone, written out
+    zt = [(t[:, c, 0, 0] - t[:, c, 0, 0].mean()) / (t[:, c, 0, 0].std(unbiased=False) + 1e-6) for c in range(3)]
+    zs = [(s[:, c, 0, 0] - s[:, c, 0, 0].mean()) / (s[:, c, 0, 0].std(unbiased=False) + 1e-6) for c in (0, 2)]
+    ref = (((zs[0] - zt[0]) ** 2).sum() + (zt[1] ** 2).sum() + ((zs[1] - zt[2]) ** 2).sum()) / s.numel() / 2
+    torch.testing.assert_close(loss.detach(), 10.0 * ref.detach())
 
 
 def test_pkd_invariant_to_per_channel_affine_student():
