@@ -97,7 +97,7 @@ SUITES: dict[str, Suite] = {
     "retinanet": Suite("retinanet", _RIVALS, (0,), title="RetinaNet: ResNet-50 teacher -> ResNet-18 student"),
     "faster_rcnn": Suite("faster_rcnn", _RIVALS, (0,),
                          title="Faster R-CNN: ResNet-50 teacher -> ResNet-18 student"),
-    "pretrained": Suite("fcos", ("student", "fitnet", "mgd", "cwd", "pkd", "samkd"), (0,),
+    "pretrained": Suite("fcos", ("student", "fitnet", "mgd", "cwd", "pkd", "samkd_sfd", "samkd"), (0,),
                         student_backbone="efficientnet_lite0", student_extra={"backbone_weights": "IMAGENET"},
                         title="FCOS: ResNet-50 teacher -> EfficientNet-Lite0 student with ImageNet weights"),
 }

@@ -53,3 +53,14 @@ def test_summary_table(tmp_path, capsys):
     assert out[2] == f"| {run} | 12.3 | 30.0 | 9.0 | 5.0 | 15.0 | -1.0 | 7 | 0.50 |"
     assert main(["summary", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_readme_carries_every_benchmark_table_as_last_measured():
+    """Each table of benchmarks/results.md (`samkd bench` output) appears in the README word for word."""
+    results = (ROOT / "benchmarks" / "results.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    sections = re.split(r"(?m)^(?=### )", results)[1:]
+    assert sections, "benchmarks/results.md has no table"
+    for section in sections:
+        title = section.splitlines()[0]
+        assert section.replace("### ", "#### ", 1).strip() in readme, f"README's copy of {title!r} is stale"
