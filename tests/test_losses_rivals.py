@@ -167,6 +167,7 @@ def test_pkd_gradient_stays_finite_for_a_constant_channel():
     s[:, 1] = 0.5
     s.requires_grad_(True)
     t = torch.randn(4, 3, 1, 1)
+
     def taps(feature):
         return Taps(features=[feature], cls_logits=[], num_anchors=1, num_logit_classes=1)
 
