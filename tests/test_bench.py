@@ -255,3 +255,17 @@ def test_unknown_methods_are_refused_by_the_bench_and_the_cost_profile(tmp_path)
     with pytest.raises(ValueError, match="unknown method.*mgdd"):
         run_bench(out_dir=str(tmp_path), quick=True, methods=["mgdd"])
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_the_retinanet_teacher_starts_from_imagenet_and_students_read_it_from_its_checkpoint(tmp_path):
+    suite = SUITES["retinanet"]
+    raw = _teacher_raw(dict(QUICK), tmp_path, suite.arch, suite.teacher_backbone, **suite.teacher_extra)
+    assert raw["model"]["backbone"] == "efficientnet_lite0" and raw["model"]["backbone_weights"] == "IMAGENET"
+    assert raw["model"]["detector_kwargs"] == {"fg_iou_thresh": 0.4, "bg_iou_thresh": 0.3}
+    student = bench._student_raw(dict(QUICK), tmp_path, suite, 0, {"mgd": {}}, "teacher.pt")
+    assert student["teacher"]["backbone"] == "efficientnet_lite0" and student["teacher"]["checkpoint"] == "teacher.pt"
+    assert "backbone_weights" not in student["teacher"]  # the trained weights alone, not ImageNet's again
+    assert student["model"]["backbone"] == "resnet18" and "backbone_weights" not in student["model"]
+    fcos = _teacher_raw(dict(QUICK), tmp_path, "fcos")  # the other families keep a from-scratch ResNet-50
+    assert fcos["model"]["backbone"] == "resnet50" and "backbone_weights" not in fcos["model"]
+    assert fcos["train"]["max_steps"] == QUICK["teacher_steps"]
