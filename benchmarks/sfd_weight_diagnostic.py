@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     p = bench._params(False)
     work = Path(args.work_dir).resolve()
-    ((root, teacher),) = bench._teachers(p, work, "fcos", (bench.TUNE_DATA_SEED,), 1, True).values()
+    ((root, teacher),) = bench._teachers(p, work, bench.SUITES["fcos"], (bench.TUNE_DATA_SEED,), 1, True).values()
     ckpt = str(bench.weights_file(teacher))
     runs = [(bench._student_raw(p, root, bench.SUITES["fcos"], bench.TUNE_SEED, spec, ckpt),
              f"diag-{name}-s{bench.TUNE_SEED}") for name, spec in VARIANTS.items()]

@@ -269,3 +269,43 @@ def test_the_retinanet_teacher_starts_from_imagenet_and_students_read_it_from_it
     fcos = _teacher_raw(dict(QUICK), tmp_path, "fcos")  # the other families keep a from-scratch ResNet-50
     assert fcos["model"]["backbone"] == "resnet50" and "backbone_weights" not in fcos["model"]
     assert fcos["train"]["max_steps"] == QUICK["teacher_steps"]
+
+
+@pytest.mark.parametrize("script", ["sfd_weight_diagnostic.py", "retinanet_sfd_diagnostic.py"])
+def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, tmp_path, monkeypatch, capsys):
+    """The README's diagnostics call the bench's internals: a change there must not leave them broken."""
+    import importlib.util
+    import sys
+
+    from samkd.config import config_from_dict
+    from samkd.losses import loss_params
+
+    teacher_dir = tmp_path / "teacher"
+    teacher_dir.mkdir()
+    (teacher_dir / "model.pt").write_bytes(b"")
+    trained = []
+
+    def fake_teachers(p, work, suite, data_seeds, jobs, quiet):
+        assert isinstance(suite, bench.Suite) and len(data_seeds) == 1
+        return {ds: (tmp_path / "data", {"output_dir": str(teacher_dir)}) for ds in data_seeds}
+
+    def fake_run_all(runs, work, jobs):
+        for raw, name in runs:
+            cfg = config_from_dict({**raw, "output_dir": str(tmp_path / name)}, source=name)
+            trained.append((cfg, raw))
+        return [{"output_dir": str(tmp_path), "metrics": {"AP": 1.0, "AP50": 2.0}} for _ in runs]
+
+    monkeypatch.setattr(bench, "_teachers", fake_teachers)
+    monkeypatch.setattr(bench, "_run_all", fake_run_all)
+    monkeypatch.setattr(bench, "kd_to_task_loss", lambda path: 1.0)
+    monkeypatch.setattr(sys, "argv", [script, "--work-dir", str(tmp_path)])
+    spec = importlib.util.spec_from_file_location(script[:-3], REPO / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    variants = module.VARIANTS
+    assert len(trained) == len(variants) and capsys.readouterr().out.count("AP 1.0") == len(variants)
+    assert [raw["distill"]["losses"] for _, raw in trained] == list(variants.values())
+    assert all(raw["teacher"]["checkpoint"] == str(teacher_dir / "model.pt") for _, raw in trained)
+    four_x = [spec["samkd"]["alpha_sfd"] for name, spec in variants.items() if "alpha4x" in name]
+    assert four_x and all(a == 4 * loss_params("samkd")["alpha_sfd"] for a in four_x)
