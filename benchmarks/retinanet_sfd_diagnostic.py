@@ -39,14 +39,12 @@ def main() -> None:
     parser.add_argument("--out", help="also write the results here (JSON), e.g. benchmarks/retinanet_sfd_diagnostic.json")
     args = parser.parse_args()
     p = bench._params(False, **PARAMS)
-    suite = bench.SUITES["retinanet"]
     work = Path(args.work_dir).resolve()
-    ((root, teacher),) = bench._teachers(p, work, suite, (DATA_SEED,), 1, True).values()
-    ckpt = str(bench.weights_file(teacher))
-    runs = [(bench._student_raw(p, root, suite, SEED, spec, ckpt), f"diag-retinanet-{name}-d{DATA_SEED}-s{SEED}")
-            for name, spec in VARIANTS.items()]
+    _, done = bench.students_on_one_teacher(
+        p, work, bench.SUITES["retinanet"], DATA_SEED, SEED,
+        {f"diag-retinanet-{name}-d{DATA_SEED}-s{SEED}": spec for name, spec in VARIANTS.items()}, args.jobs)
     results = {}
-    for (raw, name), summary in zip(runs, bench._run_all(runs, work, args.jobs)):
+    for name, (raw, summary) in done.items():
         ratio = bench.kd_to_task_loss(Path(summary["output_dir"]) / "train.csv")
         results[name] = {"losses": raw["distill"]["losses"], "metrics": summary["metrics"], "kd_to_task": ratio}
         print(f"{name}: AP {summary['metrics']['AP']:.1f} AP50 {summary['metrics']['AP50']:.1f} "

@@ -25,11 +25,10 @@ def main() -> None:
     args = parser.parse_args()
     p = bench._params(False)
     work = Path(args.work_dir).resolve()
-    ((root, teacher),) = bench._teachers(p, work, bench.SUITES["fcos"], (bench.TUNE_DATA_SEED,), 1, True).values()
-    ckpt = str(bench.weights_file(teacher))
-    runs = [(bench._student_raw(p, root, bench.SUITES["fcos"], bench.TUNE_SEED, spec, ckpt),
-             f"diag-{name}-s{bench.TUNE_SEED}") for name, spec in VARIANTS.items()]
-    for (_, name), summary in zip(runs, bench._run_all(runs, work, args.jobs)):
+    _, done = bench.students_on_one_teacher(
+        p, work, bench.SUITES["fcos"], bench.TUNE_DATA_SEED, bench.TUNE_SEED,
+        {f"diag-{name}-s{bench.TUNE_SEED}": spec for name, spec in VARIANTS.items()}, args.jobs)
+    for name, (_, summary) in done.items():
         print(f"{name}: AP {summary['metrics']['AP']:.1f} AP50 {summary['metrics']['AP50']:.1f}")
 
 

@@ -276,6 +276,18 @@ def _teachers(p: dict, work: Path, suite: Suite, data_seeds, jobs: int, quiet: b
     return {ds: (roots[ds], s) for ds, s in zip(data_seeds, summaries)}
 
 
+def students_on_one_teacher(p: dict, work: Path, suite: Suite, data_seed: int, seed: int,
+                            variants: dict[str, Optional[dict]], jobs: int, quiet: bool = True
+                            ) -> tuple[dict, dict[str, tuple[dict, dict]]]:
+    """One student per ``{run name: losses}`` (``None``: the student alone) on the suite's teacher for
+    ``data_seed``, training seed ``seed`` (the tuning grid, the diagnostics). Returns the teacher's summary and
+    ``{run name: (run config, summary)}``."""
+    ((root, teacher),) = _teachers(p, work, suite, (data_seed,), jobs, quiet).values()
+    ckpt = str(weights_file(teacher))
+    runs = [(_student_raw(p, root, suite, seed, losses, ckpt), name) for name, losses in variants.items()]
+    return teacher, {name: (raw, summary) for (raw, name), summary in zip(runs, _run_all(runs, work, jobs))}
+
+
 # ------------------------------------------------------------------------------------------------ costs
 def _timed_step(model, call) -> float:
     params = [q for q in model.parameters() if q.requires_grad]
@@ -663,13 +675,12 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
     work = Path(work_dir) if work_dir else out / "work"
     suite = SUITES["fcos"]
     tuned = [m for m in TUNED_METHODS if not methods or m in methods]
-    ((root, teacher),) = _teachers(p, work, suite, (TUNE_DATA_SEED,), jobs, quick).values()
-    ckpt = str(weights_file(teacher))
-    plan = [("student", None)] + [(m, f) for m in tuned for f in TUNE_FACTORS]
-    runs = [(_student_raw(p, root, suite, TUNE_SEED, method_losses(m, {m: f}) if f else None, ckpt),
-             f"tune-{m}" + (f"-w{f:g}" if f else "") + f"-s{TUNE_SEED}") for m, f in plan]
-    summaries = _run_all(runs, work, jobs)
-    ap = {(m, f): float((s["metrics"] or {}).get("AP", 0.0)) for (m, f), s in zip(plan, summaries)}
+    plan = {(m, f): f"tune-{m}" + (f"-w{f:g}" if f else "") + f"-s{TUNE_SEED}"
+            for m, f in [("student", None)] + [(m, f) for m in tuned for f in TUNE_FACTORS]}
+    teacher, done = students_on_one_teacher(
+        p, work, suite, TUNE_DATA_SEED, TUNE_SEED,
+        {name: method_losses(m, {m: f}) if f else None for (m, f), name in plan.items()}, jobs, quick)
+    ap = {key: float((done[name][1]["metrics"] or {}).get("AP", 0.0)) for key, name in plan.items()}
     base = ap[("student", None)]
     grid = {m: {f"{f:g}": ap[(m, f)] for f in TUNE_FACTORS} for m in tuned}
     best = {m: float(max(TUNE_FACTORS, key=lambda f: (ap[(m, f)], f == 1.0))) for m in tuned}

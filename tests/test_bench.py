@@ -291,8 +291,8 @@ def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, 
 
     def fake_run_all(runs, work, jobs):
         for raw, name in runs:
-            cfg = config_from_dict({**raw, "output_dir": str(tmp_path / name)}, source=name)
-            trained.append((cfg, raw))
+            config_from_dict({**raw, "output_dir": str(tmp_path / name)}, source=name)  # a config train() accepts
+            trained.append(raw)
         return [{"output_dir": str(tmp_path), "metrics": {"AP": 1.0, "AP50": 2.0}} for _ in runs]
 
     monkeypatch.setattr(bench, "_teachers", fake_teachers)
@@ -305,7 +305,7 @@ def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, 
     module.main()
     variants = module.VARIANTS
     assert len(trained) == len(variants) and capsys.readouterr().out.count("AP 1.0") == len(variants)
-    assert [raw["distill"]["losses"] for _, raw in trained] == list(variants.values())
-    assert all(raw["teacher"]["checkpoint"] == str(teacher_dir / "model.pt") for _, raw in trained)
+    assert [raw["distill"]["losses"] for raw in trained] == list(variants.values())
+    assert all(raw["teacher"]["checkpoint"] == str(teacher_dir / "model.pt") for raw in trained)
     four_x = [spec["samkd"]["alpha_sfd"] for name, spec in variants.items() if "alpha4x" in name]
     assert four_x and all(a == 4 * loss_params("samkd")["alpha_sfd"] for a in four_x)
