@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks")
     p.add_argument("--work-dir", default=None, help="cache for data, teachers and runs (default: <out>/work)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (CI): checks it runs and writes files")
-    p.add_argument("--suite", choices=("fcos", "retinanet", "faster_rcnn", "pretrained", "all"), default="fcos",
+    from .bench import SUITES
+    p.add_argument("--suite", choices=(*SUITES, "all"), default="fcos",
                    help="which table to (re)build; results of other suites already in results.json are kept")
     p.add_argument("--methods", nargs="+", default=None, help="only these rows (default: the suite's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the suite's)")

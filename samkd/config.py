@@ -97,12 +97,12 @@ class DataConfig:
 class ModelConfig:
     # Defaults are build_detector's own (one place): see samkd.models.build_detector.
     arch: str = _builder_default("arch")  # fcos | retinanet | faster_rcnn
-    backbone: str = _builder_default("backbone")  # resnet18/34/50/101 | mobilenet_v3_large | efficientnet_lite0
+    backbone: str = _builder_default("backbone")  # resnet18/34/50/101 | mobilenet_v3_large | efficientnet_lite0/1/2
     num_classes: Optional[int] = None  # including background; None: from the training set
     min_size: int = _builder_default("min_size")
     max_size: int = _builder_default("max_size")
     weights: Optional[str] = None  # torchvision detector weights, e.g. DEFAULT
-    backbone_weights: Optional[str] = None  # ImageNet weights: IMAGENET1K_V1 (torchvision) | IMAGENET (efficientnet_lite0)
+    backbone_weights: Optional[str] = None  # ImageNet weights: IMAGENET1K_V1 (torchvision) | IMAGENET (efficientnet_lite0/1/2)
     checkpoint: Optional[str] = None  # local state dict / samkd checkpoint
     trainable_backbone_layers: Optional[int] = None
     anchor_sizes: Optional[list[float]] = None  # one base size per FPN level; None: torchvision default

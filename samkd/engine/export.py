@@ -46,8 +46,8 @@ def torchvision_code(m: ModelConfig, num_classes: int, frozen_bn: bool, state_pa
                      f"norm_layer={norm}, trainable_layers=6, returned_layers={returned}, extra_blocks={extra})")
     else:  # timm body + torchvision FPN: needs timm (and samkd's small wrapper) to rebuild
         lines.append("from samkd.models.families import family")
-        lines.append("from samkd.models.timm_backbone import efficientnet_lite0_fpn")
-        lines.append(f"backbone = efficientnet_lite0_fpn(family({m.arch!r}), None, None)")
+        lines.append("from samkd.models.timm_backbone import efficientnet_lite_fpn")
+        lines.append(f"backbone = efficientnet_lite_fpn({m.backbone!r}, family({m.arch!r}), None, None)")
         if frozen_bn:
             lines.append("backbone.freeze_batchnorm()")
     kwargs = [f"min_size={m.min_size}", f"max_size={m.max_size}"]

