@@ -1,17 +1,19 @@
 """YAML experiment configs, validated against typed dataclasses.
 
 Every error names the file and the dotted key at fault (``configs/x.yaml: train.lr: expected a number, got
-'fast'``); unknown keys are refused with the closest known key suggested; values out of range (:data:`RULES`)
+'fast'``); unknown keys are refused with the closest known key suggested; values out of range (:func:`rules`)
 are refused before any work. ``--set key=value`` overrides are applied to the raw YAML before validation,
 their values parsed as YAML (``--set train.lr=0.02``). Numbers may be written ``5e-4`` (a string to YAML 1.1).
-Names that pick code (archs, optimizers, losses, ...) are checked against the tables their owners export.
+Names that pick code (archs, optimizers, losses, ...) are checked against the tables their owners export, and
+the ranges of values that code owns (``num_classes``, ``flip_prob``, ...) are the owners' own.
+
+This module imports neither torch nor torchvision: the owners' tables are read when a config is validated.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
-import math
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -20,9 +22,11 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .errors import ConfigError
+from .ranges import POSITIVE, Range, at_least, between
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file and key."""
+__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "ModelConfig", "TrainConfig", "config_from_dict",
+           "dump_config", "load_config", "parse_overrides", "read_yaml", "rules"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -55,16 +59,9 @@ def _suggest(key: str, known) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
 
 
-def _builder_default(name: str):
-    """A default of :func:`samkd.models.build_detector`, so that a model block and the builder cannot disagree."""
-    from .models import build_detector
-    return inspect.signature(build_detector).parameters[name].default
-
-
-def _distiller_default(name: str):
-    """A default of :class:`samkd.distill.Distiller`."""
-    from .distill import Distiller
-    return inspect.signature(Distiller.__init__).parameters[name].default
+class LossParam:
+    """The type of a loss parameter: a number, a flag or a list of numbers; numbers written as text (dicts read
+    with plain ``yaml.safe_load``: ``"5e-5"``) become numbers when the config is read."""
 
 
 @dataclass
@@ -95,12 +92,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # Defaults are build_detector's own (one place): see samkd.models.build_detector.
-    arch: str = _builder_default("arch")  # fcos | retinanet | faster_rcnn
-    backbone: str = _builder_default("backbone")  # resnet18/34/50/101 | mobilenet_v3_large | efficientnet_lite0/1/2
+    # The defaults are samkd.models.build_detector's (tests/test_cli.py checks that they agree).
+    arch: str = "fcos"  # fcos | retinanet | faster_rcnn (samkd.models.ARCHS)
+    backbone: str = "resnet18"  # resnet18/34/50/101 | mobilenet_v3_large | efficientnet_lite0/1/2
     num_classes: Optional[int] = None  # including background; None: from the training set
-    min_size: int = _builder_default("min_size")
-    max_size: int = _builder_default("max_size")
+    min_size: int = 800
+    max_size: int = 1333
     weights: Optional[str] = None  # torchvision detector weights, e.g. DEFAULT
     backbone_weights: Optional[str] = None  # ImageNet weights: IMAGENET1K_V1 (torchvision) | IMAGENET (efficientnet_lite0/1/2)
     checkpoint: Optional[str] = None  # local state dict / samkd checkpoint
@@ -147,15 +144,15 @@ class TrainConfig:
 @dataclass
 class DistillConfig:
     # {loss name: {param: value}}, e.g. {samkd: {weight: 1.0, mask_ratio: 0.5}}; see samkd.losses.LOSSES
-    losses: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
+    losses: dict[str, Optional[dict[str, LossParam]]] = field(default_factory=dict)
     init_student_from_teacher: bool = False
     stop_distill_at: Optional[int] = None  # epoch
     # standardize: each FPN map of both models -> zero mean, unit variance per image before the losses (scale
     # free: a teacher trained another way may have features 50x the student's) | none: the published formulas
-    feature_norm: str = _distiller_default("feature_norm")
+    feature_norm: str = "standardize"  # the Distiller's defaults (tests/test_cli.py checks that they agree)
     # dtype of the teacher's forward: auto (bfloat16 autocast on CUDA, float16 where bf16 is unsupported; float32 on
     # CPU) | float32 | bfloat16 | float16. The losses compute in float32.
-    teacher_precision: str = _distiller_default("teacher_precision")
+    teacher_precision: str = "auto"
 
 
 @dataclass
@@ -188,6 +185,8 @@ def _coerce(value: Any, tp, where: str):
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if tp is LossParam:
+        return [_number(x) for x in value] if isinstance(value, list) else _number(value)
     if origin is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -233,9 +232,8 @@ def _check_choices(cfg: Config, where: str) -> None:
     """Names that select code (arch, optimizer, loss, ...) are checked against the tables of the code's owners."""
     from .data.coco import LABEL_MODES
     from .distill import FEATURE_NORMS, TEACHER_PRECISIONS
-    from .engine.train import OPTIMIZERS, SCHEDULERS
-    from .losses import LOSSES, loss_params
-    from .models import ARCHS, BACKBONES
+    from .engine.optim import OPTIMIZERS, SCHEDULERS
+    from .models.families import ARCHS, family
 
     def choice(value, allowed, key):
         if value not in allowed:
@@ -245,62 +243,67 @@ def _check_choices(cfg: Config, where: str) -> None:
         m = getattr(cfg, block)
         if m is not None:
             choice(m.arch, ARCHS, f"{block}.arch")
-            choice(m.backbone, BACKBONES, f"{block}.backbone")
+            choice(m.backbone, family(m.arch).backbones, f"{block}.backbone")
     choice(cfg.data.label_mode, LABEL_MODES, "data.label_mode")
     choice(cfg.train.optimizer, tuple(OPTIMIZERS), "train.optimizer")
     choice(cfg.train.scheduler, tuple(SCHEDULERS), "train.scheduler")
     if cfg.distill is not None:
         choice(cfg.distill.feature_norm, FEATURE_NORMS, "distill.feature_norm")
         choice(cfg.distill.teacher_precision, TEACHER_PRECISIONS, "distill.teacher_precision")
-        for name, params in cfg.distill.losses.items():
-            choice(name, sorted(LOSSES), "distill.losses")
-            accepted = loss_params(name)
-            for key in params or {}:
-                if key not in accepted:
-                    raise ConfigError(f"{where}distill.losses.{name}: unknown parameter '{key}'"
-                                      f"{_suggest(key, accepted)}")
-            if params:  # typed Any: every loss parameter is a number, a flag or a list of numbers
-                cfg.distill.losses[name] = {k: [_number(x) for x in v] if isinstance(v, list) else _number(v)
-                                            for k, v in params.items()}
+        _check_losses(cfg.distill.losses, where, choice)
         if cfg.teacher is None:
             raise ConfigError(f"{where}distill needs a 'teacher' block (arch, backbone, checkpoint, ...)")
 
 
-def _at_least(n):
-    return lambda v: v >= n, f"must be >= {n}"
+def _check_losses(losses: dict, where: str, choice) -> None:
+    from .losses import LOSSES, loss_params
+
+    for name, params in losses.items():
+        choice(name, sorted(LOSSES), "distill.losses")
+        accepted = loss_params(name)
+        for key in params or {}:
+            if key not in accepted:
+                raise ConfigError(f"{where}distill.losses.{name}: unknown parameter '{key}'{_suggest(key, accepted)}")
 
 
-def _between(lo, hi, lo_open=False):
-    return (lambda v: (lo < v if lo_open else lo <= v) and v <= hi), f"must be in {'[('[lo_open]}{lo}, {hi}]"
-
-
-_POSITIVE = (lambda v: v > 0, "must be > 0")
-# Value ranges, checked in one place for the whole config: "block.field" -> (test, what the value must be).
-# Model rules apply to the teacher block too; None (unset) is always allowed; lists are checked item by item.
+# Value ranges of the values this module owns: "block.field" -> Range. Model ranges apply to the teacher block
+# too; None (unset) is always allowed; lists are checked item by item. rules() adds the ranges other code owns.
 RULES = {
-    "data.batch_size": _at_least(1), "data.val_batch_size": _at_least(1), "data.num_workers": _at_least(0),
-    "data.flip_prob": _between(0, 1), "data.max_val_images": _at_least(1),
-    "model.num_classes": _at_least(2), "model.min_size": _at_least(1), "model.max_size": _at_least(1),
-    "model.anchor_sizes": _POSITIVE, "model.score_thresh": _between(0, 1), "model.detections_per_img": _at_least(1),
-    "train.epochs": _at_least(1), "train.max_steps": _at_least(1), "train.lr": _POSITIVE,
-    "train.momentum": _between(0, 1), "train.weight_decay": _at_least(0), "train.milestones": _between(0, 1),
-    "train.gamma": _between(0, 1, lo_open=True), "train.warmup_steps": _at_least(0),
-    "train.warmup_factor": _between(0, 1), "train.grad_clip": _POSITIVE, "train.log_every": _at_least(1),
-    "train.eval_every": _at_least(0), "train.checkpoint_every": _at_least(0),
-    "train.checkpoint_every_steps": _at_least(0), "train.keep_checkpoints": _at_least(0),
-    "distill.stop_distill_at": _at_least(0),
+    "data.num_workers": at_least(0), "data.max_val_images": at_least(1),
+    "model.min_size": at_least(1), "model.max_size": at_least(1), "model.anchor_sizes": POSITIVE,
+    "model.score_thresh": between(0, 1), "model.detections_per_img": at_least(1),
+    "train.epochs": at_least(1), "train.max_steps": at_least(1), "train.lr": POSITIVE,
+    "train.momentum": between(0, 1), "train.weight_decay": at_least(0), "train.milestones": between(0, 1),
+    "train.gamma": between(0, 1, lo_open=True), "train.warmup_steps": at_least(0),
+    "train.warmup_factor": between(0, 1), "train.grad_clip": POSITIVE, "train.log_every": at_least(1),
+    "train.eval_every": at_least(0), "train.checkpoint_every": at_least(0),
+    "train.checkpoint_every_steps": at_least(0), "distill.stop_distill_at": at_least(0),
 }
 
 
+@functools.lru_cache(maxsize=None)
+def rules() -> dict[str, Range]:
+    """Every range a config is checked against: :data:`RULES` and the ranges their owners declare (the data
+    loader's batch size, the flip probability, the class count, the number of checkpoints kept)."""
+    from .data.collate import BATCH_SIZE
+    from .data.transforms import FLIP_PROB
+    from .engine.checkpoint import KEEP_CHECKPOINTS
+    from .models.builders import NUM_CLASSES
+
+    owned = {"data.batch_size": BATCH_SIZE, "data.val_batch_size": BATCH_SIZE, "data.flip_prob": FLIP_PROB,
+             "model.num_classes": NUM_CLASSES, "train.keep_checkpoints": KEEP_CHECKPOINTS}
+    table = {**RULES, **owned}
+    return {**table, **{k.replace("model.", "teacher.", 1): r for k, r in table.items() if k.startswith("model.")}}
+
+
 def _check_ranges(cfg: Config, where: str) -> None:
-    rules = dict(RULES, **{k.replace("model.", "teacher.", 1): r for k, r in RULES.items() if k.startswith("model.")})
-    for key, (ok, must) in rules.items():
+    for key, rule in rules().items():
         block, name = key.split(".")
         value = getattr(getattr(cfg, block), name, None) if getattr(cfg, block) is not None else None
         items = enumerate(value) if isinstance(value, list) else [(None, value)]
         for i, v in items:
-            if v is not None and (not math.isfinite(v) or not ok(v)):
-                raise ConfigError(f"{where}{key}{'' if i is None else f'[{i}]'}: {must}, got {v!r}")
+            if v is not None and not rule.allows(v):
+                raise ConfigError(f"{where}{key}{'' if i is None else f'[{i}]'}: {rule.must}, got {v!r}")
 
 
 def parse_overrides(overrides: list[str]) -> dict:

@@ -199,6 +199,36 @@ def test_eval_command(tmp_path, capsys, tiny_data):
     assert "none.pt" in err
 
 
+def test_eval_reads_the_validation_set_only(tmp_path, capsys, tiny_data, monkeypatch):
+    """Scoring needs the validation images: the training annotations (COCO: a large file, 118k images to check)
+    are neither parsed nor checked, and ``max_val_images`` limits what is scored, as in training."""
+    import torch
+
+    from samkd.engine import evaluate as evaluate_module
+    from samkd.models import build_detector
+    raw = tiny_config_dict(tiny_data, tmp_path / "out")
+    raw["data"] = {"train_ann": str(tmp_path / "no_train.json"), "train_images": str(tmp_path / "no_images"),
+                   "val_ann": str(tiny_data / "annotations/val.json"), "val_images": str(tiny_data / "images/val"),
+                   "val_batch_size": 2, "max_val_images": 3}
+    model = {k: v for k, v in raw["model"].items() if k not in ("arch", "backbone")}
+    ckpt = tmp_path / "model.pt"
+    torch.save({"student": build_detector("fcos", "resnet18", num_classes=6, **model).state_dict()}, ckpt)
+    scored = []
+    real_evaluate = evaluate_module.evaluate
+
+    def recording(model, loader, *args, **kwargs):
+        scored.extend(i for _, targets in loader for i in (t["image_id"] for t in targets))
+        return real_evaluate(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", recording)
+    for data in (raw["data"], {k: v for k, v in raw["data"].items() if not k.startswith("train")}):
+        cfg = _write(tmp_path / "c.yaml", {**raw, "data": data})
+        assert main(["eval", "--config", str(cfg), "--checkpoint", str(ckpt)]) == 0, capsys.readouterr().err
+        assert set(json.loads(capsys.readouterr().out)) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert len(scored) == 3
+        scored.clear()
+
+
 def test_scientific_notation_is_a_number(tmp_path):
     # YAML 1.1 (PyYAML) reads 5e-4 as the string '5e-4'; config files are read as YAML 1.2 numbers.
     cfg = _write(tmp_path / "c.yaml", "train: {lr: 5e-4, weight_decay: 1E-5}\nmodel: {score_thresh: 5.e-2}\n"
@@ -254,6 +284,8 @@ def test_scientific_notation_on_the_command_line(tmp_path, tiny_data, capsys):
     ("model.score_thresh", 1.5, "must be in [0, 1]"),
     ("model.num_classes", 1, "must be >= 2"),
     ("teacher.min_size", 0, "must be >= 1"),
+    ("model.detections_per_img", 0, "must be >= 1"),
+    ("distill.stop_distill_at", -1, "must be >= 0"),
     ("train.lr", ".nan", "must be > 0, got nan"),
 ])
 def test_out_of_range_values_exit_2_before_anything_is_written(tmp_path, capsys, tiny_data, key, value, fragment):
@@ -264,7 +296,7 @@ def test_out_of_range_values_exit_2_before_anything_is_written(tmp_path, capsys,
         assert str(cfg) in err and key in err and fragment in err, err
     # the same from the file itself
     block, name = key.split(".")
-    raw[block][name] = yaml.safe_load(str(value)) if isinstance(value, str) else value
+    raw.setdefault(block, {})[name] = yaml.safe_load(str(value)) if isinstance(value, str) else value
     err = _err(capsys, ["train", "-c", str(_write(tmp_path / "d.yaml", raw))])
     assert f"d.yaml: {key}" in err and fragment in err
     assert not (tmp_path / "out").exists()
@@ -277,9 +309,51 @@ def test_unknown_loss_parameter_suggests_by_prefix(tmp_path, capsys):
     assert "unknown parameter 'mask_ratio_value' (did you mean 'mask_ratio'?)" in err
 
 
+def test_ranges_come_from_their_owners():
+    """The values other code owns are refused there and in a config with the same words."""
+    from samkd.config import rules
+    from samkd.data import build_transforms
+    from samkd.data.collate import BATCH_SIZE
+    from samkd.engine.checkpoint import prune_checkpoints
+    from samkd.models import ModelConfigError, build_detector
+    from samkd.models.builders import NUM_CLASSES
+    assert rules()["model.num_classes"] is NUM_CLASSES and rules()["teacher.num_classes"] is NUM_CLASSES
+    assert rules()["data.batch_size"] is BATCH_SIZE is rules()["data.val_batch_size"]
+    with pytest.raises(ModelConfigError, match="must be >= 2, got 1"):
+        build_detector("fcos", "resnet18", num_classes=1)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got 1.5"):
+        build_transforms(True, flip_prob=1.5)
+    with pytest.raises(ValueError, match="must be >= 0, got -1"):
+        prune_checkpoints(".", -1)
+
+
+def test_config_defaults_are_those_of_the_builder_and_the_distiller():
+    import inspect
+
+    from samkd.config import DistillConfig, ModelConfig
+    from samkd.distill import Distiller
+    from samkd.models import build_detector
+    builder = inspect.signature(build_detector).parameters
+    for name in ("arch", "backbone", "min_size", "max_size"):
+        assert getattr(ModelConfig(), name) == builder[name].default, name
+    distiller = inspect.signature(Distiller.__init__).parameters
+    for name in ("feature_norm", "teacher_precision"):
+        assert getattr(DistillConfig(), name) == distiller[name].default, name
+
+
+def test_reading_a_config_loads_neither_torch_nor_torchvision():
+    import subprocess
+    import sys
+    code = ("import sys, samkd.config as c; c.read_yaml; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_choices_come_from_their_owners():
     from samkd.config import config_from_dict
-    from samkd.engine.train import OPTIMIZERS, SCHEDULERS
+    from samkd.engine.optim import OPTIMIZERS, SCHEDULERS
     for key, owner in (("train.optimizer", OPTIMIZERS), ("train.scheduler", SCHEDULERS)):
         block, name = key.split(".")
         with pytest.raises(ConfigError, match=", ".join(owner)):

@@ -2,7 +2,7 @@
 
 from .coco import CocoDetection
 from .collate import build_loader, collate_fn, set_epoch
-from .errors import DatasetError
+from ..errors import DatasetError
 from .synthetic import SHAPE_CLASSES, make_synthetic_dataset
 from .transforms import Compose, RandomHorizontalFlip, RandomResize, build_transforms
 

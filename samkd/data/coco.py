@@ -1,7 +1,7 @@
 """COCO-format detection dataset for torchvision detectors.
 
 The annotation file is parsed and validated up front, so that a bad dataset
-fails at construction time with a :class:`~samkd.data.errors.DatasetError`
+fails at construction time with a :class:`~samkd.errors.DatasetError`
 that names the file and the record/field at fault, instead of half-way
 through a training run.
 
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 __all__ = ["CocoDetection", "LABEL_MODES"]
 
@@ -150,10 +150,23 @@ class CocoDetection(Dataset):
                 raise DatasetError(
                     f"{name}: top-level field '{key}' must be a list, got {type(data[key]).__name__}"
                 )
+        cats = self._parse_categories(data["categories"])
+        images = self._parse_images(data["images"])
+        per_image = self._parse_annotations(data["annotations"], cats, images)
+        self._check_image_files(images)
+        self._images = images
+        self._targets: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        for iid, (boxes, labels) in per_image.items():
+            self._targets[iid] = (
+                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                torch.tensor(labels, dtype=torch.int64).reshape(-1),
+            )
 
-        # ---- categories
+    def _parse_categories(self, categories: List[Any]) -> Dict[int, str]:
+        """``{category id: name}``; sets the label maps, ``class_names`` and ``num_classes``."""
+        name = self.ann_file
         cats: Dict[int, str] = {}
-        for i, c in enumerate(data["categories"]):
+        for i, c in enumerate(categories):
             where = _rec("category", i, c)
             _require_fields(name, where, c, ("id",))
             if not _is_int(c["id"]):
@@ -167,11 +180,14 @@ class CocoDetection(Dataset):
             cats[cid] = cname
         if not cats:
             raise DatasetError(f"{name}: 'categories' is empty; at least one category is required")
+        self._set_labels(cats)
+        return cats
 
+    def _set_labels(self, cats: Dict[int, str]) -> None:
         sorted_ids = sorted(cats)
         if self.label_mode == "category_id":
             if sorted_ids[0] < 1:
-                raise DatasetError(f"{name}: label_mode 'category_id' needs category ids >= 1 (0 is the "
+                raise DatasetError(f"{self.ann_file}: label_mode 'category_id' needs category ids >= 1 (0 is the "
                                    f"background), got id {sorted_ids[0]}")
             # Every id up to the largest is a label (unused ones too: a pretrained head predicts them, and
             # COCOeval ignores categories that are not in the ground truth).
@@ -183,11 +199,13 @@ class CocoDetection(Dataset):
         self.cat_id_to_label: Dict[int, int] = {cid: lab for lab, cid in self.label_to_cat_id.items() if cid in cats}
         self.num_classes: int = len(self.class_names) + 1
 
-        # ---- images
-        if not data["images"]:
+    def _parse_images(self, records: List[Any]) -> Dict[int, Dict[str, Any]]:
+        """``{image id: record}``; sets ``image_ids`` (file order)."""
+        name = self.ann_file
+        if not records:
             raise DatasetError(f"{name}: dataset is empty ('images' is an empty list)")
         images: Dict[int, Dict[str, Any]] = {}
-        for i, im in enumerate(data["images"]):
+        for i, im in enumerate(records):
             where = _rec("image", i, im)
             _require_fields(name, where, im, ("id", "file_name", "width", "height"))
             if not _is_int(im["id"]):
@@ -204,74 +222,79 @@ class CocoDetection(Dataset):
             if iid in images:
                 raise DatasetError(f"{name}: {where}: duplicate image id {iid}")
             images[iid] = im
-        self.image_ids: List[int] = [int(im["id"]) for im in data["images"]]
+        self.image_ids: List[int] = [int(im["id"]) for im in records]
+        return images
 
-        # ---- annotations
+    def _checked_annotation(self, i: int, a: Any, cats: Dict[int, str], images: Dict[int, Any],
+                            seen: set) -> Optional[Tuple[int, int, List[float]]]:
+        """``(image id, category id, [x, y, w, h])`` of a valid annotation, ``None`` for a crowd region."""
+        name, where = self.ann_file, _rec("annotation", i, a)
+        _require_fields(name, where, a, ("id", "image_id", "category_id", "bbox"))
+        for field in ("id", "image_id", "category_id"):
+            if not _is_int(a[field]):
+                raise DatasetError(f"{name}: {where}: field '{field}' must be an integer, got {a[field]!r}")
+        aid = int(a["id"])
+        if aid in seen:
+            raise DatasetError(f"{name}: {where}: duplicate annotation id {aid}")
+        seen.add(aid)
+        cid, iid, bbox = int(a["category_id"]), int(a["image_id"]), a["bbox"]
+        if cid not in cats:
+            raise DatasetError(f"{name}: {where}: category_id {cid} is not in 'categories'")
+        if iid not in images:
+            raise DatasetError(f"{name}: {where}: image_id {iid} is not in 'images'")
+        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                or not all(_is_number(v) and math.isfinite(v) for v in bbox)):
+            raise DatasetError(
+                f"{name}: {where}: field 'bbox' must be a list of 4 finite numbers [x, y, w, h], got {bbox!r}")
+        crowd = a.get("iscrowd", 0)
+        if not (_is_number(crowd) and crowd in (0, 1)):
+            raise DatasetError(f"{name}: {where}: field 'iscrowd' must be 0 or 1, got {crowd!r}")
+        return None if crowd == 1 else (iid, cid, [float(v) for v in bbox])
+
+    def _parse_annotations(self, records: List[Any], cats: Dict[int, str], images: Dict[int, Any]
+                           ) -> Dict[int, Tuple[List[List[float]], List[int]]]:
+        """``{image id: (boxes xyxy clipped to the image, labels)}``; crowd regions and empty boxes left out."""
         per_image: Dict[int, Tuple[List[List[float]], List[int]]] = {iid: ([], []) for iid in images}
-        seen_ann: set = set()
+        seen: set = set()
         skipped: List[str] = []
         clipped = 0
-        for i, a in enumerate(data["annotations"]):
-            where = _rec("annotation", i, a)
-            _require_fields(name, where, a, ("id", "image_id", "category_id", "bbox"))
-            for field in ("id", "image_id", "category_id"):
-                if not _is_int(a[field]):
-                    raise DatasetError(
-                        f"{name}: {where}: field '{field}' must be an integer, got {a[field]!r}"
-                    )
-            aid = int(a["id"])
-            if aid in seen_ann:
-                raise DatasetError(f"{name}: {where}: duplicate annotation id {aid}")
-            seen_ann.add(aid)
-            cid = int(a["category_id"])
-            if cid not in cats:
-                raise DatasetError(f"{name}: {where}: category_id {cid} is not in 'categories'")
-            iid = int(a["image_id"])
-            if iid not in images:
-                raise DatasetError(f"{name}: {where}: image_id {iid} is not in 'images'")
-            bbox = a["bbox"]
-            if (
-                not isinstance(bbox, (list, tuple))
-                or len(bbox) != 4
-                or not all(_is_number(v) and math.isfinite(v) for v in bbox)
-            ):
-                raise DatasetError(
-                    f"{name}: {where}: field 'bbox' must be a list of 4 finite numbers [x, y, w, h], got {bbox!r}"
-                )
-            crowd = a.get("iscrowd", 0)
-            if not (_is_number(crowd) and crowd in (0, 1)):
-                raise DatasetError(f"{name}: {where}: field 'iscrowd' must be 0 or 1, got {crowd!r}")
-            if crowd == 1:
+        for i, a in enumerate(records):
+            checked = self._checked_annotation(i, a, cats, images, seen)
+            if checked is None:
                 continue  # ignored for training targets; kept in self.coco for evaluation
+            iid, cid, (x, y, w, h) = checked
             img = images[iid]
             W, H = float(img["width"]), float(img["height"])
-            x, y, w, h = (float(v) for v in bbox)
             x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(W, x + w), min(H, y + h)
             if x2 <= x1 or y2 <= y1:
-                skipped.append(str(aid))
+                skipped.append(str(int(a["id"])))
                 continue
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
                 clipped += 1
             boxes, labels = per_image[iid]
             boxes.append([x1, y1, x2, y2])
             labels.append(self.cat_id_to_label[cid])
-
         self.num_skipped_boxes: int = len(skipped)
         self.num_clipped_boxes: int = clipped
+        self._warn_unusable(skipped, per_image)
+        return per_image
+
+    def _warn_unusable(self, skipped: List[str], per_image: Dict[int, Tuple[list, list]]) -> None:
+        name = self.ann_file
         if skipped:
             listed = ", ".join(skipped[:_MAX_LISTED]) + (", ..." if len(skipped) > _MAX_LISTED else "")
             warnings.warn(
                 f"{name}: skipped {len(skipped)} annotation(s) whose box lies entirely outside the image "
                 f"or has zero/negative area after clipping (annotation ids {listed})",
-                stacklevel=3,
+                stacklevel=5,
             )
-
         if not any(labels for _, labels in per_image.values()):
             # Legal (background-only images are kept), but training on it teaches a detector nothing.
-            warnings.warn(f"{name}: no usable annotations in any of its {len(images)} image(s): a detector "
-                          "trained on it only learns background", stacklevel=3)
+            warnings.warn(f"{name}: no usable annotations in any of its {len(per_image)} image(s): a detector "
+                          "trained on it only learns background", stacklevel=5)
 
-        # ---- image files (check all now, so nothing half-runs)
+    def _check_image_files(self, images: Dict[int, Dict[str, Any]]) -> None:
+        """Every image file must exist now, so that nothing half-runs."""
         missing: List[str] = []
         for iid in self.image_ids:
             path = os.path.join(self.img_dir, images[iid]["file_name"])
@@ -280,16 +303,8 @@ class CocoDetection(Dataset):
         if missing:
             listed = "; ".join(missing[:_MAX_LISTED]) + ("; ..." if len(missing) > _MAX_LISTED else "")
             raise DatasetError(
-                f"{name}: {len(missing)} of {len(self.image_ids)} image file(s) missing under "
+                f"{self.ann_file}: {len(missing)} of {len(self.image_ids)} image file(s) missing under "
                 f"'{self.img_dir}': {listed}"
-            )
-
-        self._images = images
-        self._targets: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        for iid, (boxes, labels) in per_image.items():
-            self._targets[iid] = (
-                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                torch.tensor(labels, dtype=torch.int64).reshape(-1),
             )
 
     # ---------------------------------------------------------------- accessors

@@ -7,7 +7,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-__all__ = ["collate_fn", "build_loader", "set_epoch"]
+from ..ranges import at_least
+
+__all__ = ["BATCH_SIZE", "collate_fn", "build_loader", "set_epoch"]
+
+BATCH_SIZE = at_least(1)  # data.batch_size / val_batch_size are checked against it too (samkd.config.rules)
 
 
 def collate_fn(batch: Sequence[Tuple[Any, Any]]) -> Tuple[List[Any], List[Any]]:
@@ -61,8 +65,7 @@ def build_loader(
     are padded by repeating images so every rank gets the same count;
     evaluation must de-duplicate by ``image_id`` when gathering.
     """
-    if batch_size < 1:
-        raise ValueError(f"build_loader: batch_size must be >= 1, got {batch_size}")
+    BATCH_SIZE.check("build_loader: batch_size", batch_size)
     if distributed or num_replicas is not None:
         sampler = DistributedSampler(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=bool(train), seed=int(seed), drop_last=False

@@ -19,7 +19,11 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Compose", "RandomHorizontalFlip", "RandomResize", "build_transforms"]
+from ..ranges import between
+
+__all__ = ["FLIP_PROB", "Compose", "RandomHorizontalFlip", "RandomResize", "build_transforms"]
+
+FLIP_PROB = between(0, 1)  # data.flip_prob is checked against it too (samkd.config.rules)
 
 Target = Optional[Dict[str, Any]]
 
@@ -47,8 +51,7 @@ class RandomHorizontalFlip:
     """Flip image and boxes left-right with probability ``p``."""
 
     def __init__(self, p: float = 0.5):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomHorizontalFlip: p must be in [0, 1], got {p}")
+        FLIP_PROB.check("RandomHorizontalFlip: p", p)
         self.p = float(p)
 
     def __call__(self, image: torch.Tensor, target: Target = None) -> Tuple[torch.Tensor, Target]:

@@ -31,6 +31,10 @@ from typing import Any, Dict, List, Union
 
 import torch
 
+from ..ranges import at_least
+
+KEEP_CHECKPOINTS = at_least(0)  # train.keep_checkpoints is checked against it too (samkd.config.rules)
+
 __all__ = [
     "save_checkpoint",
     "link_checkpoint",
@@ -248,8 +252,7 @@ def prune_checkpoints(directory: PathLike, keep: int, pattern: str = "step_*.pt"
     ``step_000120.pt``), falling back to modification time for names without
     one.  Returns the deleted paths.  A missing directory is a no-op.
     """
-    if keep < 0:
-        raise ValueError(f"keep must be >= 0, got {keep}")
+    KEEP_CHECKPOINTS.check("prune_checkpoints: keep", keep)
     directory = Path(directory)
     if not directory.is_dir():
         return []
