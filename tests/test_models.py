@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from samkd.models import ModelConfigError
-from samkd.models.adapter import TapAdapter, detector_kind, num_logit_classes
+from samkd.models import FAMILIES, ModelConfigError, family_of
+from samkd.models.adapter import TapAdapter
 from samkd.models.builders import ARCHS, BACKBONES, build_detector, load_state_dict_file
 
 NUM_CLASSES = 6
@@ -37,7 +37,7 @@ def test_fpn_shapes_every_arch_and_backbone(arch, backbone):
     size = 128
     with torch.no_grad():
         feats = model.backbone(torch.zeros(1, 3, size, size))
-    assert len(feats) == 5
+    assert len(feats) == FAMILIES[arch].num_levels == 5
     strides = []
     for f in feats.values():
         assert f.shape[0] == 1 and f.shape[1] == 256
@@ -75,7 +75,7 @@ def test_taps_train_mode(arch):
     images, targets = _images_targets()
     model(images, targets)
     t = taps.collect()
-    A, K = num_logit_classes(model)
+    A, K = family_of(model).logit_layout(model)
     assert t.num_levels == 5 and t.num_anchors == A and t.num_logit_classes == K
     assert t.batch is not None and t.batch.shape[0] == 2 and t.batch.shape[1] == 3
     assert t.batch_shape == tuple(t.batch.shape[-2:])
@@ -121,7 +121,7 @@ def test_taps_eval_run_on_batch(arch):
     proposals = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [10.0, 10.0, 50.0, 60.0]])] * 2
     with torch.no_grad():
         t = taps.run_on_batch(batch, [(64, 64), (64, 64)], proposals=proposals if arch == "faster_rcnn" else None)
-    A, K = num_logit_classes(model)
+    A, K = family_of(model).logit_layout(model)
     assert t.batch is batch and t.batch_shape == (64, 64)
     assert t.num_levels == 5 and len(t.cls_logits) == 5
     for f, c in zip(t.features, t.cls_logits):
@@ -129,9 +129,9 @@ def test_taps_eval_run_on_batch(arch):
         assert c.shape == (2, A * K, f.shape[-2], f.shape[-1])
     if arch == "faster_rcnn":
         assert t.roi_logits.shape == (4, NUM_CLASSES)
-        assert detector_kind(model) == "two_stage"
+        assert family_of(model).kind == "two_stage"
     else:
-        assert detector_kind(model) == "dense"
+        assert family_of(model).kind == "dense" and t.roi_logits is None
 
 
 def test_collect_before_forward_raises():
@@ -200,3 +200,103 @@ def test_detector_kwargs_passed_and_unknown_named():
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
     with pytest.raises(ModelConfigError, match="FCOS takes no argument.*box_batch_size_per_image.*accepts"):
         build_detector("fcos", "resnet18", num_classes=NUM_CLASSES, box_batch_size_per_image=64, **SMALL)
+
+
+# ----------------------------------------------------------------------------------------------- the table
+def test_published_presets_name_parameters_their_losses_take():
+    from samkd.losses import loss_params
+    for fam in FAMILIES.values():
+        for loss, params in fam.loss_presets.items():
+            assert set(params) <= set(loss_params(loss)), (fam.name, loss)
+
+
+def test_preset_losses_fill_only_what_is_unset_and_only_on_raw_features():
+    from samkd.models.families import preset_losses
+    losses = {"mgd": {"alpha_mgd": 1e-6}, "fitnet": None}
+    # MGD's two-stage setting (alpha 5e-7, lambda 0.45): the user's alpha wins, lambda comes from the paper
+    assert preset_losses("faster_rcnn", losses, "none") == {"mgd": {"alpha_mgd": 1e-6, "lambda_mgd": 0.45},
+                                                            "fitnet": {}}
+    assert preset_losses("faster_rcnn", losses, "standardize") == {"mgd": {"alpha_mgd": 1e-6}, "fitnet": {}}
+    assert preset_losses("retinanet", {"freekd": {}}, "none") == {"freekd": {"alpha_freekd": 1.0, "mse_weight": 5.0}}
+    assert preset_losses("fcos", {"fgd": {}}, "none", accepted=lambda name: {"temp"}) == {"fgd": {"temp": 0.8}}
+    assert preset_losses("fcos", {"mgd": {}}, "none") == {"mgd": {}}  # no FCOS preset for MGD
+
+
+def test_family_facts_live_in_the_family_table():
+    """The code that serves every family spells out none of them (adding one = families.py, its builder, tests)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "samkd"
+    facts = ("roi_heads", "rpn", "classification_head", "RetinaNetHead", "GroupNorm", "backbone.fpn", "two_stage",
+             '"head.', "resnet_fpn_backbone", "mobilenet_backbone", "num_levels = 5", "FrozenBatchNorm2d(")
+    for path in ("models/adapter.py", "models/builders.py", "distill.py", "engine/export.py", "engine/train.py"):
+        source = (root / path).read_text()
+        assert not [fact for fact in facts if fact in source], path
+
+
+class _PyramidBackbone(nn.Module):
+    """Three levels of different widths (P3-P5), as an ultralytics neck gives them."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else widths[i - 1], w, 3, stride=8 if i == 0 else 2,
+                                             padding=1) for i, w in enumerate(widths))
+
+    def forward(self, x):
+        from collections import OrderedDict
+        out = OrderedDict()
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            out[f"P{i + 3}"] = x
+        return out
+
+
+class PerLevelDetector(nn.Module):
+    """A detector whose class logits come from one module per level (no anchors, sigmoid): YOLO's layout."""
+
+    def __init__(self, widths=(8, 16, 32), num_classes=3):
+        super().__init__()
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+        self.transform = GeneralizedRCNNTransform(64, 64, [0.0] * 3, [1.0] * 3, size_divisible=32)
+        self.backbone = _PyramidBackbone(widths)
+        self.cls = nn.ModuleList(nn.Conv2d(w, num_classes, 1) for w in widths)
+
+    def forward(self, images, targets=None):
+        batch, targets = self.transform(images, targets)
+        logits = [head(f) for head, f in zip(self.cls, self.backbone(batch.tensors).values())]
+        return {"classification": sum(z.sigmoid().mean() for z in logits)}
+
+
+def test_a_family_with_one_logit_module_per_level_is_tapped(monkeypatch):
+    """What a family answers is all the tap adapter asks: per-level logit modules and per-level widths work."""
+    from dataclasses import dataclass
+
+    from samkd.models.families import Family, TapPoints
+
+    @dataclass(frozen=True)
+    class PerLevelFamily(Family):
+        def tap_points(self, model):
+            return TapPoints(model.transform, model.backbone, tuple(model.cls))
+
+        def run_heads(self, model, features, image_sizes, proposals=None):
+            for head, f in zip(model.cls, features.values()):
+                head(f)
+
+        def logit_layout(self, model):
+            return 1, model.cls[0].out_channels
+
+    monkeypatch.setitem(FAMILIES, "per_level", PerLevelFamily(
+        name="per_level", detector_class=f"{PerLevelDetector.__module__}:PerLevelDetector", kind="dense",
+        num_levels=3))
+    torch.manual_seed(0)
+    model = PerLevelDetector()
+    assert family_of(model).name == "per_level"
+    taps = TapAdapter(model)
+    model([torch.rand(3, 64, 48)], [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1])}])
+    t = taps.collect()
+    assert [f.shape[1] for f in t.features] == [8, 16, 32] and t.level_names == ["P3", "P4", "P5"]
+    assert [tuple(z.shape) for z in t.cls_logits] == [(1, 3, 8, 8), (1, 3, 4, 4), (1, 3, 2, 2)]
+    assert (t.num_anchors, t.num_logit_classes) == (1, 3) and t.strides == [8, 16, 32]
+    with torch.no_grad():
+        again = taps.run_on_batch(t.batch, t.image_sizes)
+    for a, b in zip(again.cls_logits, t.cls_logits):
+        torch.testing.assert_close(a, b)

