@@ -12,13 +12,16 @@ classification head on the very tensor the student's transform produced.
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping, Optional
+import dataclasses
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .errors import DistillConfigError
 from .losses import build_loss, loss_params
+from .losses._common import standardize_over
 from .models.adapter import TapAdapter
 from .models.families import family_of, preset_losses
 from .models.taps import Taps
@@ -32,10 +35,6 @@ TEACHER_PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 _TRANSFORM_FIELDS = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size")
 
 
-class DistillConfigError(ValueError):
-    """Teacher and student cannot be distilled as configured."""
-
-
 def standardize(feat: Tensor, eps: float = 1e-6) -> Tensor:
     """Zero mean, unit variance over ``(C, H, W)`` of each image: removes a map's global offset and scale only.
 
@@ -44,12 +43,7 @@ def standardize(feat: Tensor, eps: float = 1e-6) -> Tensor:
     for O(1) features (MGD's and FGD's coefficients, attention temperatures) then blow up; standardising both
     maps makes them scale free. Per image and level, not per channel: a 1x1 P7 map still has C values.
     """
-    feat = feat.float()  # a bf16/fp16 map (autocast teacher) is standardised in float32
-    flat = feat.flatten(1)
-    mean = flat.mean(dim=1).view(-1, 1, 1, 1)
-    # held at eps from below: std's gradient is NaN for a constant map (see samkd.losses.pkd)
-    std = flat.var(dim=1).clamp_min(eps * eps).sqrt().view(-1, 1, 1, 1)
-    return (feat - mean) / (std + eps)
+    return standardize_over(feat, (1, 2, 3), eps, unbiased=True)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -104,10 +98,11 @@ def copy_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
     """Copy the teacher's neck (FPN) and head into the student wherever names and shapes match.
 
     Returns the copied parameter names. A student whose backbone differs still gets a trained FPN/head,
-    a common warm start in detection KD when the two share their neck and head design.
+    a common warm start in detection KD when the two share their neck and head design. What counts as neck and
+    head is the student family's :attr:`~samkd.models.families.Family.neck_head_prefixes`.
     """
     own = student.state_dict()
-    prefixes = ("backbone.fpn.", "head.", "rpn.", "roi_heads.")
+    prefixes = family_of(student).neck_head_prefixes
     copied = {k: v for k, v in teacher.state_dict().items()
               if k.startswith(prefixes) and k in own and own[k].shape == v.shape}
     student.load_state_dict(copied, strict=False)
@@ -138,9 +133,10 @@ class Distiller(nn.Module):
         teacher_precision: dtype of the teacher's forward (:data:`TEACHER_PRECISIONS`; ``"auto"``: bfloat16
             autocast on CUDA, float32 on CPU).
 
-    ``forward(images, targets, epoch)`` returns the detector's own losses plus one ``distill/<term>`` entry
-    per distillation term. Terms whose loss has ``weight == 0`` are not computed at all, so a zero weight
-    reproduces plain student training exactly (no extra random draws, no extra gradients).
+    ``forward(images, targets, epoch)`` in train mode returns the detector's own losses plus one
+    ``distill/<term>`` entry per distillation term. Terms whose loss has ``weight == 0`` are not computed at all,
+    so a zero weight reproduces plain student training exactly (no extra random draws, no extra gradients). In
+    eval mode it returns the student's detections (a list of dicts, one per image), as the student alone does.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, losses: Mapping[str, Mapping] | None = None,
@@ -165,7 +161,7 @@ class Distiller(nn.Module):
                                      "use the same anchor settings")
         # The levels the losses see: all, or the family's (Faster R-CNN: P2-P5, not the RPN-only pool level).
         self.num_levels = t_family.distill_levels or len(t_levels)
-        channels = t_levels[0][0]
+        self.channels = channels = t_levels[0][0]  # the width the losses see (the student is aligned to it)
         # 1x1 convs bring the student's FPN width to the teacher's (identity when they match).
         self.align = nn.ModuleList(
             nn.Conv2d(c, channels, 1) if c != channels else nn.Identity() for c, _ in s_levels[:self.num_levels])
@@ -208,22 +204,23 @@ class Distiller(nn.Module):
             return self.teacher_taps.run_on_batch(student.batch.detach(), student.image_sizes, student.targets,
                                                   proposals=student.proposals)
 
+    def _distilled(self, taps: Taps, features: list[Tensor]) -> Taps:
+        """``taps`` cut to the distilled levels, with ``features`` (already cut) normalised as configured."""
+        if self.feature_norm == "standardize":
+            features = [standardize(f) for f in features]
+        n = self.num_levels
+        return dataclasses.replace(taps, features=features, cls_logits=taps.cls_logits[:n],
+                                   level_names=taps.level_names[:n], strides=taps.strides[:n])
+
     def prepare(self, student: Taps, teacher: Taps) -> tuple[Taps, Taps]:
         """What the losses see: the distilled levels, the student aligned to the teacher's width, both normalised.
 
-        Every consumer of (student, teacher) taps goes through here: training, the bench's cost table and
-        ``samkd visualize``.
+        Returns new taps (the given ones are left as they are). Every consumer of (student, teacher) taps goes
+        through here: training, the bench's cost table and ``samkd visualize``.
         """
-        for taps in (student, teacher):
-            taps.features = taps.features[:self.num_levels]
-            taps.cls_logits = taps.cls_logits[:self.num_levels]
-            taps.level_names = taps.level_names[:self.num_levels]
-            taps.strides = taps.strides[:self.num_levels]
-        student.features = [a(f) for a, f in zip(self.align, student.features)]
-        if self.feature_norm == "standardize":
-            student.features = [standardize(f) for f in student.features]
-            teacher.features = [standardize(f) for f in teacher.features]
-        return student, teacher
+        aligned = [a(f) for a, f in zip(self.align, student.features[:self.num_levels])]
+        return (self._distilled(student, aligned),
+                self._distilled(teacher, list(teacher.features[:self.num_levels])))
 
     def compare(self, images: list[Tensor], targets: list[dict]) -> tuple[dict[str, Tensor], Taps, Taps]:
         """One training forward of both models: (student detection losses, prepared student and teacher taps)."""
@@ -233,11 +230,11 @@ class Distiller(nn.Module):
         return (losses, *self.prepare(student, teacher))
 
     def compare_on_batch(self, batch: Tensor, image_sizes: list[tuple[int, int]]) -> tuple[Taps, Taps]:
-        """Both models on an already transformed batch, without gradients (for inspection, e.g. visualize)."""
+        """Both models on an already transformed batch, without gradients (for inspection, e.g. visualize); the
+        teacher runs as in training (:meth:`teacher_forward`, its precision included)."""
         with torch.no_grad():
             student = self.student_taps.run_on_batch(batch, image_sizes)
-            teacher = self.teacher_taps.run_on_batch(batch, image_sizes)
-            return self.prepare(student, teacher)
+            return self.prepare(student, self.teacher_forward(student))
 
     def distill_losses(self, student: Taps, teacher: Taps, epoch: Optional[int] = None) -> dict[str, Tensor]:
         """``{distill/<term>: value}`` of the active losses on prepared taps."""
@@ -247,12 +244,25 @@ class Distiller(nn.Module):
                 out[f"distill/{term}"] = value
         return out
 
-    def forward(self, images: list[Tensor], targets: list[dict], epoch: Optional[int] = None) -> dict[str, Tensor]:
-        if not self.active_losses(epoch) or not self.training:
+    def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None,
+                epoch: Optional[int] = None) -> Union[dict[str, Tensor], list[dict[str, Tensor]]]:
+        if not self.training:
+            return self.student(images, targets)  # detections
+        if not self.active_losses(epoch):
             return dict(self.student(images, targets))
         losses, student, teacher = self.compare(images, targets)
         losses.update(self.distill_losses(student, teacher, epoch))
         return losses
+
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks from both detectors (they stay usable as plain models; this Distiller does
+        not: call it when done with it, e.g. before building another Distiller on the same models)."""
+        self.student_taps.remove()
+        self.teacher_taps.remove()
+
+    def detectors(self) -> list[nn.Module]:
+        """The detectors this module runs: the student, then the frozen teacher."""
+        return [self.student, self.teacher]
 
     def distill_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters that are not the student's (alignment convs, generators, ...)."""

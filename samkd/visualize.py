@@ -23,7 +23,7 @@ from .config import Config, ConfigError, DistillConfig, ModelConfig
 from .distill import Distiller
 from .losses import loss_params
 from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
-from .models import detector_from_config, num_classes
+from .models import detector_from_config, family_of
 
 _SHOWN_PARAMS = ("pyramid", "mask_ratio", "random_share", "tau_d", "region", "weighting")
 ATTENTION_TAU = 0.5  # temperature of the attention map drawn (FGD's); the masks use only its ranking
@@ -42,10 +42,8 @@ def _samkd_params(cfg: Config) -> dict:
 
 def _build(m: ModelConfig, checkpoint: Optional[str], fallback_classes: Optional[int], role: str) -> nn.Module:
     """Detector for ``m``: weights from ``checkpoint`` (num_classes read from it if unset), else as configured."""
-    if not checkpoint and not m.weights:
-        warnings.warn(f"{role} has neither checkpoint nor weights: showing a randomly initialised {role}")
     return detector_from_config(m, num_classes=None if checkpoint else (fallback_classes or 91),
-                                checkpoint=checkpoint or None)
+                                checkpoint=checkpoint or None, role=role)
 
 
 def _load_image(path) -> torch.Tensor:
@@ -85,6 +83,33 @@ def _save_overlay(path: Path, image, panels: list, title: str, cmap: str, vmin=N
     return path
 
 
+def _maps_on_image(cfg: Config, image: torch.Tensor, checkpoint: Optional[str], level: int):
+    """Both detectors on the student's transformed ``image``; returns (teacher map, student map, the resized
+    image as shown, the padded batch's (H, W), the image's (h, w), a description of the level)."""
+    teacher = _build(cfg.teacher, cfg.teacher.checkpoint, cfg.model.num_classes, "teacher").eval()
+    student = _build(cfg.model, checkpoint or cfg.model.checkpoint, family_of(teacher).num_classes(teacher),
+                     "student").eval()
+    distiller = Distiller(student, teacher, feature_norm=(cfg.distill or DistillConfig()).feature_norm).eval()
+    if any(isinstance(a, nn.Conv2d) for a in distiller.align):
+        warnings.warn("teacher and student FPN widths differ: the student is aligned by untrained 1x1 convs here")
+    with torch.no_grad():
+        images, _ = student.transform([image])
+    batch, sizes = images.tensors, [tuple(s) for s in images.image_sizes]
+    s_taps, t_taps = distiller.compare_on_batch(batch, sizes)
+    distiller.remove_hooks()
+    levels = len(t_taps.features)
+    if not 0 <= level < levels:
+        raise ConfigError(f"level {level} out of range: the FPN has {levels} distilled levels (0..{levels - 1})")
+    t_feat, s_feat = t_taps.features[level][:1], s_taps.features[level][:1]
+    # The resized image the detectors saw (normalisation undone), cropped to its unpadded area.
+    mean = torch.tensor(student.transform.image_mean).view(3, 1, 1)
+    std = torch.tensor(student.transform.image_std).view(3, 1, 1)
+    h, w = sizes[0]
+    shown = (batch[0].cpu() * std + mean).clamp(0, 1)[:, :h, :w].permute(1, 2, 0).numpy()
+    where = f"level {level} ({t_taps.level_names[level]}, {t_feat.shape[-2]}x{t_feat.shape[-1]})"
+    return t_feat, s_feat, shown, batch.shape[-2:], (h, w), where
+
+
 def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None, level: int = 0) -> list[Path]:
     """Write ``teacher_attention.png``, ``hierarchical_masks.png`` and ``sld_weights.png`` to ``out_dir``.
 
@@ -100,55 +125,26 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
     """
     if cfg.teacher is None:
         raise ConfigError("visualize needs a 'teacher' block in the config (arch, backbone, checkpoint, ...)")
-    image = _load_image(image_path)
-    teacher_ckpt = cfg.teacher.checkpoint
-    teacher = _build(cfg.teacher, teacher_ckpt, cfg.model.num_classes, "teacher").eval()
-    student = _build(cfg.model, checkpoint or cfg.model.checkpoint, num_classes(teacher), "student").eval()
+    t_feat, s_feat, shown, batch_hw, hw, where = _maps_on_image(cfg, _load_image(image_path), checkpoint, level)
     params = _samkd_params(cfg)
-
-    distill = cfg.distill or DistillConfig()
-    distiller = Distiller(student, teacher, feature_norm=distill.feature_norm).eval()
-    if any(isinstance(a, nn.Conv2d) for a in distiller.align):
-        warnings.warn("teacher and student FPN widths differ: the student is aligned by untrained 1x1 convs here")
-    with torch.no_grad():
-        images, _ = student.transform([image])
-    batch, sizes = images.tensors, [tuple(s) for s in images.image_sizes]
-    s_taps, t_taps = distiller.compare_on_batch(batch, sizes)
-    levels = len(t_taps.features)
-    if not 0 <= level < levels:
-        raise ConfigError(f"level {level} out of range: the FPN has {levels} distilled levels (0..{levels - 1})")
-    t_feat, s_feat = t_taps.features[level][:1], s_taps.features[level][:1]
-
-    # The resized image the detectors saw (normalisation undone), cropped to its unpadded area.
-    mean = torch.tensor(student.transform.image_mean).view(3, 1, 1)
-    std = torch.tensor(student.transform.image_std).view(3, 1, 1)
-    h, w = sizes[0]
-    shown = (batch[0].cpu() * std + mean).clamp(0, 1)[:, :h, :w].permute(1, 2, 0).numpy()
-    batch_hw = batch.shape[-2:]
-    where = f"level {level} ({t_taps.level_names[level]}, {t_feat.shape[-2]}x{t_feat.shape[-1]})"
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
 
     attention = teacher_spatial_attention(t_feat, 1, ATTENTION_TAU)
-    paths.append(_save_overlay(out / "teacher_attention.png", shown,
-                               [("teacher attention", _to_image_grid(attention, batch_hw, (h, w)).numpy())],
-                               f"teacher spatial attention (tau={ATTENTION_TAU}), {where}", "jet"))
-
-    generator = torch.Generator().manual_seed(cfg.seed)
+    paths = [_save_overlay(out / "teacher_attention.png", shown,
+                           [("teacher attention", _to_image_grid(attention, batch_hw, hw).numpy())],
+                           f"teacher spatial attention (tau={ATTENTION_TAU}), {where}", "jet")]
     masks = hierarchical_masks(t_feat.float(), params["pyramid"], params["mask_ratio"], params["random_share"],
-                               generator=generator)
+                               generator=torch.Generator().manual_seed(cfg.seed))
     # Masked cells drawn dark, visible cells left transparent.
-    panels = [(f"k={k}: masked = dark", np.ma.masked_equal(1.0 - _to_image_grid(mk, batch_hw, (h, w)).numpy(), 0.0))
+    panels = [(f"k={k}: masked = dark", np.ma.masked_equal(1.0 - _to_image_grid(mk, batch_hw, hw).numpy(), 0.0))
               for k, mk in zip(params["pyramid"], masks)]
     paths.append(_save_overlay(out / "hierarchical_masks.png", shown, panels,
                                f"SFD keep-masks (mask_ratio={params['mask_ratio']}, "
                                f"random_share={params['random_share']}), {where}", "Greys", vmin=0.0, vmax=1.0))
-
     weights = sld_weights(t_feat, s_feat, params["tau_d"], params["region"], params["weighting"])
     paths.append(_save_overlay(out / "sld_weights.png", shown,
-                               [("SLD weights", _to_image_grid(weights, batch_hw, (h, w)).numpy())],
+                               [("SLD weights", _to_image_grid(weights, batch_hw, hw).numpy())],
                                f"SLD discrepancy weights (tau_d={params['tau_d']}, region={params['region']}), "
                                f"{where}", "jet"))
     return paths

@@ -1,14 +1,18 @@
-"""Shared fixtures: a tiny synthetic-shapes data set and a tiny, fast training config."""
+"""Shared fixtures: a tiny synthetic-shapes data set, a tiny, fast training config, and seeded loss inputs (Taps).
+
+The equations the tests compare with live in ``reference.py``.
+"""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from samkd.config import config_from_dict
+from samkd.losses import build_loss
+from samkd.models.taps import Taps
 
 # One intra-op thread: on a shared 2-core machine more threads thrash (10x+ slower) and tests are tiny anyway.
 torch.set_num_threads(1)
@@ -62,3 +66,58 @@ def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_shapes")
     make_synthetic_dataset(root, 8, seed=1, image_size=96, val_images=4, progress=False)
     return root
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeded loss inputs: three levels of a 128 px frame, two images, C channels, K classes, A anchors
+# --------------------------------------------------------------------------------------------------
+N, C, K, A = 2, 16, 3, 1
+SIZES = [(16, 16), (8, 8), (4, 4)]
+STRIDES = [8, 16, 32]
+LEVELS = len(SIZES)
+BOXES = [
+    torch.tensor([[8.0, 16.0, 60.0, 70.0], [70.0, 10.0, 120.0, 50.0]]),
+    torch.tensor([[30.0, 40.0, 100.0, 120.0]]),
+]
+
+
+def make_taps(seed: int, *, requires_grad: bool = False, num_rois: int = 0, anchors: int = A,
+              sizes=SIZES, n: int = N) -> Taps:
+    """Seeded random Taps for one model of a batch of ``n`` (1 or 2); ``num_rois > 0`` adds a two-stage RoI head."""
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_(requires_grad)
+
+    features = [leaf(n, C, h, w) for h, w in sizes]
+    logits = [leaf(n, anchors * K, h, w) for h, w in sizes]
+    roi_logits = proposals = None
+    if num_rois:
+        roi_logits = leaf(num_rois, K + 1)
+        counts = [num_rois // n] * (n - 1) + [num_rois - (n - 1) * (num_rois // n)]
+        proposals = [BOXES[i].repeat(count, 1)[:count] for i, count in enumerate(counts)]
+        proposals = [p + torch.rand(p.shape, generator=g) * 4 for p in proposals]
+    return Taps(
+        features=features, cls_logits=logits, num_anchors=anchors, num_logit_classes=K,
+        targets=[{"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)} for b in BOXES[:n]],
+        image_sizes=[(128, 128), (120, 128)][:n], batch_shape=(128, 128), strides=list(STRIDES),
+        level_names=[str(i) for i in range(len(sizes))], roi_logits=roi_logits, proposals=proposals,
+    )
+
+
+def student_teacher(num_rois: int = 0, n: int = N):
+    return make_taps(1, requires_grad=True, num_rois=num_rois, n=n), make_taps(2, num_rois=num_rois, n=n)
+
+
+def build(name: str, seed: int = 0, **params):
+    torch.manual_seed(seed)
+    return build_loss(name, C, LEVELS, **params)
+
+
+def val(x: torch.Tensor) -> float:
+    return x.detach().item()
+
+
+def assert_close_to_exact(actual, exact):
+    """A float32 loss against its float64 written-out value: float32 round-off allowed, nothing more."""
+    torch.testing.assert_close(actual.double(), exact.double(), rtol=2e-5, atol=1e-6)

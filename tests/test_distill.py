@@ -16,7 +16,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from conftest import tiny_config
-from test_losses import fgd_by_hand
+from reference import fgd_by_hand, fgd_masks_by_hand, standardized_by_hand
 from samkd.distill import Distiller, DistillConfigError, copy_neck_and_head
 from samkd.engine.train import train
 from samkd.losses import LOSSES, FGDLoss
@@ -85,12 +85,16 @@ def test_teacher_batchnorm_statistics_do_not_move():
         assert torch.equal(v, before[k]), k
 
 
-def test_eval_mode_returns_detections_without_distill():
+def test_eval_mode_returns_the_students_detections():
     d = Distiller(_det(), _det(seed=1), losses={"fitnet": {}}).eval()
-    images, _ = _batch()
+    images, targets = _batch()
     with torch.no_grad():
-        out = d.student(images)
-    assert len(out) == 2 and "boxes" in out[0]
+        out = d(images)  # through the Distiller, as an evaluation loop calls the model it trains
+        again = d(images, targets)
+        alone = d.student(images)
+    assert isinstance(out, list) and len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
+    for got, want in zip(out + again, alone + alone):
+        torch.testing.assert_close(got["scores"], want["scores"])
 
 
 def test_zero_weight_reproduces_plain_training(tiny_data, tmp_path):
@@ -340,13 +344,6 @@ def test_prepare_aligns_the_student_then_normalises_both(feature_norm):
     raw_teacher = [f.clone() for f in teacher.features]
     student, teacher = d.prepare(student, teacher)
 
-    def standardized_by_hand(x):
-        """Per image over (C, H, W): subtract the mean, divide by the (M - 1) std plus 1e-6."""
-        flat = x.flatten(1)
-        mean = flat.mean(dim=1, keepdim=True)
-        std = torch.sqrt(((flat - mean) ** 2).sum(dim=1, keepdim=True) / (flat.shape[1] - 1))
-        return ((flat - mean) / (std + 1e-6)).reshape(x.shape)
-
     normalise = standardized_by_hand if feature_norm == "standardize" else (lambda x: x)
     assert len(student.features) == len(teacher.features) == 5
     for conv, fs, ft, got_s, got_t in zip(d.align, raw_student, raw_teacher, student.features, teacher.features):
@@ -407,3 +404,102 @@ def test_stop_distill_at_and_zero_weight_switch_terms_off():
                      for epoch in (None, 1, 2, 3)}
     # A zero-weight loss is never computed; from epoch stop_distill_at on, no loss is.
     assert distill_terms == {None: {"distill/fitnet"}, 1: {"distill/fitnet"}, 2: set(), 3: set()}
+
+
+class _Recorder:
+    """Patches a loss class's forward to keep the taps it is handed."""
+
+    def __init__(self, monkeypatch, cls):
+        self.calls = []
+        original = cls.forward
+
+        def recording(loss, student, teacher, *args, **kwargs):
+            self.calls.append((student, teacher))
+            return original(loss, student, teacher, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", recording)
+
+
+def test_faster_rcnn_losses_see_p2_to_p5_only(monkeypatch):
+    """Faster R-CNN's references distil P2-P5: four maps named '0'-'3' and four RPN logit maps, no 'pool'."""
+    from samkd.losses import FitNetLoss, LogitKDLoss
+    features, logits = _Recorder(monkeypatch, FitNetLoss), _Recorder(monkeypatch, LogitKDLoss)
+    d = Distiller(_det("faster_rcnn", **FAST_TWO_STAGE), _det("faster_rcnn", seed=1, **FAST_TWO_STAGE),
+                  losses={"fitnet": {}, "logit_kd": {}}).train()
+    images, targets = _batch()
+    d(images, targets)
+    assert d.student_taps.collect().level_names == ["0", "1", "2", "3", "pool"]  # what the detector makes
+    for student, teacher in features.calls + logits.calls:
+        for taps in (student, teacher):
+            assert taps.level_names == ["0", "1", "2", "3"] and taps.strides == [4, 8, 16, 32]
+            assert len(taps.features) == len(taps.cls_logits) == 4
+            assert [f.shape[-1] for f in taps.features] == [16, 8, 4, 2]
+            assert all(c.shape[1] == 3 for c in taps.cls_logits)  # RPN objectness: 3 anchors, 1 logit each
+    assert len(features.calls) == len(logits.calls) == 1
+
+
+def test_fgd_places_boxes_on_a_coarse_level_of_a_non_square_batch(monkeypatch):
+    """P6 of a 128 x 96 padded batch is 2 x 2: its cells are 64 px high but 48 px wide (96 is no multiple of the
+    stride, 64). A box at x 50-60 lies in the right column there, not in the left one a square 64 px cell puts it."""
+    recorder = _Recorder(monkeypatch, FGDLoss)
+    d = Distiller(_det(seed=0, min_size=128, max_size=128), _det(seed=1, min_size=128, max_size=128),
+                  losses={"fgd": {}}).train()
+    g = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, 128, 90, generator=g), torch.rand(3, 128, 80, generator=g)]  # not resized
+    targets = [{"boxes": torch.tensor([[50.0, 70.0, 60.0, 100.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([2])}]
+    d(images, targets)
+    ((student, teacher),) = recorder.calls
+    assert teacher.batch_shape == (128, 96) and teacher.image_sizes == [(128, 90), (128, 80)]
+    assert tuple(teacher.features[3].shape[-2:]) == (2, 2) and teacher.strides[3] == 64  # P6
+    fg, _ = fgd_masks_by_hand([t["boxes"] for t in teacher.targets], (2, 2), (128, 96))
+    assert fg[0, 0, 1].tolist() == [0.0, 1.0]  # the box's row 1 (y 70-100), column 1 (x 50-60 of 96)
+    by_hand = dataclasses.replace(teacher, targets=[{"boxes": t["boxes"]} for t in teacher.targets])
+    value = d.losses["fgd"](student, teacher)["fgd"]
+    torch.testing.assert_close(value, fgd_by_hand(d.losses["fgd"], student, by_hand, frame=(128, 96)))
+    # the frame matters: square cells of the level's stride would give another value
+    assert not torch.isclose(value, fgd_by_hand(d.losses["fgd"], student, by_hand, frame=(128, 128)))
+
+
+def test_prepare_returns_new_taps_and_leaves_its_inputs():
+    d = Distiller(_narrow_fcos(128), _det(seed=1), losses={"fitnet": {}}).train()
+    images, targets = _batch()
+    d.student(images, targets)
+    student = d.student_taps.collect()
+    teacher = d.teacher_forward(student)
+    before = [f.clone() for f in student.features], [f.clone() for f in teacher.features]
+    prepared_student, prepared_teacher = d.prepare(student, teacher)
+    assert prepared_student is not student and prepared_teacher is not teacher
+    assert student.features[0].shape[1] == 128 and prepared_student.features[0].shape[1] == 256  # aligned copy
+    for old, now in zip(before, (student.features, teacher.features)):
+        assert all(torch.equal(a, b) for a, b in zip(old, now))
+
+
+def test_compare_on_batch_runs_the_teacher_at_its_training_precision():
+    d = Distiller(_det(), _det(seed=1), losses={"fitnet": {}}, teacher_precision="bfloat16").eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        batch = d.student.transform(images)[0]
+    student, teacher = d.compare_on_batch(batch.tensors, [tuple(s) for s in batch.image_sizes])
+    assert d.teacher_taps.collect().cls_logits[0].dtype == torch.bfloat16  # as in teacher_forward
+    assert student.cls_logits[0].dtype == torch.float32 and len(teacher.features) == 5
+
+
+def test_remove_hooks_detaches_the_distiller_from_both_detectors():
+    student, teacher = _det(), _det(seed=1)
+    d = Distiller(student, teacher, losses={"fitnet": {}})
+    hooked = [m for m in (student, teacher) for m in m.modules() if m._forward_hooks]
+    assert hooked
+    d.remove_hooks()
+    assert not [m for m in (student, teacher) for m in m.modules() if m._forward_hooks]
+    assert d.detectors() == [student, teacher] and d.distill_parameters() == []  # same widths: nothing extra
+
+
+@pytest.mark.parametrize("feature_norm,alpha", [("none", 5e-7), ("standardize", None)])
+def test_feature_norm_none_applies_the_teacher_familys_published_coefficients(feature_norm, alpha):
+    from samkd.losses import loss_params
+    d = Distiller(_det("faster_rcnn", **FAST_TWO_STAGE), _det("faster_rcnn", seed=1, **FAST_TWO_STAGE),
+                  losses={"mgd": {"lambda_mgd": 0.3}, "fitnet": {}}, feature_norm=feature_norm)
+    expected = alpha if alpha is not None else loss_params("mgd")["alpha_mgd"]
+    assert d.losses["mgd"].alpha_mgd == expected  # MGD's two-stage setting, raw features only
+    assert d.losses["mgd"].lambda_mgd == 0.3  # what the user set wins over the preset

@@ -1,8 +1,8 @@
 """Tests of the distillation losses on hand-built, seeded Taps (no detector needed).
 
-Every expected value is written out here from the equations in the losses' docstrings with plain torch ops
-(the ``*_by_hand`` helpers below): a test that computed its expectation with samkd's own helpers could not
-see a wrong formula. samkd's helpers are called only by the tests of their own properties (mean 1, mask
+Every expected value is written out from the equations in the losses' docstrings with plain torch ops (the
+``*_by_hand`` helpers of ``reference.py``): a test that computed its expectation with samkd's own helpers could
+not see a wrong formula. samkd's helpers are called only by the tests of their own properties (mean 1, mask
 counts, ...), and each helper a loss depends on has an equation test of its own. ``test_pinned_values`` is a
 regression pin only.
 """
@@ -12,7 +12,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import (A, BOXES, LEVELS, SIZES, STRIDES, C, K, N, assert_close_to_exact, build, make_taps,
+                      student_teacher, val)
+from reference import (bernoulli_kl_by_hand, channel_attention_by_hand, dense_kd_map_by_hand, fgd_by_hand,
+                       fgd_masks_by_hand, fgd_terms_by_hand, fpn_level_by_hand, gc_block_by_hand, generator_by_hand,
+                       sfd_attention_by_hand, sfd_by_hand, sfd_keep_mask_by_hand, sld_dense_by_hand,
+                       sld_weights_by_hand, softmax_kl_by_hand, spatial_attention_by_hand, spread_cells_by_hand)
 from torchvision.ops import MultiScaleRoIAlign
 
 from samkd.losses import (
@@ -36,244 +41,6 @@ from samkd.losses._common import (
 )
 from samkd.losses.fgd import box_masks
 from samkd.losses.samkd import roi_weights
-from samkd.models.taps import Taps
-
-N, C, K, A = 2, 16, 3, 1
-SIZES = [(16, 16), (8, 8), (4, 4)]
-STRIDES = [8, 16, 32]
-LEVELS = len(SIZES)
-BOXES = [
-    torch.tensor([[8.0, 16.0, 60.0, 70.0], [70.0, 10.0, 120.0, 50.0]]),
-    torch.tensor([[30.0, 40.0, 100.0, 120.0]]),
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add contention (10-100x slower on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_taps(seed: int, *, requires_grad: bool = False, num_rois: int = 0, anchors: int = A,
-              sizes=SIZES, n: int = N) -> Taps:
-    """Seeded random Taps for one model of a batch of ``n`` (1 or 2); ``num_rois > 0`` adds a two-stage RoI head."""
-    g = torch.Generator().manual_seed(seed)
-
-    def leaf(*shape):
-        return torch.randn(*shape, generator=g).requires_grad_(requires_grad)
-
-    features = [leaf(n, C, h, w) for h, w in sizes]
-    logits = [leaf(n, anchors * K, h, w) for h, w in sizes]
-    roi_logits = proposals = None
-    if num_rois:
-        roi_logits = leaf(num_rois, K + 1)
-        counts = [num_rois // n] * (n - 1) + [num_rois - (n - 1) * (num_rois // n)]
-        proposals = [BOXES[i].repeat(count, 1)[:count] for i, count in enumerate(counts)]
-        proposals = [p + torch.rand(p.shape, generator=g) * 4 for p in proposals]
-    return Taps(
-        features=features, cls_logits=logits, num_anchors=anchors, num_logit_classes=K,
-        targets=[{"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)} for b in BOXES[:n]],
-        image_sizes=[(128, 128), (120, 128)][:n], batch_shape=(128, 128), strides=list(STRIDES),
-        level_names=[str(i) for i in range(len(sizes))], roi_logits=roi_logits, proposals=proposals,
-    )
-
-
-def student_teacher(num_rois: int = 0, n: int = N):
-    return make_taps(1, requires_grad=True, num_rois=num_rois, n=n), make_taps(2, num_rois=num_rois, n=n)
-
-
-def build(name: str, seed: int = 0, **params):
-    torch.manual_seed(seed)
-    return build_loss(name, C, LEVELS, **params)
-
-
-def val(x: torch.Tensor) -> float:
-    return x.detach().item()
-
-
-def assert_close_to_exact(actual, exact):
-    """A float32 loss against its float64 written-out value: float32 round-off allowed, nothing more."""
-    torch.testing.assert_close(actual.double(), exact.double(), rtol=2e-5, atol=1e-6)
-
-
-# --------------------------------------------------------------------------------------------------
-# The equations, written out
-# --------------------------------------------------------------------------------------------------
-def spatial_attention_by_hand(feat, tau):
-    """FGD eq. 2: ``H W softmax over the H W positions of one image of (mean_c |F|) / tau``, ``(N, 1, H, W)``."""
-    n, c, h, w = feat.shape
-    saliency = feat.abs().sum(dim=1) / c  # (N, H, W)
-    return h * w * torch.softmax(saliency.reshape(n, h * w) / tau, dim=1).reshape(n, 1, h, w)
-
-
-def channel_attention_by_hand(feat, tau):
-    """FGD eq. 3: ``C softmax over the C channels of one image of (mean_hw |F|) / tau``, ``(N, C, 1, 1)``."""
-    n, c, h, w = feat.shape
-    saliency = feat.abs().sum(dim=(2, 3)) / (h * w)  # (N, C)
-    return c * torch.softmax(saliency / tau, dim=1).reshape(n, c, 1, 1)
-
-
-def bernoulli_kl_by_hand(zs, zt, T):
-    """Elementwise ``T^2 KL(Bern(p_T) || Bern(p_S))``, ``p = sigmoid(z / T)``, in float64."""
-    p_t, p_s = torch.sigmoid(zt.double() / T), torch.sigmoid(zs.double() / T)
-    return T * T * (p_t * torch.log(p_t / p_s) + (1 - p_t) * torch.log((1 - p_t) / (1 - p_s)))
-
-
-def softmax_kl_by_hand(zs, zt, T):
-    """Per row ``T^2 sum_j p_T,j log(p_T,j / p_S,j)``, ``p = softmax(z / T)`` over the classes, in float64."""
-    p_t, p_s = torch.softmax(zt.double() / T, dim=1), torch.softmax(zs.double() / T, dim=1)
-    return T * T * (p_t * torch.log(p_t / p_s)).sum(dim=1)
-
-
-def dense_kd_map_by_hand(zs, zt, anchors, T):
-    """``(N, A*K, H, W)`` logits, anchors outermost -> KL summed over the K classes, averaged over A: ``(N, H, W)``."""
-    n, _, h, w = zs.shape
-    kl = bernoulli_kl_by_hand(zs.reshape(n, anchors, K, h, w), zt.reshape(n, anchors, K, h, w), T)
-    return kl.sum(dim=2).mean(dim=1)
-
-
-def cells(h, w, k):
-    """The ``k x k`` cells of an ``H x W`` map (the last row / column of cells may be partial): index slices."""
-    return [(i, j, slice(i * k, (i + 1) * k), slice(j * k, (j + 1) * k))
-            for i in range(math.ceil(h / k)) for j in range(math.ceil(w / k))]
-
-
-def cell_max_by_hand(x, k):
-    """Max of ``x`` over each ``k x k`` cell: ``(N, C, ceil(H/k), ceil(W/k))``."""
-    n, c, h, w = x.shape
-    out = torch.empty(n, c, math.ceil(h / k), math.ceil(w / k))
-    for i, j, rows, cols in cells(h, w, k):
-        out[:, :, i, j] = x[:, :, rows, cols].amax(dim=(2, 3))
-    return out
-
-
-def cell_mean_spread_by_hand(x, k):
-    """Every position replaced by the mean of its ``k x k`` cell (partial cells: the mean of what is there)."""
-    out = torch.empty_like(x)
-    for _, _, rows, cols in cells(x.shape[-2], x.shape[-1], k):
-        out[..., rows, cols] = x[..., rows, cols].mean(dim=(-2, -1), keepdim=True)
-    return out
-
-
-def spread_cells_by_hand(grid, k, size):
-    """Each cell of a ``k``-grid written back onto its ``k x k`` block of an ``H x W`` map."""
-    out = torch.empty(*grid.shape[:-2], *size)
-    for i, j, rows, cols in cells(size[0], size[1], k):
-        out[..., rows, cols] = grid[..., i:i + 1, j:j + 1]
-    return out
-
-
-def sfd_attention_by_hand(ft, k, tau):
-    """SFD step 1: ``A_k = H_k W_k softmax_cells(mean_c maxpool_k(|F_T|) / tau)``, ``(N, 1, H_k, W_k)``."""
-    return spatial_attention_by_hand(cell_max_by_hand(ft.abs(), k), tau)
-
-
-def sfd_keep_mask_by_hand(ft, k, ratio, tau=0.5):
-    """SFD step 2 without the random share: 0 on the ``round_half_up(ratio * cells)`` most attended cells."""
-    n, _, h, w = ft.shape
-    attention = sfd_attention_by_hand(ft, k, tau)
-    grid_h, grid_w = attention.shape[-2:]
-    count = min(math.floor(ratio * grid_h * grid_w + 0.5), grid_h * grid_w - 1)
-    keep = torch.ones(n, grid_h * grid_w)
-    for i in range(n):
-        keep[i, attention[i].flatten().argsort(descending=True)[:count]] = 0.0
-    return spread_cells_by_hand(keep.reshape(n, 1, grid_h, grid_w), k, (h, w))
-
-
-def fgd_masks_by_hand(boxes_per_image, level_shape, frame):
-    """FGD's masks on one level: cell (r, c) covers ``[r, r+1) x [c, c+1)`` of the box scaled by level / frame.
-
-    ``M_fg`` = max over the boxes overlapping a cell of ``1 / (cells the box overlaps)``; ``M_bg`` = the
-    indicator of ``M_fg == 0`` divided by its sum.
-    """
-    h, w = level_shape
-    fg = torch.zeros(len(boxes_per_image), 1, h, w)
-    for i, boxes in enumerate(boxes_per_image):
-        for x1, y1, x2, y2 in boxes.tolist():
-            x1, x2 = x1 * w / frame[1], x2 * w / frame[1]
-            y1, y2 = y1 * h / frame[0], y2 * h / frame[0]
-            rows = [r for r in range(h) if r + 1 > y1 and r < y2]
-            cols = [c for c in range(w) if c + 1 > x1 and c < x2]
-            for r in rows:
-                for c in cols:
-                    fg[i, 0, r, c] = max(float(fg[i, 0, r, c]), 1.0 / (len(rows) * len(cols)))
-    bg = (fg == 0).float()
-    return fg, bg / bg.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)  # an all-foreground image has no background
-
-
-def gc_block_by_hand(gc, feat):
-    """GCNet: ``R(F) = F + W_v2 ReLU(LN(W_v1 sum_j softmax_j(W_k F_j) F_j))`` with ``gc``'s weights."""
-    n, c, h, w = feat.shape
-    conv_k = gc.context_logits
-    conv_v1, norm, _, conv_v2 = gc.channel_add
-    logits = torch.einsum("c,nchw->nhw", conv_k.weight.reshape(c), feat) + conv_k.bias  # W_k F_j
-    weights = torch.softmax(logits.reshape(n, h * w), dim=1)  # over the positions j
-    context = torch.einsum("ncj,nj->nc", feat.reshape(n, c, h * w), weights)
-    hidden = context @ conv_v1.weight.reshape(-1, c).T + conv_v1.bias
-    mean = hidden.mean(dim=1, keepdim=True)
-    var = ((hidden - mean) ** 2).mean(dim=1, keepdim=True)
-    hidden = (hidden - mean) / torch.sqrt(var + norm.eps) * norm.weight.reshape(-1) + norm.bias.reshape(-1)
-    out = hidden.clamp(min=0) @ conv_v2.weight.reshape(c, -1).T + conv_v2.bias
-    return feat + out[:, :, None, None]
-
-
-def fgd_terms_by_hand(fgd, s, t, frame=(128, 128)):
-    """FGD's four sums (eqs. 9-11), each summed over levels and divided by N, before their coefficients."""
-    terms = dict.fromkeys(("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"), 0.0)
-    boxes = [target["boxes"] for target in t.targets]
-    for level, (fs, ft) in enumerate(zip(s.features, t.features)):
-        n = fs.shape[0]
-        fg, bg = fgd_masks_by_hand(boxes, fs.shape[-2:], frame)
-        sa_t, ca_t = spatial_attention_by_hand(ft, fgd.temp), channel_attention_by_hand(ft, fgd.temp)
-        sa_s, ca_s = spatial_attention_by_hand(fs, fgd.temp), channel_attention_by_hand(fs, fgd.temp)
-        err = (fs - ft) ** 2 * sa_t * ca_t
-        terms["alpha_fgd"] += (err * fg).sum() / n
-        terms["beta_fgd"] += (err * bg).sum() / n
-        terms["gamma_fgd"] += ((ca_s - ca_t).abs().sum() + (sa_s - sa_t).abs().sum()) / n
-        teacher_gc = fgd.student_gc[level] if fgd.teacher_gc is None else fgd.teacher_gc[level]
-        terms["lambda_fgd"] += ((gc_block_by_hand(fgd.student_gc[level], fs) - gc_block_by_hand(teacher_gc, ft)) ** 2
-                                ).sum() / n
-    return terms
-
-
-def fgd_by_hand(fgd, s, t, frame=(128, 128)):
-    terms = fgd_terms_by_hand(fgd, s, t, frame)
-    return fgd.weight * sum(getattr(fgd, name) * value for name, value in terms.items())
-
-
-def sld_weights_by_hand(ft, fs, tau_d, region):
-    """``W = H W softmax_hw(D~ / tau_d)``, ``D~`` = ``mean_c (F_T - F_S)^2`` over its image mean, cell-averaged."""
-    n, _, h, w = ft.shape
-    gap = ((ft - fs) ** 2).mean(dim=1)  # (N, H, W)
-    gap = gap / gap.mean(dim=(1, 2), keepdim=True)
-    if region > 1:
-        gap = cell_mean_spread_by_hand(gap, region)
-    return h * w * torch.softmax(gap.reshape(n, h * w) / tau_d, dim=1).reshape(n, 1, h, w)
-
-
-def sld_dense_by_hand(s, t, T, tau_d, region):
-    """``L_dense = sum_l mean_{n,h,w} W_l kd_l``."""
-    total = 0.0
-    for fs, ft, zs, zt in zip(s.features, t.features, s.cls_logits, t.cls_logits):
-        weights = sld_weights_by_hand(ft.detach(), fs.detach(), tau_d, region)[:, 0].double()
-        total = total + (weights * dense_kd_map_by_hand(zs, zt, s.num_anchors, T)).mean()
-    return total
-
-
-def fpn_level_by_hand(box, k_min, k_max):
-    """FPN eq. 1, as torchvision's box pooler assigns a RoI: ``floor(4 + log2(sqrt(area) / 224))``, clamped."""
-    x1, y1, x2, y2 = box
-    k = math.floor(4 + math.log2(math.sqrt((x2 - x1) * (y2 - y1)) / 224) + 1e-6)
-    return min(max(k, k_min), k_max) - k_min
-
-
-def generator_by_hand(weights, x):
-    """MGD's generation block ``conv3x3 -> ReLU -> conv3x3`` from its ``(w1, b1, w2, b2)``."""
-    w1, b1, w2, b2 = weights
-    return F.conv2d(F.conv2d(x, w1, b1, padding=1).clamp(min=0), w2, b2, padding=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,25 +283,6 @@ def test_sfd_random_share_draws_differ():
     assert torch.all(a.flatten(1).gather(1, top) == 0) and torch.all(b.flatten(1).gather(1, top) == 0)
 
 
-def sfd_by_hand(sfd, s, t, *, ratio, channel_tau, use_channel_attention=True, tau=0.5):
-    """``alpha_sfd sum_l 1/N sum A^C_T (sum_k pi_k G_k(F_S M_k) - F_T)^2`` (no random share)."""
-    hidden = sfd.generation[0].hidden
-    ref = 0.0
-    for level, (fs, ft) in enumerate(zip(s.features, t.features)):
-        gen = sfd.generation[level]
-        pi = torch.softmax(sfd.fusion_logits[level].detach(), dim=0)  # over the scales of this level
-        fused = 0.0
-        for i, k in enumerate(sfd.pyramid):
-            weights = (gen.expand.weight[i * hidden:(i + 1) * hidden], gen.expand.bias[i * hidden:(i + 1) * hidden],
-                       gen.project.weight[i * C:(i + 1) * C], gen.project.bias[i * C:(i + 1) * C])
-            fused = fused + pi[i] * generator_by_hand(weights, fs * sfd_keep_mask_by_hand(ft, k, ratio, tau))
-        err = (fused - ft) ** 2
-        if use_channel_attention:
-            err = err * channel_attention_by_hand(ft, channel_tau)
-        ref = ref + err.sum() / fs.shape[0]
-    return sfd.alpha_sfd * sfd.weight * ref
-
-
 def test_sfd_equals_formula_written_out():
     s, t = student_teacher()
     channel_tau, ratio = 0.3, 0.5
@@ -565,9 +313,10 @@ def test_sfd_channel_tau_weights_the_error_and_the_masks_take_no_temperature():
     torch.testing.assert_close(sharp(s, t)["sfd"], sfd_by_hand(sharp, s, t, ratio=0.5, channel_tau=0.2))
     torch.testing.assert_close(soft(s, t)["sfd"], sfd_by_hand(soft, s, t, ratio=0.5, channel_tau=0.8))
     assert not torch.isclose(sharp(s, t)["sfd"], soft(s, t)["sfd"], rtol=1e-3)
-    for k in (1, 2):  # any attention temperature ranks the cells alike, so gives the same mask
-        torch.testing.assert_close(sfd_keep_mask_by_hand(t.features[0], k, 0.5, tau=0.1),
-                                   sfd_keep_mask_by_hand(t.features[0], k, 0.5, tau=3.0))
+    for k in (1, 2):  # the masks equal the ranking of the attention at any temperature: they take none
+        (mask,) = hierarchical_masks(t.features[0], (k,), mask_ratio=0.5, random_share=0.0)
+        torch.testing.assert_close(mask, sfd_keep_mask_by_hand(t.features[0], k, 0.5, tau=0.1))
+        torch.testing.assert_close(mask, sfd_keep_mask_by_hand(t.features[0], k, 0.5, tau=3.0))
     with pytest.raises(TypeError, match="tau"):
         build("sfd", tau=0.5)
 

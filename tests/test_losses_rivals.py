@@ -10,10 +10,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TINY_MODEL, tiny_config_dict
-from test_losses import LEVELS, SIZES, C, N, build, make_taps, student_teacher, val
-from test_losses import _single_thread  # noqa: F401  (autouse: one intra-op thread here too)
+from conftest import LEVELS, SIZES, TINY_MODEL, C, N, build, make_taps, student_teacher, tiny_config_dict, val
+from reference import (channel_attention_by_hand, freekd_terms_by_hand, generator_by_hand,
+                       mgd_block_weights, spatial_attention_by_hand, top_keep_mask_by_hand)
 
 from samkd.config import ConfigError, config_from_dict
 from samkd.losses import LOSSES, CWDLoss, DMKDLoss, FreeKDLoss, PKDLoss, haar_dwt
@@ -266,35 +265,6 @@ def test_haar_odd_sizes_pad_one_zero_row_and_column():
 # --------------------------------------------------------------------------------------------------
 # FreeKD: loss
 # --------------------------------------------------------------------------------------------------
-def haar_by_conv(x, levels):
-    """Independent Haar DWT: stride-2 correlation with the four 2 x 2 filters, after the odd-size zero pad."""
-    filters = 0.5 * torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [-1.0, -1.0]],
-                                  [[1.0, -1.0], [1.0, -1.0]], [[1.0, -1.0], [-1.0, 1.0]]])
-    highs = []
-    for _ in range(levels):
-        n, c, h, w = x.shape
-        x = F.pad(x, (0, w % 2, 0, h % 2))
-        out = F.conv2d(x.reshape(n * c, 1, *x.shape[-2:]), filters[:, None], stride=2)
-        out = out.reshape(n, c, 4, *out.shape[-2:])
-        x = out[:, :, 0]
-        highs.append(out[:, :, 1:])
-    return x, highs
-
-
-def freekd_terms_by_hand(s, t, tokens, levels=3):
-    wave = mse = 0.0
-    for level, (fs, ft) in enumerate(zip(s.features, t.features)):
-        _, bands_s = haar_by_conv(fs, levels)
-        _, bands_t = haar_by_conv(ft, levels)
-        for j, (bs, bt) in enumerate(zip(bands_s, bands_t)):
-            mask = torch.sigmoid(torch.einsum("tc,nchw->nthw", tokens[level, j], bt.sum(dim=2)))  # (N, T, h, w)
-            masked_s = mask[:, :, None, None] * bs[:, None]  # (N, T, C, 3, h, w)
-            masked_t = mask[:, :, None, None] * bt[:, None]
-            wave = wave + (masked_s - masked_t).abs().mean()
-        mse = mse + ((fs - ft) ** 2).mean()
-    return wave, mse
-
-
 def test_freekd_equals_formula():
     s, t = student_teacher()
     loss = build("freekd", seed=5)
@@ -342,30 +312,6 @@ def test_freekd_token_init_std():
 # --------------------------------------------------------------------------------------------------
 # DMKD
 # --------------------------------------------------------------------------------------------------
-def keep_mask_by_hand(scores, ratio):
-    """``(N, K)`` -> keep-mask with 0 on the top ``round_half_up(ratio K)`` (at most K - 1 unless ratio = 1)."""
-    k = scores.shape[1]
-    count = min(k, int(math.floor(ratio * k + 0.5)))
-    if ratio < 1:
-        count = min(count, k - 1)
-    keep = torch.ones_like(scores)
-    for n in range(scores.shape[0]):
-        keep[n, scores[n].argsort(descending=True)[:count]] = 0.0
-    return keep
-
-
-def attention_by_hand(ft, tau):
-    n, c, h, w = ft.shape
-    spatial = h * w * torch.softmax(ft.abs().mean(dim=1).reshape(n, h * w) / tau, dim=1)
-    channel = c * torch.softmax(ft.abs().mean(dim=(2, 3)) / tau, dim=1)
-    return spatial, channel
-
-
-def generator_by_hand(gen, x):
-    x = F.conv2d(x, gen[0].weight, gen[0].bias, padding=1).relu()
-    return F.conv2d(x, gen[2].weight, gen[2].bias, padding=1)
-
-
 def test_dmkd_equals_formula():
     s, t = student_teacher()
     dmkd = build("dmkd", seed=3, spatial_ratio=0.4, channel_ratio=0.3)
@@ -375,12 +321,13 @@ def test_dmkd_equals_formula():
     ref = 0.0
     for level, (fs, ft) in enumerate(zip(s.features, t.features)):
         n, c, h, w = fs.shape
-        spatial, channel = attention_by_hand(ft, 0.7)  # any temperature: only the ranking counts
-        keep_s = keep_mask_by_hand(spatial, 0.4).reshape(n, 1, h, w)
-        keep_c = keep_mask_by_hand(channel, 0.3).reshape(n, c, 1, 1)
+        # any temperature: only the ranking counts
+        spatial, channel = spatial_attention_by_hand(ft, 0.7), channel_attention_by_hand(ft, 0.7)
+        keep_s = top_keep_mask_by_hand(spatial.reshape(n, h * w), 0.4).reshape(n, 1, h, w)
+        keep_c = top_keep_mask_by_hand(channel.reshape(n, c), 0.3).reshape(n, c, 1, 1)
         w_s, w_c = torch.softmax(dmkd.fusion_logits[level].detach(), dim=0)
-        rebuilt = (w_s * generator_by_hand(dmkd.spatial_generation[level], fs * keep_s)
-                   + w_c * generator_by_hand(dmkd.channel_generation[level], fs * keep_c))
+        rebuilt = (w_s * generator_by_hand(mgd_block_weights(dmkd.spatial_generation[level]), fs * keep_s)
+                   + w_c * generator_by_hand(mgd_block_weights(dmkd.channel_generation[level]), fs * keep_c))
         ref = ref + ((rebuilt - ft) ** 2).sum() / n
     torch.testing.assert_close(out, 2e-5 * ref)  # alpha_dmkd default
     # The masks matter: without them the value differs.
@@ -396,7 +343,7 @@ def test_dmkd_masks_count_and_pick_most_attended(shape, ratio):
     keep_s, keep_c = dual_keep_masks(feat, ratio, ratio)
     assert keep_s.shape == (n, 1, h, w) and keep_c.shape == (n, c, 1, 1) and not keep_s.requires_grad
     assert set(keep_s.unique().tolist()) | set(keep_c.unique().tolist()) <= {0.0, 1.0}
-    spatial, channel = attention_by_hand(feat, 0.5)
+    spatial, channel = spatial_attention_by_hand(feat, 0.5).reshape(n, -1), channel_attention_by_hand(feat, 0.5).reshape(n, -1)
     for keep, scores, total in ((keep_s.reshape(n, -1), spatial, h * w), (keep_c.reshape(n, -1), channel, c)):
         count = {0.0: 0, 1.0: total}.get(ratio, int(math.floor(ratio * total + 0.5)))  # round half up
         assert torch.all((keep == 0).sum(dim=1) == count)

@@ -35,8 +35,10 @@ def test_teacher_precision_bfloat16_runs_the_teacher_in_bf16_and_losses_in_float
 
 
 def test_teacher_precision_auto_is_float32_on_cpu_and_names_are_checked():
-    assert isinstance(teacher_autocast("auto", torch.device("cpu")), type(teacher_autocast("float32",
-                                                                                             torch.device("cpu"))))
+    a, b = torch.rand(4, 4), torch.rand(4, 4)
+    for precision, dtype in (("auto", torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        with teacher_autocast(precision, torch.device("cpu")):
+            assert (a @ b).dtype == dtype, precision
     with pytest.raises(DistillConfigError, match="teacher_precision"):
         teacher_autocast("int8", torch.device("cpu"))
     with pytest.raises(DistillConfigError, match="teacher_precision"):

@@ -191,3 +191,24 @@ def test_torchrun_two_processes_report_the_ap_of_the_saved_weights(tiny_data, tm
     for k in reported:
         assert abs(reported[k] - evaluated[k]) <= 1e-9, (k, reported, evaluated)
     print(f"torchrun smoke: {elapsed:.1f}s")
+
+
+def test_speed_options_reach_both_detectors_of_a_distillation(tiny_data, tmp_path):
+    """The loop asks its model which detectors it runs (student, teacher) and which parameters are not the
+    student's (what DDP must not expect gradients for once distillation stops)."""
+    from conftest import TINY_MODEL
+
+    from samkd.engine.train import StudentTraining, setup_data, setup_model
+    cfg = tiny_config(tiny_data, tmp_path / "kd", teacher=dict(TINY_MODEL, backbone="resnet34"),
+                      distill={"losses": {"mgd": {}}}, train={"channels_last": True})
+    run = setup_data(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random teacher
+        setup_model(run)
+    student, teacher = run.model.detectors()
+    for detector in (student, teacher):
+        assert detector.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    generators = {id(p) for p in run.model.losses.parameters()}
+    assert generators and {id(p) for p in run.model.distill_parameters()} == generators
+    plain = StudentTraining(student)
+    assert plain.detectors() == [student] and plain.distill_parameters() == []

@@ -14,6 +14,11 @@ Public API
 ``evaluate(model, loader, coco_gt, label_to_cat_id, device="cpu", progress=True, desc="eval")``
     Run a detector over a loader and return ``coco_metrics`` on the images seen
     (DDP aware: detections are gathered from every rank).
+``build_val_set(data)`` / ``val_loader(data, val_set)``
+    The validation set of a config's data block and its loader (the first ``max_val_images`` only);
+    training and ``samkd eval`` share them.
+``evaluate_config(cfg, checkpoint=None)``
+    ``samkd eval``: the config's model on its validation set. The training set is not read.
 
 Metric conventions: values are ``100 * stats[i]`` of the COCO evaluator.  When a
 metric is undefined (e.g. ``APs`` when the evaluated images have no small
@@ -33,7 +38,8 @@ import torch
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
-__all__ = ["METRIC_NAMES", "coco_metrics", "detections_to_coco", "evaluate"]
+__all__ = ["METRIC_NAMES", "build_val_set", "coco_metrics", "detections_to_coco", "evaluate", "evaluate_config",
+           "val_loader"]
 
 _SCORE_DECIMALS = 5
 
@@ -107,6 +113,58 @@ def _stats_to_metrics(stats: Sequence[float]) -> Dict[str, float]:
 # --------------------------------------------------------------------------- #
 # Metrics
 # --------------------------------------------------------------------------- #
+def _eval_image_ids(gt: Any, img_ids: Optional[Iterable[int]]) -> List[int]:
+    """The image ids to evaluate: ``img_ids`` (each must be in the ground truth), else every GT image."""
+    gt_img_ids = set(int(i) for i in gt.getImgIds())
+    if img_ids is None:
+        return sorted(gt_img_ids)
+    eval_ids = sorted(set(int(i) for i in img_ids))
+    unknown = [i for i in eval_ids if i not in gt_img_ids]
+    if unknown:
+        raise ValueError(f"img_ids not present in the ground truth: {unknown[:10]}")
+    return eval_ids
+
+
+def _clean_detections(detections: List[dict], eval_ids: Sequence[int]) -> List[dict]:
+    """Copies of the detections on ``eval_ids`` with plain numbers (``loadRes`` mutates the dicts it gets)."""
+    eval_set = set(eval_ids)
+    dets = []
+    for d in detections:
+        if int(d["image_id"]) not in eval_set:
+            continue
+        dd = dict(d)
+        dd["image_id"] = int(dd["image_id"])
+        dd["category_id"] = int(dd["category_id"])
+        dd["bbox"] = [float(x) for x in dd["bbox"]]
+        dd["score"] = float(dd["score"])
+        dets.append(dd)
+    return dets
+
+
+def _run_cocoeval(gt: Any, dets: List[dict], eval_ids: List[int], backend: str, verbose: bool):
+    """The evaluator's ``stats`` after evaluate / accumulate / summarize (printing only when ``verbose``)."""
+    sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with sink:
+        dt = gt.loadRes(dets)
+        if backend == "faster":
+            from faster_coco_eval import COCOeval_faster
+
+            quiet = print if verbose else (lambda *a, **k: None)
+            try:
+                ev = COCOeval_faster(gt, dt, "bbox", print_function=quiet)
+            except TypeError:  # very old faster_coco_eval without print_function
+                ev = COCOeval_faster(gt, dt, "bbox")
+        else:
+            from pycocotools.cocoeval import COCOeval
+
+            ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = list(eval_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats
+
+
 def coco_metrics(
     coco_gt: Any,
     detections: List[dict],
@@ -133,57 +191,12 @@ def coco_metrics(
     """
     if backend not in ("faster", "pycocotools"):
         raise ValueError(f"unknown backend {backend!r}; expected 'faster' or 'pycocotools'")
-
-    if backend == "faster":
-        gt = _to_faster_coco(coco_gt)
-    else:
-        gt = _to_pycocotools_coco(coco_gt)
-
-    gt_img_ids = set(int(i) for i in gt.getImgIds())
-    if img_ids is None:
-        eval_ids = sorted(gt_img_ids)
-    else:
-        eval_ids = sorted(set(int(i) for i in img_ids))
-        unknown = [i for i in eval_ids if i not in gt_img_ids]
-        if unknown:
-            raise ValueError(f"img_ids not present in the ground truth: {unknown[:10]}")
-    eval_set = set(eval_ids)
-
-    # Copy each detection: loadRes mutates the dicts in place (adds id/area/...).
-    dets = []
-    for d in detections:
-        if int(d["image_id"]) not in eval_set:
-            continue
-        dd = dict(d)
-        dd["image_id"] = int(dd["image_id"])
-        dd["category_id"] = int(dd["category_id"])
-        dd["bbox"] = [float(x) for x in dd["bbox"]]
-        dd["score"] = float(dd["score"])
-        dets.append(dd)
+    gt = _to_faster_coco(coco_gt) if backend == "faster" else _to_pycocotools_coco(coco_gt)
+    eval_ids = _eval_image_ids(gt, img_ids)
+    dets = _clean_detections(detections, eval_ids)
     if not dets or not eval_ids:
         return _zeros()
-
-    sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with sink:
-        if backend == "faster":
-            from faster_coco_eval import COCOeval_faster
-
-            quiet = print if verbose else (lambda *a, **k: None)
-            dt = gt.loadRes(dets)
-            try:
-                ev = COCOeval_faster(gt, dt, "bbox", print_function=quiet)
-            except TypeError:  # very old faster_coco_eval without print_function
-                ev = COCOeval_faster(gt, dt, "bbox")
-        else:
-            from pycocotools.cocoeval import COCOeval
-
-            dt = gt.loadRes(dets)
-            ev = COCOeval(gt, dt, "bbox")
-        ev.params.imgIds = list(eval_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return _stats_to_metrics(ev.stats)
+    return _stats_to_metrics(_run_cocoeval(gt, dets, eval_ids, backend, verbose))
 
 
 # --------------------------------------------------------------------------- #
@@ -317,3 +330,44 @@ def evaluate(
     img_ids = sorted(per_image)
     detections = [d for i in img_ids for d in per_image[i]]
     return coco_metrics(coco_gt, detections, backend=backend, img_ids=img_ids, verbose=verbose)
+
+
+# --------------------------------------------------------------------------- #
+# A config's validation set
+# --------------------------------------------------------------------------- #
+def build_val_set(data, required: bool = True):
+    """The validation :class:`~samkd.data.CocoDetection` of data block ``data`` (``None`` when it names none and
+    ``required`` is false). Only the validation annotations and images are read."""
+    from ..data import CocoDetection, build_transforms
+    from ..errors import ConfigError
+
+    data = data.resolved()
+    if not (data.val_ann and data.val_images):
+        if required:
+            raise ConfigError("data: evaluation needs data.val_ann and data.val_images (or data.root)")
+        return None
+    return CocoDetection(data.val_ann, data.val_images, transforms=build_transforms(False), label_mode=data.label_mode)
+
+
+def val_loader(data, val_set, distributed: bool = False, seed: int = 0):
+    """The loader over ``val_set``'s first ``data.max_val_images`` images (all when unset)."""
+    from ..data import build_loader
+
+    subset = val_set
+    if data.max_val_images:
+        subset = torch.utils.data.Subset(val_set, range(min(data.max_val_images, len(val_set))))
+    return build_loader(subset, data.val_batch_size, train=False, num_workers=data.num_workers,
+                        distributed=distributed, seed=seed)
+
+
+def evaluate_config(cfg, checkpoint: Optional[str] = None) -> Dict[str, float]:
+    """COCO metrics of the config's model (weights: ``checkpoint``, else ``model.checkpoint``) on its validation
+    set; the class count comes from the model block, the checkpoint or the validation set's categories."""
+    from ..models import detector_from_config
+    from .device import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    val_set = build_val_set(cfg.data)
+    model = detector_from_config(cfg.model, val_set.num_classes, checkpoint=checkpoint, role="model").to(device)
+    return evaluate(model, val_loader(cfg.data, val_set), val_set.coco, val_set.label_to_cat_id, device=device,
+                    progress=cfg.train.progress)

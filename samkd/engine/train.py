@@ -18,7 +18,6 @@ import random
 import shutil
 import sys
 import time
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,45 +29,21 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, DataConfig, ModelConfig, dump_config
-from ..data import CocoDetection, DatasetError, build_loader, build_transforms, set_epoch
+from ..config import Config, DataConfig, dump_config
+from ..data import CocoDetection, build_loader, build_transforms, set_epoch
 from ..distill import Distiller
+from ..errors import ConfigError, DatasetError
 from ..models import detector_from_config
 from .checkpoint import (capture_rng_state, link_checkpoint, load_checkpoint, prune_checkpoints, restore_rng_state,
                          save_checkpoint)
-from .evaluate import evaluate
-
-# name -> (parameter groups, train config) -> optimizer; config.py takes the accepted names from here.
-OPTIMIZERS = {
-    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum),
-    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr),
-}
-
-
-def _cosine(step: int, total: int, cfg) -> float:
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# name -> (step, total steps, train config) -> lr factor after warm-up.
-SCHEDULERS = {
-    "cosine": _cosine,
-    "step": lambda step, total, cfg: cfg.gamma ** sum(step >= m * total for m in cfg.milestones),
-    "constant": lambda step, total, cfg: 1.0,
-}
+from .device import resolve_device
+from .evaluate import build_val_set, evaluate, val_loader
+from .optim import build_optimizer, lr_factor
 
 _SUMMARY = "summary.json"
 
 
 # ----------------------------------------------------------------------------------------------- set-up helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and dist.is_available() and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -86,15 +61,14 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def build_datasets(data: DataConfig) -> tuple[CocoDetection, Optional[CocoDetection]]:
+    """The training set and, when the config names one, the validation set (same categories, checked)."""
     data = data.resolved()
     if not data.train_ann or not data.train_images:
         raise ConfigError("data: set data.root (a `samkd make-data` folder) or data.train_ann and data.train_images")
     train_tf = build_transforms(True, flip_prob=data.flip_prob)
     train_set = CocoDetection(data.train_ann, data.train_images, transforms=train_tf, label_mode=data.label_mode)
-    val_set = None
-    if data.val_ann and data.val_images:
-        val_set = CocoDetection(data.val_ann, data.val_images, transforms=build_transforms(False),
-                                label_mode=data.label_mode)
+    val_set = build_val_set(data, required=False)
+    if val_set is not None:
         if val_set.label_to_cat_id != train_set.label_to_cat_id:
             raise DatasetError(f"{data.val_ann}: categories {sorted(val_set.cat_id_to_label)} differ from those of "
                                f"{data.train_ann} {sorted(train_set.cat_id_to_label)}: labels would not line up")
@@ -115,6 +89,12 @@ class StudentTraining(nn.Module):
     def forward(self, images, targets, epoch: Optional[int] = None) -> dict[str, torch.Tensor]:
         return self.student(images, targets)
 
+    def detectors(self) -> list[nn.Module]:
+        return [self.student]
+
+    def distill_parameters(self) -> list[nn.Parameter]:
+        return []
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return self.student.state_dict()
 
@@ -127,31 +107,11 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     student = detector_from_config(cfg.model, num_classes)
     if cfg.distill is None:
         return StudentTraining(student)
-    teacher = detector_from_config(cfg.teacher, num_classes)
-    if not cfg.teacher.checkpoint and not cfg.teacher.weights:
-        warnings.warn("teacher has neither checkpoint nor weights: distilling from a random teacher")
+    teacher = detector_from_config(cfg.teacher, num_classes, role="teacher")
     return Distiller(student, teacher, losses=cfg.distill.losses,
                      init_student_from_teacher=cfg.distill.init_student_from_teacher,
                      stop_distill_at=cfg.distill.stop_distill_at, feature_norm=cfg.distill.feature_norm,
                      teacher_precision=cfg.distill.teacher_precision)
-
-
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    # No weight decay on norms and biases (standard for detectors, as in torchvision's references).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return OPTIMIZERS[cfg.optimizer](groups, cfg)
-
-
-def lr_factor(step: int, total: int, cfg) -> float:
-    """Linear warm-up from ``warmup_factor`` to 1, then the configured schedule (cosine to 0, step, constant)."""
-    if step < cfg.warmup_steps:
-        alpha = step / max(1, cfg.warmup_steps)
-        return cfg.warmup_factor * (1 - alpha) + alpha
-    return SCHEDULERS[cfg.scheduler](step, total, cfg)
 
 
 def weights_name(cfg: Config) -> str:
@@ -317,15 +277,9 @@ def setup_data(cfg: Config) -> Run:
     train_set, val_set = build_datasets(cfg.data)
     loader = build_loader(train_set, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
                           distributed=world > 1, seed=cfg.seed)
-    val_loader = None
-    if val_set is not None:
-        subset = val_set
-        if cfg.data.max_val_images:
-            subset = torch.utils.data.Subset(val_set, range(min(cfg.data.max_val_images, len(val_set))))
-        val_loader = build_loader(subset, cfg.data.val_batch_size, train=False, num_workers=cfg.data.num_workers,
-                                  distributed=world > 1, seed=cfg.seed)
+    val = None if val_set is None else val_loader(cfg.data, val_set, distributed=world > 1, seed=cfg.seed)
     total = cfg.train.max_steps or cfg.train.epochs * len(loader)
-    return Run(cfg, Path(cfg.output_dir), device, rank, world, loader, val_loader, val_set, total,
+    return Run(cfg, Path(cfg.output_dir), device, rank, world, loader, val, val_set, total,
                num_classes=train_set.num_classes)
 
 
@@ -334,9 +288,7 @@ def setup_model(run: Run) -> None:
     cfg = run.cfg
     seed_everything(cfg.seed)
     run.model = build_model(cfg, run.num_classes).to(run.device)
-    for detector in (run.model.student, getattr(run.model, "teacher", None)):
-        if detector is None:
-            continue
+    for detector in run.model.detectors():
         if cfg.train.channels_last:
             detector.to(memory_format=torch.channels_last)
         if cfg.train.compile:  # in place: parameter names, hooks and checkpoints stay those of the plain module
@@ -354,10 +306,9 @@ def wrap_ddp(run: Run) -> None:
     run.ddp = run.model
     if run.world > 1:
         # Parameters outside the student (distillation heads) go unused once distillation stops.
-        extra = any(p.requires_grad for n, p in run.model.named_parameters() if not n.startswith("student."))
         run.ddp = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-            find_unused_parameters=extra)
+            find_unused_parameters=bool(run.model.distill_parameters()))
 
 
 # ------------------------------------------------------------------------------------------------------ resume
@@ -610,21 +561,3 @@ def _train(cfg: Config, resume: Optional[str], overwrite: bool) -> dict:
         bar.close()
         logger.close()
     return finish(run, metrics, logger.history)
-
-
-def evaluate_config(cfg: Config, checkpoint: Optional[str] = None) -> dict:
-    """Evaluate the (student) model of ``cfg`` on its validation set; ``checkpoint`` overrides model.checkpoint."""
-    device = resolve_device(cfg.train.device)
-    _, val_set = build_datasets(cfg.data)
-    if val_set is None:
-        raise ConfigError("data: evaluation needs data.val_ann and data.val_images (or data.root)")
-    m = cfg.model if checkpoint is None else ModelConfig(**{**cfg.model.__dict__, "checkpoint": checkpoint})
-    if not m.checkpoint and not m.weights:
-        warnings.warn("model has neither checkpoint nor weights: evaluating a randomly initialised detector "
-                      "(pass --checkpoint)")
-    model = detector_from_config(m, val_set.num_classes).to(device)
-    subset = val_set
-    if cfg.data.max_val_images:
-        subset = torch.utils.data.Subset(val_set, range(min(cfg.data.max_val_images, len(val_set))))
-    loader = build_loader(subset, cfg.data.val_batch_size, train=False, num_workers=cfg.data.num_workers)
-    return evaluate(model, loader, val_set.coco, val_set.label_to_cat_id, device=device, progress=cfg.train.progress)

@@ -114,6 +114,29 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def masked_count(ratio: float, total: int) -> int:
+    """How many of ``total`` cells / positions / channels a ``ratio`` masks: ``round_half_up(ratio * total)``, but
+    at least one stays visible unless ``ratio == 1`` (a fully masked input would leave a generator nothing of the
+    student to rebuild from). SFD's cells and DMKD's positions and channels follow this one rule."""
+    count = min(total, round_half_up(ratio * total))
+    return count if ratio >= 1.0 else min(count, total - 1)
+
+
+def standardize_over(feat: Tensor, dims: Sequence[int], eps: float, unbiased: bool) -> Tensor:
+    """``(F - mean) / (std + eps)`` over ``dims``, in float32 (a bf16/fp16 map is standardised in float32).
+
+    The variance is held at ``eps^2`` from below before its square root: sqrt's derivative is infinite at 0, so a
+    map that is constant over ``dims`` (a 1x1 P7 map and a batch of 4 are only 4 values per channel) would make
+    every gradient NaN (seen: a pretrained student at step 162). Such a map still maps to 0, and any variance
+    above ``eps^2`` is exact. Used by ``feature_norm: standardize`` (per image) and PKD (per channel).
+    """
+    feat = feat.float()
+    dims = tuple(dims)
+    mean = feat.mean(dim=dims, keepdim=True)
+    std = feat.var(dim=dims, unbiased=unbiased, keepdim=True).clamp_min(eps * eps).sqrt()
+    return (feat - mean) / (std + eps)
+
+
 def uniform_noise(shape: Sequence[int], like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """``U(0, 1)`` noise on ``like``'s device, drawn from ``generator`` (on its own device) when given."""
     if generator is None:

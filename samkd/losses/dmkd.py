@@ -46,21 +46,14 @@ from samkd.losses._common import (
     check_features,
     check_layout,
     check_non_negative,
-    check_positive,
     check_unit_interval,
     check_weight,
     make_generator,
-    round_half_up,
+    masked_count,
     spatial_attention,
     zero_scalar,
 )
 from samkd.models.taps import Taps
-
-
-def masked_count(ratio: float, total: int) -> int:
-    """``round(ratio * total)``, but at least one element stays visible unless ``ratio == 1``."""
-    count = min(total, round_half_up(ratio * total))
-    return count if ratio >= 1.0 else min(count, total - 1)
 
 
 def top_attention_keep_mask(attention: Tensor, ratio: float) -> Tensor:

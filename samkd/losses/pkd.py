@@ -35,20 +35,16 @@ from samkd.losses._common import (
     check_non_negative,
     check_positive,
     check_weight,
+    standardize_over,
     zero_scalar,
 )
 from samkd.models.taps import Taps
 
 
 def standardize_channels(feat: Tensor, eps: float) -> Tensor:
-    """``(F - mean) / (std + eps)`` per channel over ``(N, H, W)``, population std, float32."""
-    feat = feat.float()
-    mean = feat.mean(dim=(0, 2, 3), keepdim=True)
-    # sqrt's derivative is infinite at 0: one channel that is constant over (N, H, W) (a 1x1 P7 map and a batch
-    # of 4 are only 4 values) would make every gradient NaN (seen: a pretrained student at step 162). Holding the
-    # std at eps from below keeps it finite; such a channel still maps to 0, and any variance above eps^2 is exact.
-    std = feat.var(dim=(0, 2, 3), unbiased=False, keepdim=True).clamp_min(eps * eps).sqrt()
-    return (feat - mean) / (std + eps)
+    """``(F - mean) / (std + eps)`` per channel over ``(N, H, W)``, population std, float32 (the std held at eps
+    from below: see :func:`samkd.losses._common.standardize_over`)."""
+    return standardize_over(feat, (0, 2, 3), eps, unbiased=False)
 
 
 class PKDLoss(nn.Module):

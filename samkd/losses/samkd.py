@@ -79,6 +79,7 @@ from samkd.losses._common import (
     check_unit_interval,
     check_weight,
     dense_kd_map,
+    masked_count,
     roi_logit_pair,
     round_half_up,
     softmax_kd,
@@ -121,11 +122,7 @@ def grid_keep_mask(attention: Tensor, mask_ratio: float, random_share: float,
     """
     n, _, hk, wk = attention.shape
     cells = hk * wk
-    num_masked = min(cells, round_half_up(mask_ratio * cells))
-    if mask_ratio < 1.0:
-        # Leave at least one cell visible: a fully masked input (e.g. k=4 on a 4x4 map) would give the
-        # generator nothing to work from. A 1-cell grid is therefore never masked.
-        num_masked = min(num_masked, cells - 1)
+    num_masked = masked_count(mask_ratio, cells)  # a 1-cell grid (e.g. k=4 on a 4x4 map) is never masked
     num_top = round_half_up((1.0 - random_share) * num_masked)
     num_random = num_masked - num_top
     flat = attention.reshape(n, cells)
@@ -252,7 +249,8 @@ class ScaleGenerators(nn.Module):
         return torch.stack(outputs, dim=1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints of samkd <= 0.1 hold one nn.Sequential per scale ("<prefix><i>.0.weight", ...): concatenate.
+        # Checkpoints written before the generators were grouped (commit 3f22c0f) hold one nn.Sequential per
+        # scale ("<prefix><i>.0.weight", ...): concatenate them.
         old = f"{prefix}0.0.weight"
         if old in state_dict:
             for name, index in (("expand", 0), ("project", 2)):
@@ -272,7 +270,8 @@ class SFDLoss(nn.Module):
         mask_ratio: fraction of grid cells masked at every granularity.
         random_share: fraction of the masked cells drawn at random instead of by attention.
         alpha_sfd: loss coefficient (MGD's scale: the error is a sum over C*H*W, divided by N). The default
-            5e-5 was picked over MGD's 2e-5 on validation data (benchmarks/tuning.md).
+            5e-5 was picked over MGD's 2e-5 on validation data by an earlier tuning of ``alpha_sfd`` alone
+            (commit f1e84a1); benchmarks/tuning.md now tunes every method's whole ``weight`` instead.
         generator_ratio: hidden width of each generator as a fraction of ``channels`` (1.0 = MGD's block).
         use_channel_attention: weight the error by the teacher's channel attention.
         channel_tau: temperature of that channel attention.
