@@ -21,18 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-import samkd.engine.train
-from samkd import bench
+from samkd.bench import BenchParams, MissingRun, run_suite, suite_markdown
 
 MACHINE = "x86_64, 16 cores, torch 2.11.0+cu130, CUDA NVIDIA H100 80GB HBM3"
 TWO_SEEDS = ["student", "mgd", "cwd", "dmkd", "samkd", "samkd_sfd"]
 ONE_SEED = ["fitnet", "samkd_sld"]  # the second call had no room for them
-PARAMS = dict(steps=550, batch_size=16)
+PARAMS = BenchParams.of(steps=550, batch_size=16)
 TITLE = "RetinaNet on an H100: the same suite at 550 steps of batch 16, where the students learn"
-
-
-def _no_training(cfg, **_):
-    raise SystemExit(f"h100_retinanet: {cfg.output_dir} is not in the work dir (this script trains nothing)")
 
 
 def main() -> int:
@@ -40,15 +35,15 @@ def main() -> int:
     ap.add_argument("--work-dir", default="benchmarks/work")
     ap.add_argument("--out", default="benchmarks")
     args = ap.parse_args()
-    samkd.engine.train.train = _no_training
     work, out = Path(args.work_dir).resolve(), Path(args.out)
-    both = bench._run_suite("retinanet", out, work, False, (0, 1), (0,), methods=TWO_SEEDS, jobs=1,
-                            teacher_steps=None, **PARAMS)
-    single = bench._run_suite("retinanet", out, work, False, (0,), (0,), methods=ONE_SEED, jobs=1,
-                              teacher_steps=None, **PARAMS)
+    try:
+        both = run_suite("retinanet", work, PARAMS, (0, 1), (0,), TWO_SEEDS, train=False)
+        single = run_suite("retinanet", work, PARAMS, (0,), (0,), ONE_SEED, train=False)
+    except MissingRun as exc:
+        raise SystemExit(f"h100_retinanet: {exc} (this script trains nothing)") from None
     both["meta"].update(machine=MACHINE, date="2026-11-27", jobs="8 and 6",
                         command="two calls, see benchmarks/h100_retinanet.py")
-    lines = bench._suite_markdown("retinanet", both)
+    lines = suite_markdown("retinanet", both)
     lines[0] = f"### {TITLE}"
     lines += ["", "One run only (training seed 0; the second call had no room for them): "
               + ", ".join(f"{m} {r['AP']:.1f} AP (KD / task loss {r['kd_to_task']:.1f})"

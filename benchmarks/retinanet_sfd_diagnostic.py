@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from samkd import bench
+from samkd.bench import SUITES, BenchParams, kd_to_task_loss, machine, students_on_one_teacher
 from samkd.losses import loss_params
 
 ALPHA_SFD_4X = 4 * loss_params("samkd")["alpha_sfd"]
@@ -28,7 +28,7 @@ VARIANTS = {
     "sfd-only-random-cells": {"samkd": {"use_sld": False, "random_share": 1.0}},
     "sfd-only-pixels-only": {"samkd": {"use_sld": False, "pyramid": [1]}},
 }
-PARAMS = dict(steps=550, batch_size=16)  # the H100 table's schedule
+PARAMS = BenchParams.of(steps=550, batch_size=16)  # the H100 table's schedule
 DATA_SEED, SEED = 0, 0
 
 
@@ -38,19 +38,18 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", help="also write the results here (JSON), e.g. benchmarks/retinanet_sfd_diagnostic.json")
     args = parser.parse_args()
-    p = bench._params(False, **PARAMS)
     work = Path(args.work_dir).resolve()
-    _, done = bench.students_on_one_teacher(
-        p, work, bench.SUITES["retinanet"], DATA_SEED, SEED,
+    _, done = students_on_one_teacher(
+        PARAMS, work, SUITES["retinanet"], DATA_SEED, SEED,
         {f"diag-retinanet-{name}-d{DATA_SEED}-s{SEED}": spec for name, spec in VARIANTS.items()}, args.jobs)
     results = {}
     for name, (raw, summary) in done.items():
-        ratio = bench.kd_to_task_loss(Path(summary["output_dir"]) / "train.csv")
+        ratio = kd_to_task_loss(Path(summary["output_dir"]) / "train.csv")
         results[name] = {"losses": raw["distill"]["losses"], "metrics": summary["metrics"], "kd_to_task": ratio}
         print(f"{name}: AP {summary['metrics']['AP']:.1f} AP50 {summary['metrics']['AP50']:.1f} "
               f"KD / task loss {ratio:.1f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": bench._machine(), "steps": PARAMS, "data_seed": DATA_SEED,
+        Path(args.out).write_text(json.dumps({"machine": machine(), "steps": {"steps": PARAMS.steps, "batch_size": PARAMS.batch_size}, "data_seed": DATA_SEED,
                                               "seed": SEED, "runs": results}, indent=2))
 
 

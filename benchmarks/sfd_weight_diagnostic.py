@@ -8,7 +8,7 @@ or a reported table. Runs through the bench's cache, so finished runs are read b
 import argparse
 from pathlib import Path
 
-from samkd import bench
+from samkd.bench import SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, students_on_one_teacher
 from samkd.losses import loss_params
 
 ALPHA_SFD_4X = 4 * loss_params("samkd")["alpha_sfd"]
@@ -23,11 +23,10 @@ def main() -> None:
     parser.add_argument("--work-dir", default="benchmarks/work")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
-    p = bench._params(False)
     work = Path(args.work_dir).resolve()
-    _, done = bench.students_on_one_teacher(
-        p, work, bench.SUITES["fcos"], bench.TUNE_DATA_SEED, bench.TUNE_SEED,
-        {f"diag-{name}-s{bench.TUNE_SEED}": spec for name, spec in VARIANTS.items()}, args.jobs)
+    _, done = students_on_one_teacher(
+        BenchParams(), work, SUITES["fcos"], TUNE_DATA_SEED, TUNE_SEED,
+        {f"diag-{name}-s{TUNE_SEED}": spec for name, spec in VARIANTS.items()}, args.jobs)
     for name, (_, summary) in done.items():
         print(f"{name}: AP {summary['metrics']['AP']:.1f} AP50 {summary['metrics']['AP50']:.1f}")
 

@@ -22,6 +22,7 @@ import yaml
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
+from samkd.bench import SUITES, BenchParams  # noqa: E402
 from samkd.config import ModelConfig  # noqa: E402
 from samkd.data import CocoDetection, collate_fn  # noqa: E402
 from samkd.distill import Distiller  # noqa: E402
@@ -29,7 +30,7 @@ from samkd.losses import build_loss  # noqa: E402
 from samkd.losses.samkd import sld_weights  # noqa: E402
 from samkd.models import detector_from_config  # noqa: E402
 
-BLOCK = {"arch": "fcos", "min_size": 128, "max_size": 128, "anchor_sizes": [4, 8, 16, 32, 64], "score_thresh": 0.05}
+SUITE = SUITES["fcos"]  # the FCOS table's teachers and students, at the bench's image size
 
 
 def box_mask(targets, shape, batch_shape):
@@ -55,12 +56,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     params = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     ds = CocoDetection(f"{args.data}/annotations/train.json", f"{args.data}/images/train")
-    teacher = detector_from_config(ModelConfig(backbone="resnet50", **BLOCK), checkpoint=args.teacher)
-    student = detector_from_config(ModelConfig(backbone="resnet18", **BLOCK), ds.num_classes,
-                                   checkpoint=None if args.student == "fresh" else args.student)
+    teacher = detector_from_config(ModelConfig(**SUITE.model_block(SUITE.teacher_backbone, BenchParams())),
+                                   checkpoint=args.teacher)
+    student = detector_from_config(ModelConfig(**SUITE.model_block(SUITE.student_backbone, BenchParams())),
+                                   ds.num_classes, checkpoint=None if args.student == "fresh" else args.student)
     distiller = Distiller(student, teacher, losses={}).train()
-    sld = build_loss("sld", 256, 5, **params)
-    kd = build_loss("logit_kd", 256, 5, T=sld.T)
+    sld = build_loss("sld", distiller.channels, distiller.num_levels, **params)
+    kd = build_loss("logit_kd", distiller.channels, distiller.num_levels, T=sld.T)
     rows = []
     for b in range(args.batches):
         images, targets = collate_fn([ds[4 * b + i] for i in range(4)])

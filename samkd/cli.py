@@ -1,4 +1,5 @@
-"""The ``samkd`` command line: make-data, train, distill, eval, export-student, visualize, summary, bench.
+"""The ``samkd`` command line: make-data, train, distill, eval, export-student, visualize, predict, summary, demo,
+bench.
 
 An error is one line, ``samkd: error: <cause, naming the file or key>``; exit 2 when the config, the data or a
 named file is wrong, 1 when the run itself fails (NaN loss, full disk, ...). ``--debug`` (before or after the
@@ -43,7 +44,7 @@ def _cmd_train(args, need_distill: bool = False) -> int:
 
 def _cmd_eval(args) -> int:
     from .config import load_config
-    from .engine.train import evaluate_config
+    from .engine.evaluate import evaluate_config
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(evaluate_config(cfg, args.checkpoint), indent=2))
     return 0
@@ -131,18 +132,7 @@ def _cmd_summary(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samkd", description="Knowledge distillation for torchvision detectors")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (also: SAMKD_DEBUG=1)")
-    # Every subcommand takes --debug too; SUPPRESS keeps a subcommand from resetting a global --debug.
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name, helptext):
-        return sub.add_parser(name, help=helptext, parents=[debug])
-
+def _add_data_and_runs(add) -> None:
     p = add("make-data", "write the synthetic-shapes detection set (JPEGs + COCO json)")
     p.add_argument("--out", required=True)
     p.add_argument("--images", type=int, default=200, help="training images")
@@ -167,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="weights to evaluate (default: model.checkpoint)")
     p.set_defaults(func=_cmd_eval)
 
+    p = add("summary", "table of the final COCO metrics of finished runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of a train/distill run")
+    p.set_defaults(func=_cmd_summary)
+
+
+def _add_outputs(add) -> None:
     p = add("export-student", "plain torchvision state dict (+ ONNX) of a trained student")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="samkd checkpoint or student state dict")
@@ -190,10 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this")
     p.set_defaults(func=_cmd_predict)
 
-    p = add("summary", "table of the final COCO metrics of finished runs")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of a train/distill run")
-    p.set_defaults(func=_cmd_summary)
-
     p = add("demo", "the whole pipeline on the embedded synthetic data (~30 min on 2 cores)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="toy-sized: checks every step in about a minute")
@@ -202,11 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_bench(add) -> None:
+    from .bench import SUITES
+    from .models.families import ARCHS
     p = add("bench", "the method comparison tables on the synthetic benchmark")
     p.add_argument("--out", default="benchmarks")
     p.add_argument("--work-dir", default=None, help="cache for data, teachers and runs (default: <out>/work)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (CI): checks it runs and writes files")
-    from .bench import SUITES
     p.add_argument("--suite", choices=(*SUITES, "all"), default="fcos",
                    help="which table to (re)build; results of other suites already in results.json are kept")
     p.add_argument("--methods", nargs="+", default=None, help="only these rows (default: the suite's)")
@@ -223,11 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="--costs: device to measure on")
     p.add_argument("--image-size", type=int, default=None, help="--costs: image side in px (default 800)")
     p.add_argument("--reps", type=int, default=5, help="--costs: timed repeats per method")
-    p.add_argument("--archs", nargs="+", default=None, choices=("fcos", "retinanet", "faster_rcnn"),
-                   help="--costs: detector families (default: all three)")
+    p.add_argument("--archs", nargs="+", default=None, choices=ARCHS, help="--costs: detector families (default: all)")
     p.add_argument("--channels-last", action="store_true", help="--costs: channels_last memory format")
     p.add_argument("--compile", action="store_true", help="--costs: torch.compile both backbones")
     p.set_defaults(func=_cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samkd", description="Knowledge distillation for torchvision detectors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: SAMKD_DEBUG=1)")
+    # Every subcommand takes --debug too; SUPPRESS keeps a subcommand from resetting a global --debug.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, helptext):
+        return sub.add_parser(name, help=helptext, parents=[debug])
+
+    _add_data_and_runs(add)
+    _add_outputs(add)
+    _add_bench(add)
     return parser
 
 
@@ -242,10 +253,7 @@ def _message(exc: BaseException) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .config import ConfigError
-    from .data import DatasetError
-    from .distill import DistillConfigError
-    from .models import ModelConfigError
+    from .errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("SAMKD_DEBUG", "") not in ("", "0")
@@ -259,8 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"samkd: error: {_message(exc)}", file=sys.stderr)
         # 2: the config, the data or a named file is wrong; 1: the run failed (NaN loss, disk full, ...)
-        usage = (ConfigError, DatasetError, ModelConfigError, DistillConfigError, FileNotFoundError)
-        return 2 if isinstance(exc, usage) else 1
+        return 2 if isinstance(exc, USER_ERRORS) else 1
 
 
 if __name__ == "__main__":

@@ -14,16 +14,13 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
-
 from .config import Config, load_config
+from .engine.parallel import parallel_map
 
 CONFIGS = Path(__file__).parent / "configs"
 DATA = dict(images=600, val_images=150, image_size=128)
@@ -52,21 +49,9 @@ def demo_configs(out: Path, quick: bool) -> dict[str, Config]:
     return cfgs
 
 
-def _train_in_worker(args) -> dict:
-    cfg, threads = args
+def _train_resumed(cfg: Config) -> dict:
     from .engine.train import train
-    torch.set_num_threads(threads)
     return train(cfg, resume="auto")  # a run finished by an interrupted demo is kept as it is
-
-
-def _train_parallel(cfgs: list[Config], jobs: int) -> list[dict]:
-    """Train independent runs, ``jobs`` at a time, one process each, sharing the cores between them."""
-    cores = os.cpu_count() or 1
-    if jobs <= 1 or len(cfgs) == 1:
-        return [_train_in_worker((cfg, torch.get_num_threads())) for cfg in cfgs]
-    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        return list(pool.map(_train_in_worker, [(cfg, max(1, cores // jobs)) for cfg in cfgs]))
 
 
 def load_line(export_dir: Path) -> str:
@@ -88,6 +73,25 @@ def _table(summaries: dict[str, dict], cfgs: dict[str, Config]) -> str:
     return "\n".join(lines)
 
 
+def _export(cfg: Config, checkpoint: Path, export_dir: Path, onnx: bool) -> dict:
+    from .engine.export import export_student
+    try:
+        return export_student(cfg, checkpoint, export_dir, onnx=onnx)
+    except RuntimeError as exc:  # ONNX is optional: keep the state dict and say why
+        print(f"[demo] ONNX export failed ({exc}); exporting the state dict only", flush=True)
+        return export_student(cfg, checkpoint, export_dir, onnx=False)
+
+
+def _draw(out: Path, cfgs: dict[str, Config]) -> dict[str, Path]:
+    """The detections of both students on the first validation image."""
+    from .visualize import predict
+    image = sorted((out / "data" / "images" / "val").glob("*.jpg"))[0]
+    return {"student_samkd": predict(cfgs["student_samkd"], [image], out / "detections" / "samkd",
+                                     checkpoint=str(out / "student_samkd" / "student.pt"))[0],
+            "student_alone": predict(cfgs["student_alone"], [image], out / "detections" / "alone",
+                                     checkpoint=str(out / "student_alone" / "model.pt"))[0]}
+
+
 def run_demo(out: str = "runs/demo", quick: bool = False, jobs: int = 2, onnx: bool = True,
              overwrite: bool = False) -> dict:
     """Run the demo into ``out``; returns ``{"table", "export", "images", "summaries", "wall_s"}``.
@@ -96,8 +100,6 @@ def run_demo(out: str = "runs/demo", quick: bool = False, jobs: int = 2, onnx: b
     continues: each finished run is kept (``resume="auto"``), the others train from their start.
     """
     from .data import make_synthetic_dataset
-    from .engine.export import export_student
-    from .visualize import predict
 
     t0 = time.time()
     out = Path(out)
@@ -113,24 +115,15 @@ def run_demo(out: str = "runs/demo", quick: bool = False, jobs: int = 2, onnx: b
     make_synthetic_dataset(out / "data", data["images"], seed=0, image_size=data["image_size"],
                            val_images=data["val_images"], progress=not quick)
     print(f"[demo] 2/5 teacher: {cfgs['teacher'].train.max_steps} steps", flush=True)
-    teacher = _train_parallel([cfgs["teacher"]], 1)[0]
+    (teacher,) = parallel_map(_train_resumed, [cfgs["teacher"]], 1)
     print(f"[demo] 3/5 students alone and with SAMKD: {cfgs['student_samkd'].train.max_steps} steps each, "
           f"{min(jobs, 2)} at a time", flush=True)
-    alone, distilled = _train_parallel([cfgs["student_alone"], cfgs["student_samkd"]], jobs)
+    alone, distilled = parallel_map(_train_resumed, [cfgs["student_alone"], cfgs["student_samkd"]], jobs)
     print("[demo] 4/5 export", flush=True)
-    student_ckpt = out / "student_samkd" / "student.pt"
     export_dir = out / "export"
-    try:
-        written = export_student(cfgs["student_samkd"], student_ckpt, export_dir, onnx=onnx)
-    except RuntimeError as exc:  # ONNX is optional: keep the state dict and say why
-        print(f"[demo] ONNX export failed ({exc}); exporting the state dict only", flush=True)
-        written = export_student(cfgs["student_samkd"], student_ckpt, export_dir, onnx=False)
+    written = _export(cfgs["student_samkd"], out / "student_samkd" / "student.pt", export_dir, onnx)
     print("[demo] 5/5 detections on a validation image", flush=True)
-    image = sorted((out / "data" / "images" / "val").glob("*.jpg"))[0]
-    drawn = {"student_samkd": predict(cfgs["student_samkd"], [image], out / "detections" / "samkd",
-                                      checkpoint=str(student_ckpt))[0],
-             "student_alone": predict(cfgs["student_alone"], [image], out / "detections" / "alone",
-                                      checkpoint=str(out / "student_alone" / "model.pt"))[0]}
+    drawn = _draw(out, cfgs)
     summaries = {"teacher": teacher, "student_alone": alone, "student_samkd": distilled}
     table = _table(summaries, cfgs)
     wall = time.time() - t0

@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 
+import samkd.bench.methods
+import samkd.bench.runner
+import samkd.bench.suites
+import samkd.bench.tables
 from samkd import bench
-from samkd.bench import (METHODS, QUICK, SUITES, TUNE_FACTORS, TUNED_METHODS, TUNED_WEIGHTS, _run, _teacher_raw,
-                         cost_goals, lead_verdict, method_losses)
+from samkd.bench import (METHODS, QUICK, SUITES, TUNE_FACTORS, TUNED_METHODS, TUNED_WEIGHTS, BenchParams, cache_key,
+                         cached_run, cost_goals, lead_verdict, method_losses, run_dir, suite_markdown)
 from samkd.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,12 +49,16 @@ def test_quick_bench_writes_table_json_and_plot(quick_bench):
 
 def test_quick_bench_reuses_cached_runs(quick_bench):
     work = quick_bench / "work"
-    raw = _teacher_raw(QUICK, work / "data_s0_96px_16", "fcos")
-    (run_dir,) = [p for p in (work / "runs").iterdir() if p.name.startswith("teacher-fcos-d0")]
-    stamp = (run_dir / "summary.json").stat().st_mtime_ns
-    summary = _run(raw, work, "teacher-fcos-d0")  # same config: read back, not trained again
-    assert summary["output_dir"] == str(run_dir)
-    assert (run_dir / "summary.json").stat().st_mtime_ns == stamp
+    raw = SUITES["fcos"].teacher_raw(QUICK, work / "data_s0_96px_16")
+    (folder,) = [p for p in (work / "runs").iterdir() if p.name.startswith("teacher-fcos-d0")]
+    assert folder == run_dir(work, "teacher-fcos-d0", raw)
+    stamp = (folder / "summary.json").stat().st_mtime_ns
+    summary = cached_run(raw, work, "teacher-fcos-d0")  # same config: read back, not trained again
+    assert summary["output_dir"] == str(folder)
+    assert (folder / "summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(bench.MissingRun, match="teacher-fcos-d1"):  # a cache read that finds nothing trains nothing
+        cached_run(raw, work, "teacher-fcos-d1", train=False)
+    assert not list((work / "runs").glob("teacher-fcos-d1-*"))
 
 
 def test_another_suite_merges_into_the_same_report(quick_bench):
@@ -66,14 +74,14 @@ def test_another_suite_merges_into_the_same_report(quick_bench):
 def test_a_suite_finished_meanwhile_by_another_bench_keeps_its_table(quick_bench, tmp_path, monkeypatch):
     out = tmp_path / "report"
     fcos = json.loads((quick_bench / "results.json").read_text())["suites"]["fcos"]
-    run_suite = bench._run_suite
+    run_suite = samkd.bench.tables.run_suite
 
     def other_sitting_finishes_first(name, *args, **kwargs):
         entry = run_suite(name, *args, **kwargs)
         (out / "results.json").write_text(json.dumps({"suites": {"fcos": fcos}}))
         return entry
 
-    monkeypatch.setattr(bench, "_run_suite", other_sitting_finishes_first)
+    monkeypatch.setattr(samkd.bench.tables, "run_suite", other_sitting_finishes_first)
     assert main(["bench", "--quick", "--suite", "retinanet", "--methods", "student", "--out", str(out),
                  "--work-dir", str(quick_bench / "work")]) == 0
     suites = json.loads((out / "results.json").read_text())["suites"]
@@ -97,8 +105,6 @@ def test_quick_tuning_runs_the_same_grid_for_every_method(quick_bench):
 def test_tuned_weights_match_the_recorded_tuning():
     """The bench's weights are the best factors of benchmarks/tuning.json (the same search for every method)."""
     payload = json.loads((REPO / "benchmarks" / "tuning.json").read_text())
-    if "best" not in payload or not isinstance(payload["best"], dict):
-        pytest.skip("benchmarks/tuning.json predates the per-method grid")
     assert set(payload["best"]) == set(TUNED_METHODS)
     assert {m: float(w) for m, w in payload["best"].items()} == TUNED_WEIGHTS
     for method, row in payload["grid"].items():  # the recorded best really is the best cell
@@ -106,7 +112,7 @@ def test_tuned_weights_match_the_recorded_tuning():
 
 
 def test_method_losses_apply_the_tuned_weight_and_ablations_follow_samkd(monkeypatch):
-    monkeypatch.setattr(bench, "TUNED_WEIGHTS", {**TUNED_WEIGHTS, "mgd": 4.0, "samkd": 0.25})
+    monkeypatch.setattr(samkd.bench.methods, "TUNED_WEIGHTS", {**TUNED_WEIGHTS, "mgd": 4.0, "samkd": 0.25})
     assert method_losses("mgd") == {"mgd": {"weight": 4.0}}
     assert method_losses("samkd_sfd") == {"samkd": {"use_sld": False, "weight": 0.25}}
     assert method_losses("student") is None
@@ -141,12 +147,12 @@ def test_the_report_warns_when_a_teacher_is_no_better_than_the_student_alone():
         return {"AP": (d0 + d2) / 2, "AP_std": 0.0, "AP_by_data_seed": {"d0": d0, "d2": d2}, "AP50": 0.0,
                 "AP75": 0.0, "APs": 0.0, "APm": 0.0, "s_per_step": 1.0, "kd_to_task": None}
 
-    lines = bench._suite_markdown("fcos", {"meta": meta, "results": {"student": row(42.5, 24.6)}})
+    lines = suite_markdown("fcos", {"meta": meta, "results": {"student": row(42.5, 24.6)}})
     warnings = [line for line in lines if line.startswith("**Warning:**")]
     # 28.9 < 42.5 on data seed 0; 24.6 is not better than 24.6 on data seed 2
     assert len(warnings) == 2 and "data-seed-0 teacher (AP 28.9)" in warnings[0] and "(AP 24.6)" in warnings[1]
     assert not any(l.startswith("**Warning:**") for l in
-                   bench._suite_markdown("fcos", {"meta": meta, "results": {"student": row(0.9, 0.6)}}))
+                   suite_markdown("fcos", {"meta": meta, "results": {"student": row(0.9, 0.6)}}))
 
 
 def test_lead_verdict():
@@ -161,7 +167,7 @@ def test_lead_verdict():
     assert not v["larger_than_spread"]  # fitnet's std is 2
     results["cwd"] = _row(15, [15.0, 15.0, 15.0])
     v = lead_verdict(results)
-    assert v["lead"] < 0 and "does not lead" in bench._verdict_text(v)
+    assert v["lead"] < 0 and "does not lead" in samkd.bench.report.verdict_text(v)
 
 
 def test_cost_goal_verdicts():
@@ -178,7 +184,8 @@ def test_cost_profile_runs_on_cpu_at_tiny_size(tmp_path):
     from samkd.bench import run_costs
     payload = run_costs(out_dir=str(tmp_path), device="cpu", image_size=64, batch_size=1, reps=1,
                         student_backbone="resnet18", teacher_backbone="resnet18", methods=["fitnet", "mgd", "samkd"])
-    assert set(payload["cost"]) == {"fcos", "retinanet", "faster_rcnn"}
+    from samkd.models import ARCHS
+    assert tuple(payload["cost"]) == ARCHS == ("fcos", "retinanet", "faster_rcnn")  # every family by default
     for cost in payload["cost"].values():
         assert set(cost) == {"fitnet", "mgd", "samkd"}
         assert all(c["step_ratio"] > 0 and c["peak_mib"] is None for c in cost.values())
@@ -199,29 +206,29 @@ def test_cache_key_follows_loss_defaults(monkeypatch):
 
     from samkd.losses import samkd as samkd_module
     raw = {"seed": 0, "distill": {"losses": {"samkd": {}}}}
-    key = bench._cache_key(raw)
+    key = cache_key(raw)
     monkeypatch.setitem(samkd_module.SFDLoss.__init__.__kwdefaults__, "mask_ratio", 0.75)
-    assert bench._cache_key(raw) != key  # a changed default is a new run, not the cached one
+    assert cache_key(raw) != key  # a changed default is a new run, not the cached one
     monkeypatch.undo()
-    assert bench._cache_key(raw) == key
+    assert cache_key(raw) == key
     # a parameter spelled out at its default value is the same run; what is kept on disk does not matter
     default_ratio = samkd_module.SFDLoss.__init__.__kwdefaults__["mask_ratio"]
-    assert bench._cache_key({"seed": 0, "distill": {"losses": {"samkd": {"mask_ratio": default_ratio}}}}) == key
-    assert bench._cache_key({**raw, "train": {"keep_checkpoints": 0}}) == bench._cache_key({**raw, "train": {}})
-    assert (bench._cache_key({**raw, "train": {"checkpoint_every_steps": 200, "keep_checkpoints": 1}})
-            == bench._cache_key({**raw, "train": {}}))  # a resumable teacher is the same run as before
-    assert bench._cache_key({**raw, "train": {"max_steps": 5}}) != bench._cache_key({**raw, "train": {}})
+    assert cache_key({"seed": 0, "distill": {"losses": {"samkd": {"mask_ratio": default_ratio}}}}) == key
+    assert cache_key({**raw, "train": {"keep_checkpoints": 0}}) == cache_key({**raw, "train": {}})
+    assert (cache_key({**raw, "train": {"checkpoint_every_steps": 200, "keep_checkpoints": 1}})
+            == cache_key({**raw, "train": {}}))  # a resumable teacher is the same run as before
+    assert cache_key({**raw, "train": {"max_steps": 5}}) != cache_key({**raw, "train": {}})
     # runs without losses (teachers, plain students) keep the plain hash of their config
     plain = {"seed": 0, "model": {"arch": "fcos"}}
-    assert bench._cache_key(plain) == hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
+    assert cache_key(plain) == hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def test_a_teacher_cut_short_goes_on_from_its_last_checkpoint(tmp_path, monkeypatch):
     """A bench killed mid-teacher (a closed session, a spent GPU lease) loses the steps since the last save."""
     from samkd.engine import train as train_module
-    root = bench._dataset(tmp_path, dict(QUICK), 0, True)
-    monkeypatch.setattr(bench, "TEACHER_CHECKPOINT_STEPS", 2)
-    raw = _teacher_raw({**QUICK, "teacher_steps": 4}, root, "fcos")
+    root = bench.synthetic_data(tmp_path, QUICK, 0)
+    monkeypatch.setattr(samkd.bench.suites, "TEACHER_CHECKPOINT_STEPS", 2)
+    raw = SUITES["fcos"].teacher_raw(BenchParams.of(quick=True, teacher_steps=4), root)
     real_step, steps_taken = train_module.train_step, []
 
     def killed_at_the_third_step(run, *args, **kwargs):
@@ -232,19 +239,19 @@ def test_a_teacher_cut_short_goes_on_from_its_last_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(train_module, "train_step", killed_at_the_third_step)
     with pytest.raises(SystemExit):
-        _run(raw, tmp_path, "teacher")
+        cached_run(raw, tmp_path, "teacher")
     assert not list(tmp_path.glob("runs/teacher-*/summary.json"))
     steps_taken.clear()
-    summary = _run(raw, tmp_path, "teacher")
+    summary = cached_run(raw, tmp_path, "teacher")
     assert steps_taken == [2, 3]  # on from the state saved at step 2, not from step 0
     assert summary["steps"] == 4 and bench.weights_file(summary).is_file()
     assert summary["metrics"] is not None
 
 
 def test_command_names_every_override():
-    from samkd.bench import _command
-    assert _command(False, "fcos", 2) == "samkd bench --suite fcos --jobs 2"
-    assert (_command(False, None, 1, tune=True, batch_size=8, seeds=[0, 1], steps=None)
+    from samkd.bench.report import command_line
+    assert command_line(False, "fcos", 2) == "samkd bench --suite fcos --jobs 2"
+    assert (command_line(False, None, 1, tune=True, batch_size=8, seeds=[0, 1], steps=None)
             == "samkd bench --tune --batch-size 8 --seeds 0 1")
 
 
@@ -259,21 +266,22 @@ def test_unknown_methods_are_refused_by_the_bench_and_the_cost_profile(tmp_path)
 
 def test_the_retinanet_teacher_starts_from_imagenet_and_students_read_it_from_its_checkpoint(tmp_path):
     suite = SUITES["retinanet"]
-    raw = _teacher_raw(dict(QUICK), tmp_path, suite.arch, suite.teacher_backbone, **suite.teacher_extra)
+    raw = suite.teacher_raw(QUICK, tmp_path)
     assert raw["model"]["backbone"] == "efficientnet_lite0" and raw["model"]["backbone_weights"] == "IMAGENET"
     assert raw["model"]["detector_kwargs"] == {"fg_iou_thresh": 0.4, "bg_iou_thresh": 0.3}
-    student = bench._student_raw(dict(QUICK), tmp_path, suite, 0, {"mgd": {}}, "teacher.pt")
+    student = suite.student_raw(QUICK, tmp_path, 0, {"mgd": {}}, "teacher.pt")
     assert student["teacher"]["backbone"] == "efficientnet_lite0" and student["teacher"]["checkpoint"] == "teacher.pt"
     assert "backbone_weights" not in student["teacher"]  # the trained weights alone, not ImageNet's again
     assert student["model"]["backbone"] == "resnet18" and "backbone_weights" not in student["model"]
-    fcos = _teacher_raw(dict(QUICK), tmp_path, "fcos")  # the other families keep a from-scratch ResNet-50
+    fcos = SUITES["fcos"].teacher_raw(QUICK, tmp_path)  # the other families keep a from-scratch ResNet-50
     assert fcos["model"]["backbone"] == "resnet50" and "backbone_weights" not in fcos["model"]
-    assert fcos["train"]["max_steps"] == QUICK["teacher_steps"]
+    assert "detector_kwargs" not in fcos["model"]
+    assert fcos["train"]["max_steps"] == QUICK.teacher_steps == 4
 
 
 @pytest.mark.parametrize("script", ["sfd_weight_diagnostic.py", "retinanet_sfd_diagnostic.py"])
 def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, tmp_path, monkeypatch, capsys):
-    """The README's diagnostics call the bench's internals: a change there must not leave them broken."""
+    """The README's diagnostics call the bench's public functions: a change there must not leave them broken."""
     import importlib.util
     import sys
 
@@ -285,19 +293,19 @@ def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, 
     (teacher_dir / "model.pt").write_bytes(b"")
     trained = []
 
-    def fake_teachers(p, work, suite, data_seeds, jobs, quiet):
-        assert isinstance(suite, bench.Suite) and len(data_seeds) == 1
+    def fake_teachers(p, work, suite, data_seeds, jobs, quiet=True, train=True):
+        assert isinstance(p, BenchParams) and isinstance(suite, bench.Suite) and len(data_seeds) == 1
         return {ds: (tmp_path / "data", {"output_dir": str(teacher_dir)}) for ds in data_seeds}
 
-    def fake_run_all(runs, work, jobs):
+    def fake_run_all(runs, work, jobs, train=True):
         for raw, name in runs:
             config_from_dict({**raw, "output_dir": str(tmp_path / name)}, source=name)  # a config train() accepts
             trained.append(raw)
         return [{"output_dir": str(tmp_path), "metrics": {"AP": 1.0, "AP50": 2.0}} for _ in runs]
 
-    monkeypatch.setattr(bench, "_teachers", fake_teachers)
-    monkeypatch.setattr(bench, "_run_all", fake_run_all)
-    monkeypatch.setattr(bench, "kd_to_task_loss", lambda path: 1.0)
+    monkeypatch.setattr(samkd.bench.runner, "train_teachers", fake_teachers)
+    monkeypatch.setattr(samkd.bench.runner, "run_all", fake_run_all)
+    monkeypatch.setattr(samkd.bench, "kd_to_task_loss", lambda path: 1.0)
     monkeypatch.setattr(sys, "argv", [script, "--work-dir", str(tmp_path)])
     spec = importlib.util.spec_from_file_location(script[:-3], REPO / "benchmarks" / script)
     module = importlib.util.module_from_spec(spec)
@@ -308,4 +316,86 @@ def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, 
     assert [raw["distill"]["losses"] for raw in trained] == list(variants.values())
     assert all(raw["teacher"]["checkpoint"] == str(teacher_dir / "model.pt") for raw in trained)
     four_x = [spec["samkd"]["alpha_sfd"] for name, spec in variants.items() if "alpha4x" in name]
-    assert four_x and all(a == 4 * loss_params("samkd")["alpha_sfd"] for a in four_x)
+    assert loss_params("samkd")["alpha_sfd"] == 5e-5  # the default the scripts multiply
+    assert four_x and all(a == pytest.approx(2e-4) for a in four_x)
+
+
+# ------------------------------------------------------------------------------------------- the cache's names
+# Folders of the real benchmark (`<work>/runs/<name>-<key>`, work dir benchmarks/work): a change to how a run's
+# config is written, hashed or named would orphan them and train every run again.
+PINNED_RUNS = [
+    ("paper_fcos", "teacher", 0, None, "teacher-fcos-efficientnet_lite2-imagenet-d0-dc88275c7c"),
+    ("paper_fcos", "teacher", 1, None, "teacher-fcos-efficientnet_lite2-imagenet-d1-30313ec8a2"),
+    ("paper_fcos", "samkd", 0, 0, "paper_fcos-samkd-d0-s0-e00bab4771"),
+    ("paper_retinanet", "mgd", 2, 1, "paper_retinanet-mgd-d2-s1-76d0963e69"),
+    ("fcos", "teacher", 0, None, "teacher-fcos-d0-c59f8de949"),
+    ("fcos", "samkd", 0, 0, "fcos-samkd-d0-s0-5ef5e1a525"),
+    ("retinanet", "samkd_sfd", 0, 1, "retinanet-samkd_sfd-d0-s1-cc69fc2aa7"),
+    ("faster_rcnn", "student", 0, 0, "faster_rcnn-student-d0-s0-0cf4db2d36"),
+]
+WORK = Path("benchmarks/work")
+
+
+def _teacher_folder(suite, data_seed: int) -> Path:
+    raw = suite.teacher_raw(BenchParams(), WORK / f"data_s{data_seed}_128px_600")
+    return run_dir(WORK, suite.teacher_run_name(data_seed), raw)
+
+
+def _student_folder(name: str, method: str, data_seed: int, seed: int) -> Path:
+    suite = SUITES[name]
+    raw = suite.student_raw(BenchParams(), WORK / f"data_s{data_seed}_128px_600", seed, method_losses(method),
+                            str(_teacher_folder(suite, data_seed) / "model.pt"))
+    return run_dir(WORK, bench.student_run_name(name, method, data_seed, seed), raw)
+
+
+@pytest.mark.parametrize("name,method,data_seed,seed,folder", PINNED_RUNS)
+def test_bench_runs_keep_their_folders(name, method, data_seed, seed, folder):
+    got = (_teacher_folder(SUITES[name], data_seed) if method == "teacher"
+           else _student_folder(name, method, data_seed, seed))
+    assert got == WORK / "runs" / folder
+
+
+def test_tuning_runs_keep_their_folders():
+    teacher = _teacher_folder(SUITES["fcos"], 1)
+    assert teacher.name == "teacher-fcos-d1-b7891eaea9"
+    cells = {("fcos", "mgd", 4.0): "tune-mgd-w4-s100-42f26bccaf",
+             ("paper_fcos", "samkd", 4.0): "tune-paper_fcos-samkd-w4-s100-3f0cdcaee6",
+             ("paper_fcos", "mgd", 1 / 16): "tune-paper_fcos-mgd-w0.0625-s100-144745e791"}
+    for (name, method, factor), folder in cells.items():
+        suite = SUITES[name]
+        raw = suite.student_raw(BenchParams(), WORK / "data_s1_128px_600", bench.TUNE_SEED,
+                                method_losses(method, {method: factor}),
+                                str(_teacher_folder(suite, bench.TUNE_DATA_SEED) / "model.pt"))
+        assert run_dir(WORK, bench.tuning_run_name(method, factor, name), raw).name == folder
+
+
+def test_every_suite_keeps_every_folder():
+    """All 594 folders of every suite, method, data seed 0-2 and training seed 0-2 at the default budget, as one
+    digest (computed by the code before the bench became a package)."""
+    import hashlib
+    names = []
+    for name, suite in SUITES.items():
+        for data_seed in (0, 1, 2):
+            names.append(_teacher_folder(suite, data_seed).name)
+            names += [_student_folder(name, m, data_seed, seed).name for m in suite.methods for seed in (0, 1, 2)]
+    assert len(names) == 594
+    assert hashlib.sha1("\n".join(sorted(names)).encode()).hexdigest() == "7efe484bde49ab614d3a6b5ee94927a450ac6276"
+
+
+def test_a_suite_read_from_the_cache_finds_the_pinned_folders(tmp_path, monkeypatch):
+    """`run_suite(..., train=False)` reads exactly the folders a bench trained, and trains nothing."""
+    monkeypatch.chdir(tmp_path)
+    folders = {"teacher": WORK / "runs" / "teacher-fcos-efficientnet_lite2-imagenet-d0-dc88275c7c",
+               "samkd": WORK / "runs" / "paper_fcos-samkd-d0-s0-e00bab4771"}
+    for role, folder in folders.items():
+        folder.mkdir(parents=True)
+        ap = 30.0 if role == "teacher" else 12.0
+        (folder / "summary.json").write_text(json.dumps({"metrics": {"AP": ap}, "output_dir": str(folder),
+                                                         "s_per_step": 1.0, "steps": 300}))
+    entry = bench.run_suite("paper_fcos", WORK, BenchParams(), seeds=[0], data_seeds=[0], methods=["samkd"],
+                            train=False)
+    assert entry["meta"]["teacher_AP"] == {"0": 30.0} and entry["results"]["samkd"]["AP"] == 12.0
+    assert entry["meta"]["teacher_steps_run"] == 1500  # paper regime: 1.5x the teacher steps
+    with pytest.raises(bench.MissingRun, match="paper_fcos-samkd-d0-s1"):
+        bench.run_suite("paper_fcos", WORK, BenchParams(), seeds=[1], data_seeds=[0], methods=["samkd"], train=False)
+    assert sorted(p.name for p in (WORK / "runs").iterdir()) == sorted(f.name for f in folders.values())

@@ -1,0 +1,52 @@
+"""The bench's rows: each method's ``distill.losses`` block and the weight its tuning chose."""
+from __future__ import annotations
+
+from typing import Optional
+
+# name -> distill.losses block at the loss defaults (None: no distillation). Ablations reuse SAMKD's loss.
+METHODS: dict[str, Optional[dict]] = {
+    "student": None,
+    "fitnet": {"fitnet": {}},
+    "logit_kd": {"logit_kd": {}},
+    "mgd": {"mgd": {}},
+    "fgd": {"fgd": {}},
+    "cwd": {"cwd": {}},
+    "pkd": {"pkd": {}},
+    "freekd": {"freekd": {}},
+    "dmkd": {"dmkd": {}},
+    "samkd_sfd": {"samkd": {"use_sld": False}},
+    "samkd_sld": {"samkd": {"use_sfd": False}},
+    "samkd": {"samkd": {}},
+}
+ABLATIONS = {"samkd_sfd": "samkd", "samkd_sld": "samkd"}  # row -> the method whose tuned weight it uses
+TUNED_METHODS = tuple(m for m, spec in METHODS.items() if spec is not None and m not in ABLATIONS)
+SAMKD_ROWS = ("samkd", "samkd_sfd", "samkd_sld")
+
+# The tuning grid: multiples of each method's default ``weight``, the same for every method.
+TUNE_FACTORS = (0.25, 1.0, 4.0)
+# Chosen by `samkd bench --tune` (benchmarks/tuning.md): the best factor of TUNE_FACTORS per method on the
+# validation data. Written here by hand after the tuning run; tests/test_bench.py checks it against
+# benchmarks/tuning.json so the two cannot drift.
+TUNED_WEIGHTS: dict[str, float] = {"fitnet": 4.0, "logit_kd": 4.0, "mgd": 4.0, "fgd": 1.0, "cwd": 1.0, "pkd": 0.25,
+                                   "freekd": 0.25, "dmkd": 4.0, "samkd": 1.0}
+
+
+def method_losses(method: str, weights: Optional[dict] = None) -> Optional[dict]:
+    """The ``distill.losses`` block of a bench row: its loss spec with the tuned weight of its method.
+
+    ``weights`` (``{method: factor}``) replaces :data:`TUNED_WEIGHTS`, e.g. one cell of the tuning grid. A weight
+    of 1 is left out of the block, so that the run is the same run (the same cache key) as the default's.
+    """
+    spec = METHODS[method]
+    if spec is None:
+        return None
+    weight = (weights or TUNED_WEIGHTS).get(ABLATIONS.get(method, method), 1.0)
+    ((name, params),) = spec.items()
+    return {name: {**params, **({"weight": weight} if weight != 1.0 else {})}}
+
+
+def check_methods(methods: Optional[list[str]]) -> None:
+    """``ValueError`` naming the unknown rows, before anything runs."""
+    unknown = sorted(set(methods or []) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
