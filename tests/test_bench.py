@@ -399,3 +399,4 @@ def test_a_suite_read_from_the_cache_finds_the_pinned_folders(tmp_path, monkeypa
     with pytest.raises(bench.MissingRun, match="paper_fcos-samkd-d0-s1"):
         bench.run_suite("paper_fcos", WORK, BenchParams(), seeds=[1], data_seeds=[0], methods=["samkd"], train=False)
     assert sorted(p.name for p in (WORK / "runs").iterdir()) == sorted(f.name for f in folders.values())
+    assert not list(WORK.glob("data_*"))  # reading the cache writes no data set either

@@ -95,8 +95,9 @@ def run_all(runs: list[tuple[dict, str]], work: Path, jobs: int, train: bool = T
 
 def train_teachers(params: BenchParams, work: Path, suite: Suite, data_seeds, jobs: int, quiet: bool = True,
                    train: bool = True) -> dict[int, tuple[Path, dict]]:
-    """``{data seed: (data root, teacher summary)}`` of the suite, training the missing teachers."""
-    roots = {ds: synthetic_data(work, params, ds, quiet) for ds in data_seeds}
+    """``{data seed: (data root, teacher summary)}`` of the suite, training the missing teachers (``train=False``:
+    reading them from the cache, and writing no data either)."""
+    roots = {ds: synthetic_data(work, params, ds, quiet, write=train) for ds in data_seeds}
     runs = [(suite.teacher_raw(params, roots[ds]), suite.teacher_run_name(ds)) for ds in data_seeds]
     summaries = run_all(runs, work, jobs, train)
     return {ds: (roots[ds], s) for ds, s in zip(data_seeds, summaries)}

@@ -139,11 +139,11 @@ def train_raw(params: BenchParams, data_root: Path, seed: int, steps: int, batch
                       "progress": False, "tensorboard": False}}
 
 
-def synthetic_data(work: Path, params: BenchParams, data_seed: int, quiet: bool = True) -> Path:
-    """The synthetic-shapes set of ``data_seed`` at the bench's size under ``work`` (written once)."""
+def synthetic_data(work: Path, params: BenchParams, data_seed: int, quiet: bool = True, write: bool = True) -> Path:
+    """The synthetic-shapes set of ``data_seed`` at the bench's size under ``work`` (written once, if ``write``)."""
     from ..data import make_synthetic_dataset
     root = work / f"data_s{data_seed}_{params.image_size}px_{params.train_images}"
-    if not (root / "annotations/val.json").exists():
+    if write and not (root / "annotations/val.json").exists():
         make_synthetic_dataset(root, params.train_images, seed=data_seed, image_size=params.image_size,
                                val_images=params.val_images, progress=not quiet)
     return root
