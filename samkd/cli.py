@@ -90,7 +90,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run_bench, run_costs, run_tuning
+    from .bench import run_bench, run_costs, run_design, run_tuning
     if args.costs:
         run_costs(out_dir=args.out, device=args.device, image_size=args.image_size or 800,
                   batch_size=args.batch_size or 2, reps=args.reps, archs=args.archs,
@@ -100,9 +100,12 @@ def _cmd_bench(args) -> int:
                   teacher_steps=args.teacher_steps, jobs=args.jobs, batch_size=args.batch_size,
                   methods=args.methods)
     if args.tune:
-        run_tuning(**common)
+        run_tuning(suite=args.suite or "fcos", **common)
+    elif args.design:
+        common.pop("methods")
+        run_design(suite=args.suite or "paper_fcos", **common)
     else:
-        run_bench(suite=args.suite, seeds=args.seeds, data_seeds=args.data_seeds, **common)
+        run_bench(suite=args.suite or "fcos", seeds=args.seeds, data_seeds=args.data_seeds, **common)
     return 0
 
 
@@ -202,8 +205,9 @@ def _add_bench(add) -> None:
     p.add_argument("--out", default="benchmarks")
     p.add_argument("--work-dir", default=None, help="cache for data, teachers and runs (default: <out>/work)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (CI): checks it runs and writes files")
-    p.add_argument("--suite", choices=(*SUITES, "all"), default="fcos",
-                   help="which table to (re)build; results of other suites already in results.json are kept")
+    p.add_argument("--suite", choices=(*SUITES, "all"), default=None,
+                   help="which table to (re)build (default fcos; --design: paper_fcos); results of other suites "
+                        "already in results.json are kept")
     p.add_argument("--methods", nargs="+", default=None, help="only these rows (default: the suite's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the suite's)")
     p.add_argument("--data-seeds", type=int, nargs="+", default=None, help="data sets, each with its own teacher")
@@ -213,6 +217,8 @@ def _add_bench(add) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")
     p.add_argument("--tune", action="store_true",
                    help="the same weight grid for every method on validation data; writes tuning.md")
+    p.add_argument("--design", action="store_true",
+                   help="SAMKD's design-choice variants on the validation data of --suite (default paper_fcos)")
     p.add_argument("--costs", action="store_true",
                    help="only the cost profile, on synthetic batches (e.g. --device cuda --image-size 800)")
     p.add_argument("--device", default="cpu", help="--costs: device to measure on")

@@ -385,6 +385,8 @@ def test_every_suite_keeps_every_folder():
 def test_a_suite_read_from_the_cache_finds_the_pinned_folders(tmp_path, monkeypatch):
     """`run_suite(..., train=False)` reads exactly the folders a bench trained, and trains nothing."""
     monkeypatch.chdir(tmp_path)
+    # the folder was pinned with the from-scratch weights (SAMKD x1), before the paper regime had its own tuning
+    monkeypatch.setattr(samkd.bench.methods, "WEIGHTS_OF_TUNING", {"fcos": TUNED_WEIGHTS, "paper_fcos": TUNED_WEIGHTS})
     folders = {"teacher": WORK / "runs" / "teacher-fcos-efficientnet_lite2-imagenet-d0-dc88275c7c",
                "samkd": WORK / "runs" / "paper_fcos-samkd-d0-s0-e00bab4771"}
     for role, folder in folders.items():
@@ -400,3 +402,46 @@ def test_a_suite_read_from_the_cache_finds_the_pinned_folders(tmp_path, monkeypa
         bench.run_suite("paper_fcos", WORK, BenchParams(), seeds=[1], data_seeds=[0], methods=["samkd"], train=False)
     assert sorted(p.name for p in (WORK / "runs").iterdir()) == sorted(f.name for f in folders.values())
     assert not list(WORK.glob("data_*"))  # reading the cache writes no data set either
+
+
+def test_tuning_grid_extends_x4_at_an_edge_at_most_twice_per_side():
+    from samkd.bench import extend_grid
+    # best at the low edge: one more factor below, a quarter of it
+    assert extend_grid({0.25: 5.0, 1.0: 3.0, 4.0: 2.0}, 2) == 0.0625
+    assert extend_grid({0.0625: 6.0, 0.25: 5.0, 1.0: 3.0, 4.0: 2.0}, 2) == 0.015625
+    assert extend_grid({0.015625: 7.0, 0.0625: 6.0, 0.25: 5.0, 1.0: 3.0, 4.0: 2.0}, 2) is None  # twice already
+    # best at the high edge, and inside the grid
+    assert extend_grid({0.25: 1.0, 1.0: 2.0, 4.0: 3.0}, 2) == 16.0
+    assert extend_grid({0.25: 1.0, 1.0: 2.0, 4.0: 3.0, 16.0: 2.5}, 2) is None
+    assert extend_grid({0.25: 1.0, 1.0: 4.0, 4.0: 3.0}, 2) is None
+    # a tie keeps the default weight (factor 1), inside the grid: nothing to extend
+    assert extend_grid({0.25: 2.0, 1.0: 2.0, 4.0: 2.0}, 2) is None
+    assert extend_grid({0.25: 5.0, 1.0: 3.0, 4.0: 2.0}, 0) is None  # the from-scratch suite: no extension
+
+
+def test_design_runs_one_samkd_variant_each_and_reuses_the_tuning_baseline(tmp_path, monkeypatch):
+    from samkd.bench import DESIGN_VARIANTS, run_design, tuning_run_name
+    asked = {}
+
+    def fake_students(params, work, suite, data_seed, seed, variants, jobs, quiet=True, train=True):
+        asked.update(variants, data_seed=data_seed, seed=seed)
+        return ({"metrics": {"AP": 50.0}},
+                {name: ({}, {"metrics": {"AP": 10.0 + i}}) for i, name in enumerate(variants)})
+
+    monkeypatch.setattr(samkd.bench.tables, "students_on_one_teacher", fake_students)
+    payload = run_design(out_dir=str(tmp_path), suite="paper_fcos")
+    assert asked.pop("data_seed") == bench.TUNE_DATA_SEED and asked.pop("seed") == bench.TUNE_SEED
+    assert asked[tuning_run_name("samkd", 1.0, "paper_fcos")] == {"samkd": {}}
+    assert asked[tuning_run_name("student", None, "paper_fcos")] is None
+    assert asked["design-paper_fcos-soft-s100"] == {"samkd": {"placement": "soft"}}
+    assert len(asked) == len(DESIGN_VARIANTS) + 1 <= 11  # at most 10 variants, plus the student alone
+    table = (tmp_path / "design_paper_fcos.md").read_text()
+    assert "| soft | `placement: \"soft\"` |" in table and "samkd bench --design --suite paper_fcos" in table
+    assert set(payload["AP"]) == set(DESIGN_VARIANTS) | {"student"}
+
+
+def test_paper_suites_refuse_to_run_before_their_tuning_is_recorded(monkeypatch):
+    monkeypatch.setattr(samkd.bench.methods, "WEIGHTS_OF_TUNING", {"fcos": TUNED_WEIGHTS, "paper_fcos": {}})
+    with pytest.raises(ValueError, match="samkd bench --tune --suite paper_fcos"):
+        samkd.bench.methods.suite_weights(SUITES["paper_retinanet"].tuning)
+    assert samkd.bench.methods.suite_weights(SUITES["retinanet"].tuning) == TUNED_WEIGHTS

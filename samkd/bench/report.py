@@ -226,11 +226,12 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
 
 
-def command_line(quick: bool, suite: Optional[str], jobs: int, tune: bool = False, **overrides) -> str:
+def command_line(quick: bool, suite: Optional[str], jobs: int, tune: bool = False, design: bool = False,
+                 **overrides) -> str:
     """The ``samkd bench`` command line that reproduces a run, overrides included."""
     flags = "".join(f" --{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
                     for k, v in overrides.items() if v is not None)
-    return ("samkd bench" + (" --tune" if tune else "") + (" --quick" if quick else "")
+    return ("samkd bench" + (" --tune" if tune else "") + (" --design" if design else "") + (" --quick" if quick else "")
             + (f" --suite {suite}" if suite else "") + flags + (f" --jobs {jobs}" if jobs > 1 else ""))
 
 
