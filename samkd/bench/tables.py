@@ -9,7 +9,7 @@ from typing import Optional
 
 from .costs import suite_costs
 from .methods import TUNE_FACTORS, TUNED_METHODS, TUNED_WEIGHTS, check_methods, method_losses
-from .report import aggregate, command_line, lead_verdict, load_payload, machine, write_report
+from .report import aggregate, command_line, lead_verdict, load_payload, machine, run_ap, write_report
 from .runner import run_all, students_on_one_teacher, train_teachers, weights_file
 from .suites import DATA_SEEDS, SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, student_run_name
 
@@ -70,7 +70,7 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     entry = {"results": results, "verdict": lead_verdict(results)}
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "jobs": jobs, "data_seeds": list(data_seeds),
             "seeds": list(seeds), "weights": dict(TUNED_WEIGHTS), "command": command,
-            "teacher_AP": {str(ds): float((t[1]["metrics"] or {}).get("AP", 0.0)) for ds, t in teachers.items()},
+            "teacher_AP": {str(ds): run_ap(t[1]) for ds, t in teachers.items()},
             **params.as_dict(), "teacher_steps_run": suite.teacher_steps(params)}
     if suite.measure_costs and train:
         meta["cost_reps"] = 1 if quick else 5
@@ -128,10 +128,10 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
     teacher, done = students_on_one_teacher(
         params, work, SUITES["fcos"], TUNE_DATA_SEED, TUNE_SEED,
         {name: method_losses(m, {m: f}) if f else None for (m, f), name in plan.items()}, jobs, quick)
-    ap = {key: float((done[name][1]["metrics"] or {}).get("AP", 0.0)) for key, name in plan.items()}
+    ap = {key: run_ap(done[name][1]) for key, name in plan.items()}
     grid = {m: {f"{f:g}": ap[(m, f)] for f in TUNE_FACTORS} for m in tuned}
     best = {m: float(max(TUNE_FACTORS, key=lambda f: (ap[(m, f)], f == 1.0))) for m in tuned}
-    teacher_ap = float((teacher["metrics"] or {}).get("AP", 0.0))
+    teacher_ap = run_ap(teacher)
     command = command_line(quick, None, jobs, tune=True, methods=methods, **overrides)
     (out / "tuning.md").write_text(_tuning_markdown(params, ap, best, tuned, teacher_ap, command))
     payload = {"data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "factors": list(TUNE_FACTORS),
