@@ -9,7 +9,7 @@ from typing import Optional
 
 from .costs import suite_costs
 from .methods import DESIGN_VARIANTS, TUNE_FACTORS, TUNED_METHODS, check_methods, method_losses, suite_weights
-from .report import aggregate, command_line, lead_verdict, load_payload, machine, write_report
+from .report import aggregate, command_line, lead_verdict, load_payload, machine, run_ap, write_report
 from .runner import run_all, students_on_one_teacher, train_teachers, weights_file
 from .suites import DATA_SEEDS, SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, student_run_name
 
@@ -71,7 +71,7 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     entry = {"results": results, "verdict": lead_verdict(results)}
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "jobs": jobs, "data_seeds": list(data_seeds),
             "seeds": list(seeds), "weights": dict(weights), "tuning": suite.tuning, "command": command,
-            "teacher_AP": {str(ds): float((t[1]["metrics"] or {}).get("AP", 0.0)) for ds, t in teachers.items()},
+            "teacher_AP": {str(ds): run_ap(t[1]) for ds, t in teachers.items()},
             **params.as_dict(), "teacher_steps_run": suite.teacher_steps(params)}
     if suite.measure_costs and train:
         meta["cost_reps"] = 1 if quick else 5
@@ -170,7 +170,7 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
             params, work, the_suite, TUNE_DATA_SEED, TUNE_SEED,
             {name: method_losses(m, {m: f}) if f else None for name, (m, f) in plan.items()}, jobs, quick, train)
         for name, (m, f) in plan.items():
-            ap[(m, f)] = float((done[name][1]["metrics"] or {}).get("AP", 0.0))
+            ap[(m, f)] = run_ap(done[name][1])
             if f is not None:
                 grid[m][f] = ap[(m, f)]
         asked = [(m, f) for m in tuned if (f := extend_grid(grid[m], the_suite.tune_extensions)) is not None]
@@ -178,7 +178,7 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
             print(f"[tune] {suite}: extending the grid: " + ", ".join(f"{m} x{f:g}" for m, f in asked), flush=True)
     best = {m: float(best_factor(row)) for m, row in grid.items()}
     recorded = {m: {f"{f:g}": row[f] for f in sorted(row)} for m, row in grid.items()}
-    teacher_ap = float((teacher["metrics"] or {}).get("AP", 0.0))
+    teacher_ap = run_ap(teacher)
     command = command_line(quick, None if suite == "fcos" else suite, jobs, tune=True, methods=methods, **overrides)
     md, js = _tuning_files(out, suite)
     md.write_text(_tuning_markdown(suite, params, recorded, best, ap[("student", None)], teacher_ap, command))
@@ -214,10 +214,10 @@ def run_design(out_dir: str = "benchmarks", suite: str = "paper_fcos", quick: bo
     variants = {name: (None if v == "student" else {"samkd": dict(DESIGN_VARIANTS[v])}) for name, v in names.items()}
     teacher, done = students_on_one_teacher(params, work, SUITES[suite], TUNE_DATA_SEED, TUNE_SEED, variants, jobs,
                                             quick, train)
-    ap = {v: float((done[name][1]["metrics"] or {}).get("AP", 0.0)) for name, v in names.items()}
+    ap = {v: run_ap(done[name][1]) for name, v in names.items()}
     payload = {"suite": suite, "data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "AP": ap,
                "variants": {v: DESIGN_VARIANTS[v] for v in DESIGN_VARIANTS},
-               "teacher_AP": float((teacher["metrics"] or {}).get("AP", 0.0)),
+               "teacher_AP": run_ap(teacher),
                "command": command_line(quick, suite, jobs, design=True, **overrides)}
     (out / f"design_{suite}.json").write_text(json.dumps(payload, indent=2))
     (out / f"design_{suite}.md").write_text(_design_markdown(payload, params))
