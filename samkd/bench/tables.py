@@ -50,6 +50,7 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     :class:`~samkd.bench.runner.MissingRun`) and no cost is measured.
     """
     suite = SUITES[name]
+    params = suite.bench_params(params)
     seeds = tuple(seeds) if seeds else ((0,) if quick else suite.seeds)
     data_seeds = tuple(data_seeds) if data_seeds else ((0,) if quick else suite.data_seeds)
     rows = [m for m in suite.methods if not methods or m in methods]
