@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelConfigError
 from .ranges import POSITIVE, Range, at_least, between
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "ModelConfig", "TrainConfig", "config_from_dict",
@@ -243,7 +243,16 @@ def _check_choices(cfg: Config, where: str) -> None:
         m = getattr(cfg, block)
         if m is not None:
             choice(m.arch, ARCHS, f"{block}.arch")
-            choice(m.backbone, family(m.arch).backbones, f"{block}.backbone")
+            try:
+                backbones = family(m.arch).backbones  # YOLO's: the models the installed ultralytics ships
+            except ModelConfigError as exc:  # its optional package is missing
+                raise ConfigError(f"{where}{block}.arch: {exc}") from exc
+            choice(m.backbone, backbones, f"{block}.backbone")
+            wrong = family(m.arch).config_error(m)
+            if wrong:
+                raise ConfigError(f"{where}{block}.{wrong[0]}: {wrong[1]}")
+    if cfg.distill is not None and cfg.teacher is not None:
+        _check_pair(cfg.teacher.arch, cfg.model.arch, where)
     choice(cfg.data.label_mode, LABEL_MODES, "data.label_mode")
     choice(cfg.train.optimizer, tuple(OPTIMIZERS), "train.optimizer")
     choice(cfg.train.scheduler, tuple(SCHEDULERS), "train.scheduler")
@@ -253,6 +262,16 @@ def _check_choices(cfg: Config, where: str) -> None:
         _check_losses(cfg.distill.losses, where, choice)
         if cfg.teacher is None:
             raise ConfigError(f"{where}distill needs a 'teacher' block (arch, backbone, checkpoint, ...)")
+
+
+def _check_pair(teacher_arch: str, student_arch: str, where: str) -> None:
+    """A family that cannot be mixed with others (YOLO) teaches, and is taught by, its own family only."""
+    from .models.families import family
+
+    lonely = [f.name for f in (family(teacher_arch), family(student_arch)) if not f.mixes_with_other_families]
+    if teacher_arch != student_arch and lonely:
+        raise ConfigError(f"{where}teacher.arch {teacher_arch!r} and model.arch {student_arch!r}: a {lonely[0]} "
+                          f"detector distils only from and into its own family: set both to {lonely[0]}")
 
 
 def _check_losses(losses: dict, where: str, choice) -> None:

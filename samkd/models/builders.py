@@ -177,7 +177,10 @@ def detector_from_config(m, num_classes: Optional[int] = None, checkpoint: Optio
     """
     fam = family(m.arch)
     path = checkpoint or m.checkpoint
-    state = read_state_dict(path) if path else None
+    if path and not Path(path).is_file():  # the field that named it: the config's, or the caller's argument
+        field = "checkpoint" if checkpoint else f"{'teacher' if role == 'teacher' else 'model'}.checkpoint"
+        raise ModelConfigError(f"{field} {path}: file not found (nothing is downloaded: give a local file)")
+    state = fam.read_checkpoint(path, m.backbone) if path else None
     classes = _class_count(m, fam, num_classes, state, path)
     if role is not None and state is None and not m.weights:
         warnings.warn(f"{role} has neither checkpoint nor weights: it is randomly initialised")
