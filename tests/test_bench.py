@@ -185,7 +185,8 @@ def test_cost_profile_runs_on_cpu_at_tiny_size(tmp_path):
     payload = run_costs(out_dir=str(tmp_path), device="cpu", image_size=64, batch_size=1, reps=1,
                         student_backbone="resnet18", teacher_backbone="resnet18", methods=["fitnet", "mgd", "samkd"])
     from samkd.models import ARCHS
-    assert tuple(payload["cost"]) == ARCHS == ("fcos", "retinanet", "faster_rcnn")  # every family by default
+    # every family that builds a resnet18 by default: the torchvision ones (a YOLO model names its whole net)
+    assert tuple(payload["cost"]) == tuple(a for a in ARCHS if a != "yolo") == ("fcos", "retinanet", "faster_rcnn")
     for cost in payload["cost"].values():
         assert set(cost) == {"fitnet", "mgd", "samkd"}
         assert all(c["step_ratio"] > 0 and c["peak_mib"] is None for c in cost.values())
@@ -374,7 +375,8 @@ def test_every_suite_keeps_every_folder():
     digest (computed by the code before the bench became a package)."""
     import hashlib
     names = []
-    for name, suite in SUITES.items():
+    for name in ("paper_fcos", "paper_retinanet", "fcos", "retinanet", "faster_rcnn", "pretrained"):  # (not yolo)
+        suite = SUITES[name]
         for data_seed in (0, 1, 2):
             names.append(_teacher_folder(suite, data_seed).name)
             names += [_student_folder(name, m, data_seed, seed).name for m in suite.methods for seed in (0, 1, 2)]
@@ -400,3 +402,20 @@ def test_a_suite_read_from_the_cache_finds_the_pinned_folders(tmp_path, monkeypa
         bench.run_suite("paper_fcos", WORK, BenchParams(), seeds=[1], data_seeds=[0], methods=["samkd"], train=False)
     assert sorted(p.name for p in (WORK / "runs").iterdir()) == sorted(f.name for f in folders.values())
     assert not list(WORK.glob("data_*"))  # reading the cache writes no data set either
+
+
+def test_yolo_suite_keeps_its_folders():
+    """The YOLO table's data, teachers and runs (its 256 px budget, ultralytics' rows too): pinned, so that a
+    refactoring does not orphan a measured table. Only configs are built: no ultralytics needed."""
+    suite = SUITES["yolo"]
+    params = suite.params()
+    root = bench.synthetic_data(WORK, params, 2, write=False)
+    assert root == WORK / "data_s2_256px_600_min16"
+    teacher = run_dir(WORK, suite.teacher_run_name(2), suite.teacher_raw(params, root))
+    assert teacher.name == "teacher-yolo-yolo11s-d2-4112d00240"
+    folders = {"student": "yolo-student-d2-s1-4aac1a0d87", "samkd": "yolo-samkd-d2-s1-23cf47d4a5",
+               "ultralytics": "yolo-ultralytics-d2-s1-4627e41ef4",
+               "ultralytics_distill": "yolo-ultralytics_distill-d2-s1-aef1b8c663"}
+    for method, folder in folders.items():
+        raw = suite.run_raw(method, params, root, 1, str(teacher / "model.pt"))
+        assert run_dir(WORK, bench.student_run_name("yolo", method, 2, 1), raw).name == folder

@@ -28,8 +28,8 @@ def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "fc
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else out / "work"
     overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
-    params = BenchParams.of(quick, **overrides)
     for name in names:
+        params = SUITES[name].params(quick, **overrides)  # the suite's budget (YOLO: 256 px), then the overrides
         command = command_line(quick, name, jobs, seeds=seeds, data_seeds=data_seeds, methods=methods, **overrides)
         entry = run_suite(name, work, params, seeds, data_seeds, methods, jobs, quick=quick, command=command)
         # read the report again only now: a suite run meanwhile by another `samkd bench` keeps its table
@@ -58,8 +58,7 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     teachers = train_teachers(params, work, suite, data_seeds, jobs, quick, train)
     plan = [(m, ds, seed) for m in rows for ds in data_seeds for seed in seeds]
     print(f"[bench] {name}: {len(plan)} student runs of {params.steps} steps, {jobs} at a time", flush=True)
-    runs = [(suite.student_raw(params, teachers[ds][0], seed, method_losses(m),
-                               str(weights_file(teachers[ds][1], must_exist=train))),
+    runs = [(suite.run_raw(m, params, teachers[ds][0], seed, str(weights_file(teachers[ds][1], must_exist=train))),
              student_run_name(name, m, ds, seed)) for m, ds, seed in plan]
     summaries = run_all(runs, work, jobs, train)
     by_row: dict[str, tuple[list, list]] = {m: ([], []) for m in rows}
