@@ -93,8 +93,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # The defaults are samkd.models.build_detector's (tests/test_cli.py checks that they agree).
-    arch: str = "fcos"  # fcos | retinanet | faster_rcnn (samkd.models.ARCHS)
-    backbone: str = "resnet18"  # resnet18/34/50/101 | mobilenet_v3_large | efficientnet_lite0/1/2
+    arch: str = "fcos"  # fcos | retinanet | faster_rcnn | yolo (samkd.models.ARCHS)
+    # resnet18/34/50/101 | mobilenet_v3_large | efficientnet_lite0/1/2; yolo: the model, yolo11n, yolov8s, ...
+    backbone: str = "resnet18"
     num_classes: Optional[int] = None  # including background; None: from the training set
     min_size: int = 800
     max_size: int = 1333
