@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ DIFFERENCES = (
     "Their distillation is `distill_model` with `dis`=6 (their default, not tuned): a score-weighted MSE "
     "between a trained 1x1-ReLU-1x1 projection of the raw student P3-P5 and the raw teacher maps, no logit "
     "term; samkd's losses see standardised maps (`feature_norm: standardize`) through 1x1 alignment convs.",
+    "Their s/step is the wall time of their whole trainer process (set-up, data checks and the final "
+    "validation included) over its steps, with the same thread count as samkd's runs.",
     "Their rows are left out of SAMKD's verdict: the trainer differs as above, not only the method.",
 )
 
@@ -183,6 +186,7 @@ def _evaluate_last(raw: dict, last: Path) -> dict:
 
 def cached_external_run(raw: dict, work: Path, name: str, train: bool = True) -> dict:
     """The summary of ultralytics row ``name``: from the cache, else trained now (``train``) and evaluated."""
+    from ..engine.train import write_json
     from .runner import MissingRun, run_dir
     out = run_dir(work, name, raw)
     if (out / "summary.json").is_file():
@@ -190,10 +194,13 @@ def cached_external_run(raw: dict, work: Path, name: str, train: bool = True) ->
     if not train:
         raise MissingRun(f"{out}: run {name!r} is not in the bench cache (and training was not asked for)")
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "train", ignore_errors=True)  # an interrupted attempt's files: their trainer appends to them
     args = {**raw["args"], "data": str(yolo_dataset(Path(raw["data"]["root"]))), "project": str(out), "name": "train"}
     if "teacher" in raw:
         args["distill_model"] = str(_teacher_for_ultralytics(raw["teacher"], out))
-    seconds = _run_trainer({"model": f"{raw['model']['backbone']}.yaml", "args": args}, out)
+    import torch
+    job = {"model": f"{raw['model']['backbone']}.yaml", "args": args, "threads": torch.get_num_threads()}
+    seconds = _run_trainer(job, out)
     epochs = _their_epochs(out / "train" / "results.csv")
     steps = raw["steps_per_epoch"] * len(epochs)
     _write_train_csv(epochs, raw["steps_per_epoch"], out)
@@ -201,7 +208,7 @@ def cached_external_run(raw: dict, work: Path, name: str, train: bool = True) ->
     summary = {"metrics": _evaluate_last(raw, last), "history": [], "steps": steps, "s_per_step": seconds / steps,
                "checkpoint": None, "weights": str(last), "output_dir": str(out), "trainer": TRAINER,
                "their_metrics": {k: float(v) for k, v in epochs[-1].items() if k.startswith("metrics/")}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)  # atomic, strict JSON; last: it marks the run finished
     return summary
 
 
@@ -212,6 +219,8 @@ def train_in_this_process(job_file: str) -> None:
     """The subprocess's work: ultralytics imported offline (samkd's helper), then their trainer on the job."""
     from ..models.yolo import import_ultralytics, provide_offline_fonts
     job = json.loads(Path(job_file).read_text())
+    # their device selection sets torch's threads to min(8, cores - 1): give it the bench job's share instead
+    import_ultralytics("ultralytics.utils.torch_utils").NUM_THREADS = int(job["threads"])
     yolo = import_ultralytics("ultralytics.models").YOLO
     provide_offline_fonts()  # else their dataset check asks github.com for Arial.ttf
     yolo(job["model"]).train(**job["args"])
