@@ -42,9 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    Widths,
     channel_attention,
     check_features,
     check_layout,
+    level_widths,
     check_non_negative,
     check_unit_interval,
     check_weight,
@@ -79,7 +81,8 @@ class DMKDLoss(nn.Module):
     """Dual masking generative distillation (reconstruction of Yang et al., ICASSP 2024, from the abstract).
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels; each has a spatial and a channel generator and 2 fusion logits.
         alpha_dmkd: loss coefficient (MGD's 2e-5: same error scale).
         spatial_ratio: fraction of positions masked in the spatial branch (the most attended ones).
@@ -89,7 +92,7 @@ class DMKDLoss(nn.Module):
     Returns ``{"dmkd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, alpha_dmkd: float = 2e-5, spatial_ratio: float = 0.5,
+    def __init__(self, channels: Widths, num_levels: int, *, alpha_dmkd: float = 2e-5, spatial_ratio: float = 0.5,
                  channel_ratio: float = 0.5, weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)
@@ -99,8 +102,9 @@ class DMKDLoss(nn.Module):
         self.channels, self.num_levels = channels, num_levels
         self.alpha_dmkd, self.spatial_ratio, self.channel_ratio = alpha_dmkd, spatial_ratio, channel_ratio
         self.weight = weight
-        self.spatial_generation = nn.ModuleList(make_generator(channels) for _ in range(num_levels))
-        self.channel_generation = nn.ModuleList(make_generator(channels) for _ in range(num_levels))
+        widths = level_widths(channels, num_levels)
+        self.spatial_generation = nn.ModuleList(make_generator(c) for c in widths)
+        self.channel_generation = nn.ModuleList(make_generator(c) for c in widths)
         # (w_s, w_c) = softmax of each row; zeros = both branches weigh 1/2 at the start.
         self.fusion_logits = nn.Parameter(torch.zeros(num_levels, 2))
 

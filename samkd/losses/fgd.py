@@ -42,9 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    Widths,
     channel_attention,
     check_features,
     check_layout,
+    level_widths,
     check_non_negative,
     check_positive,
     check_weight,
@@ -114,7 +116,8 @@ class FGDLoss(nn.Module):
     """Focal and global distillation (Yang et al., CVPR 2022); see the module docstring for the equations.
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels (one pair of GcBlocks each).
         temp: attention temperature.
         alpha_fgd, beta_fgd: foreground / background focal coefficients.
@@ -127,7 +130,7 @@ class FGDLoss(nn.Module):
     Returns ``{"fgd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, temp: float = 0.5, alpha_fgd: float = 1e-3,
+    def __init__(self, channels: Widths, num_levels: int, *, temp: float = 0.5, alpha_fgd: float = 1e-3,
                  beta_fgd: float = 5e-4, gamma_fgd: float = 5e-4, lambda_fgd: float = 5e-6,
                  share_global_block: bool = False, weight: float = 1.0):
         super().__init__()
@@ -139,8 +142,9 @@ class FGDLoss(nn.Module):
         self.temp, self.weight = temp, weight
         self.alpha_fgd, self.beta_fgd, self.gamma_fgd, self.lambda_fgd = alpha_fgd, beta_fgd, gamma_fgd, lambda_fgd
         self.share_global_block = share_global_block
-        self.student_gc = nn.ModuleList(GcBlock(channels) for _ in range(num_levels))
-        self.teacher_gc = None if share_global_block else nn.ModuleList(GcBlock(channels) for _ in range(num_levels))
+        widths = level_widths(channels, num_levels)
+        self.student_gc = nn.ModuleList(GcBlock(c) for c in widths)
+        self.teacher_gc = None if share_global_block else nn.ModuleList(GcBlock(c) for c in widths)
 
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
         check_features("FGDLoss", student, teacher, self.channels, self.num_levels)

@@ -61,8 +61,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    Widths,
     check_features,
     check_layout,
+    level_widths,
     check_non_negative,
     check_weight,
     zero_scalar,
@@ -139,7 +141,8 @@ class FreeKDLoss(nn.Module):
     """Frequency-prompted wavelet distillation (Zhang et al., CVPR 2024), released distillation stage.
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels; each has its own tokens per wavelet scale.
         num_tokens: ``T``, masks per (level, scale).
         wavelet_levels: ``J``, Haar levels; the high bands of every scale are distilled.
@@ -147,14 +150,14 @@ class FreeKDLoss(nn.Module):
         mse_weight: coefficient of the companion MSE on the FPN maps (FCOS: 10; RetinaNet: 5; 0 disables it).
         train_tokens: let the tokens learn with the distillation loss (see the module docstring's warning);
             they are frozen by default.
-        token_init_std: std of the tokens' normal initialisation; ``None`` = ``1 / sqrt(channels)``
+        token_init_std: std of the tokens' normal initialisation; ``None`` = ``1 / sqrt(C)`` of each level
             (0 gives masks of exactly 1/2).
         weight: multiplies the returned term.
 
     Returns ``{"freekd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, num_tokens: int = 6, wavelet_levels: int = 3,
+    def __init__(self, channels: Widths, num_levels: int, *, num_tokens: int = 6, wavelet_levels: int = 3,
                  alpha_freekd: float = 5.0, mse_weight: float = 10.0, train_tokens: bool = False,
                  token_init_std: Optional[float] = None, weight: float = 1.0):
         super().__init__()
@@ -167,13 +170,20 @@ class FreeKDLoss(nn.Module):
         self.channels, self.num_levels = channels, num_levels
         self.num_tokens, self.wavelet_levels = int(num_tokens), int(wavelet_levels)
         self.alpha_freekd, self.mse_weight, self.weight = alpha_freekd, mse_weight, weight
-        self.token_init_std = 1.0 / math.sqrt(channels) if token_init_std is None else float(token_init_std)
-        shape = (num_levels, self.wavelet_levels, self.num_tokens, channels)
-        self.tokens = nn.Parameter(torch.randn(shape) * self.token_init_std, requires_grad=bool(train_tokens))
+        widths = level_widths(channels, num_levels)
+        stds = [1.0 / math.sqrt(c) if token_init_std is None else float(token_init_std) for c in widths]
+        self.token_init_std = stds[0] if len(set(stds)) == 1 else tuple(stds)
+        if len(set(widths)) == 1:  # one tensor (num_levels, J, T, C): the layout of checkpoints of one width
+            shape = (num_levels, self.wavelet_levels, self.num_tokens, widths[0])
+            self.tokens = nn.Parameter(torch.randn(shape) * stds[0], requires_grad=bool(train_tokens))
+        else:  # one (J, T, C_l) tensor per level; ``self.tokens[level]`` reads both layouts alike
+            self.tokens = nn.ParameterList(
+                nn.Parameter(torch.randn(self.wavelet_levels, self.num_tokens, c) * std, requires_grad=bool(train_tokens))
+                for c, std in zip(widths, stds))
 
     @property
     def train_tokens(self) -> bool:
-        return self.tokens.requires_grad
+        return any(p.requires_grad for p in self.parameters())
 
     def wavelet_term(self, student_feat: Tensor, teacher_feat: Tensor, level: int) -> Tensor:
         """``sum_j mean |M^j (B^j_S - B^j_T)|`` of one FPN level."""
@@ -193,4 +203,8 @@ class FreeKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_tokens={self.num_tokens}, wavelet_levels={self.wavelet_levels}, "
                 f"alpha_freekd={self.alpha_freekd}, mse_weight={self.mse_weight}, "
-                f"train_tokens={self.train_tokens}, token_init_std={self.token_init_std:.4g}, weight={self.weight}")
+                f"train_tokens={self.train_tokens}, token_init_std={self._init_std_text()}, weight={self.weight}")
+
+    def _init_std_text(self) -> str:
+        stds = self.token_init_std if isinstance(self.token_init_std, tuple) else (self.token_init_std,)
+        return "/".join(f"{s:.4g}" for s in stds)

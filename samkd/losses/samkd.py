@@ -75,10 +75,12 @@ from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from samkd.losses._common import (
+    Widths,
     channel_attention,
     check_dense_logits,
     check_features,
     check_layout,
+    level_widths,
     check_non_negative,
     check_positive,
     check_unit_interval,
@@ -302,7 +304,8 @@ class SFDLoss(nn.Module):
     """Spatially hierarchical feature masking distillation (SAMKD's feature term; module docstring, SFD).
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels.
         pyramid: mask granularities ``k`` (cell side in feature pixels), one generator per (level, k).
         mask_ratio: fraction of grid cells masked at every granularity.
@@ -315,7 +318,7 @@ class SFDLoss(nn.Module):
         alpha_sfd: loss coefficient (MGD's scale: the error is a sum over C*H*W, divided by N). The default
             5e-5 was picked over MGD's 2e-5 on validation data by an earlier tuning of ``alpha_sfd`` alone
             (commit f1e84a1); benchmarks/tuning.md now tunes every method's whole ``weight`` instead.
-        generator_ratio: hidden width of each generator as a fraction of ``channels`` (1.0 = MGD's block).
+        generator_ratio: hidden width of each generator as a fraction of its level's width (1.0 = MGD's block).
         use_channel_attention: weight the error by the teacher's channel attention.
         channel_tau: temperature of that channel attention.
         weight: multiplies the returned term.
@@ -324,7 +327,7 @@ class SFDLoss(nn.Module):
     part of the masks reproducible. Returns ``{"sfd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, pyramid: Sequence[int] = (4, 2, 1),
+    def __init__(self, channels: Widths, num_levels: int, *, pyramid: Sequence[int] = (4, 2, 1),
                  mask_ratio: float = 0.5, random_share: float = 0.5, alpha_sfd: float = 5e-5,
                  use_channel_attention: bool = True, channel_tau: float = 0.5, generator_ratio: float = 0.5,
                  placement: str = "top", global_mask: bool = False, weight: float = 1.0):
@@ -332,7 +335,6 @@ class SFDLoss(nn.Module):
         check_layout(channels, num_levels)
         self.pyramid = _check_pyramid(pyramid)
         check_positive(generator_ratio=generator_ratio)
-        hidden = max(1, round_half_up(generator_ratio * channels))
         check_unit_interval(mask_ratio=mask_ratio, random_share=random_share)
         check_positive(channel_tau=channel_tau)
         check_non_negative(alpha_sfd=alpha_sfd)
@@ -345,7 +347,8 @@ class SFDLoss(nn.Module):
         self.use_channel_attention, self.channel_tau = use_channel_attention, channel_tau
         self.generator_ratio = generator_ratio
         scales = len(self.pyramid) + self.global_mask  # the global mask is one more scale, fused like the others
-        self.generation = nn.ModuleList(ScaleGenerators(channels, hidden, scales) for _ in range(num_levels))
+        self.generation = nn.ModuleList(ScaleGenerators(c, max(1, round_half_up(generator_ratio * c)), scales)
+                                        for c in level_widths(channels, num_levels))
         # One scale-fusion vector per level; zeros = equal weights at the start.
         self.fusion_logits = nn.Parameter(torch.zeros(num_levels, scales))
 
@@ -388,7 +391,7 @@ class SLDLoss(nn.Module):
     """Adaptive masking logit distillation (SAMKD's logit term; module docstring, SLD).
 
     Args:
-        channels: teacher FPN width.
+        channels: teacher FPN width(s), one for every level or one per level.
         num_levels: number of FPN levels; ``cls_logits`` must have as many, with the features' H, W.
         T: distillation temperature (dense sigmoid and RoI softmax terms).
         tau_d: temperature of the discrepancy softmax (smaller = sharper focus on hard locations).
@@ -405,7 +408,7 @@ class SLDLoss(nn.Module):
     Returns ``{"sld": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
+    def __init__(self, channels: Widths, num_levels: int, *, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
                  weighting: str = "softmax", level_weighting: str = "level",
                  beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
                  roi_sampling_ratio: int = 2, weight: float = 1.0):
@@ -508,7 +511,7 @@ class SAMKDLoss(nn.Module):
 
     PARTS = (SFDLoss, SLDLoss)
 
-    def __init__(self, channels: int, num_levels: int, *, use_sfd: bool = True, use_sld: bool = True,
+    def __init__(self, channels: Widths, num_levels: int, *, use_sfd: bool = True, use_sld: bool = True,
                  weight: float = 1.0, **params):
         super().__init__()
         if not (use_sfd or use_sld):
