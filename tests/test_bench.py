@@ -475,3 +475,18 @@ def test_yolo_suite_keeps_its_folders():
     for method, folder in folders.items():
         raw = suite.run_raw(method, params, root, 1, str(teacher / "model.pt"))
         assert run_dir(WORK, bench.student_run_name("yolo", method, 2, 1), raw).name == folder
+
+
+def test_paper_weights_match_the_recorded_paper_tuning():
+    """The paper suites' weights are the best factors of benchmarks/tuning_paper_fcos.json, and each best is inside
+    its grid or at an edge that was extended twice (the rule every method got)."""
+    from samkd.bench import PAPER_TUNED_WEIGHTS
+    payload = json.loads((REPO / "benchmarks" / "tuning_paper_fcos.json").read_text())
+    assert payload["suite"] == "paper_fcos" and payload["extensions"] == 2
+    assert {m: float(w) for m, w in payload["best"].items()} == PAPER_TUNED_WEIGHTS
+    for method, row in payload["grid"].items():
+        cells = {float(f): ap for f, ap in row.items()}
+        best = PAPER_TUNED_WEIGHTS[method]
+        assert cells[best] == max(cells.values())
+        outside = [f for f in cells if f < 0.25 or f > 4]
+        assert min(cells) < best < max(cells) or len([f for f in outside if (f < 1) == (best < 1)]) == 2
