@@ -27,16 +27,31 @@ from samkd.models.taps import Taps
 # --------------------------------------------------------------------------------------------------
 def spatial_attention(feat: Tensor, tau: float) -> Tensor:
     """``H W softmax(mean_c |F| / tau)`` over positions: ``(N, C, H, W) -> (N, 1, H, W)``, mean 1 per image."""
-    n, _, h, w = feat.shape
-    saliency = feat.abs().mean(dim=1).reshape(n, h * w)
-    return (h * w * F.softmax(saliency / tau, dim=1)).reshape(n, 1, h, w)
+    return spatial_attention_of_magnitude(feat.abs(), tau)
 
 
 def channel_attention(feat: Tensor, tau: float) -> Tensor:
     """``C softmax(mean_hw |F| / tau)`` over channels: ``(N, C, H, W) -> (N, C, 1, 1)``, mean 1 per image."""
-    n, c = feat.shape[:2]
-    saliency = feat.abs().mean(dim=(2, 3))
-    return (c * F.softmax(saliency / tau, dim=1)).reshape(n, c, 1, 1)
+    return channel_attention_of_magnitude(feat.abs(), tau)
+
+
+def _tempered(x: Tensor, tau: float) -> Tensor:
+    return x if tau == 1.0 else x / tau  # x / 1.0 == x exactly: skip the kernel
+
+
+def spatial_attention_of_magnitude(magnitude: Tensor, tau: float) -> Tensor:
+    """:func:`spatial_attention` of a map whose ``|F|`` is already computed (a caller that needs ``|F|`` for both
+    attentions takes it once)."""
+    n, _, h, w = magnitude.shape
+    saliency = magnitude.mean(dim=1).reshape(n, h * w)
+    return (h * w * F.softmax(_tempered(saliency, tau), dim=1)).reshape(n, 1, h, w)
+
+
+def channel_attention_of_magnitude(magnitude: Tensor, tau: float) -> Tensor:
+    """:func:`channel_attention` of a map whose ``|F|`` is already computed."""
+    n, c = magnitude.shape[:2]
+    saliency = magnitude.mean(dim=(2, 3))
+    return (c * F.softmax(_tempered(saliency, tau), dim=1)).reshape(n, c, 1, 1)
 
 
 def make_generator(channels: int, hidden: Optional[int] = None) -> nn.Sequential:
@@ -107,6 +122,16 @@ def upsample_cells(grid: Tensor, k: int, size: Sequence[int]) -> Tensor:
         return grid[..., : size[0], : size[1]]
     up = grid.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
     return up[..., : size[0], : size[1]]
+
+
+def spread_cells_into(out: Tensor, grid: Tensor, k: int) -> None:
+    """Write the ``k``-cell ``grid`` ``(N, Hk, Wk)`` into ``out`` ``(N, >= Hk k, >= Wk k)``, each cell repeated ``k x k``.
+
+    The same values as :func:`upsample_cells` (before its crop) in one copy, without intermediate tensors.
+    """
+    n, hk, wk = grid.shape
+    cells = out[:, : hk * k, : wk * k].view(n, hk, k, wk, k)
+    cells.copy_(grid.view(n, hk, 1, wk, 1).expand(n, hk, k, wk, k))
 
 
 def round_half_up(x: float) -> int:

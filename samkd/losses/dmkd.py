@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
-    channel_attention,
+    channel_attention_of_magnitude,
     check_features,
     check_layout,
     check_non_negative,
@@ -50,8 +50,7 @@ from samkd.losses._common import (
     check_weight,
     make_generator,
     masked_count,
-    spatial_attention,
-    zero_scalar,
+    spatial_attention_of_magnitude,
 )
 from samkd.models.taps import Taps
 
@@ -61,7 +60,7 @@ def top_attention_keep_mask(attention: Tensor, ratio: float) -> Tensor:
     keep = torch.ones_like(attention)
     count = masked_count(ratio, attention.shape[1])
     if count > 0:
-        keep.scatter_(1, attention.topk(count, dim=1).indices, 0.0)
+        keep.scatter_(1, attention.topk(count, dim=1, sorted=False).indices, 0.0)  # same cells, no sort
     return keep
 
 
@@ -69,9 +68,10 @@ def dual_keep_masks(teacher_feat: Tensor, spatial_ratio: float, channel_ratio: f
     """Spatial ``(N, 1, H, W)`` and channel ``(N, C, 1, 1)`` keep-masks from the teacher's attention."""
     n, c, h, w = teacher_feat.shape
     with torch.no_grad():
-        t = teacher_feat.detach().float()
-        spatial = top_attention_keep_mask(spatial_attention(t, 1.0).reshape(n, h * w), spatial_ratio)
-        channel = top_attention_keep_mask(channel_attention(t, 1.0).reshape(n, c), channel_ratio)
+        magnitude = teacher_feat.detach().float().abs()  # taken once for both attentions
+        spatial = top_attention_keep_mask(spatial_attention_of_magnitude(magnitude, 1.0).reshape(n, h * w),
+                                          spatial_ratio)
+        channel = top_attention_keep_mask(channel_attention_of_magnitude(magnitude, 1.0).reshape(n, c), channel_ratio)
     return spatial.reshape(n, 1, h, w), channel.reshape(n, c, 1, 1)
 
 
@@ -111,14 +111,15 @@ class DMKDLoss(nn.Module):
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
         check_features("DMKDLoss", student, teacher, self.channels, self.num_levels)
         weights = self.fusion_weights()
-        total = zero_scalar(student, teacher)
+        errors = []
         for level, (s, t) in enumerate(zip(student.features, teacher.features)):
             s, t = s.float(), t.detach().float()  # autocast may still run the convs in half precision
             keep_s, keep_c = dual_keep_masks(t, self.spatial_ratio, self.channel_ratio)
             rebuilt_s = self.spatial_generation[level](s * keep_s).float()
             rebuilt_c = self.channel_generation[level](s * keep_c).float()
             rebuilt = weights[level, 0] * rebuilt_s + weights[level, 1] * rebuilt_c
-            total = total + (rebuilt - t).pow(2).sum() / s.shape[0]
+            errors.append((rebuilt - t).pow(2).sum())
+        total = torch.stack(errors).sum() / student.features[0].shape[0]
         return {"dmkd": self.weight * self.alpha_dmkd * total}
 
     def extra_repr(self) -> str:

@@ -42,14 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
-    channel_attention,
+    channel_attention_of_magnitude,
     check_features,
     check_layout,
     check_non_negative,
     check_positive,
     check_weight,
-    spatial_attention,
-    zero_scalar,
+    spatial_attention_of_magnitude,
 )
 from samkd.models.taps import Taps
 
@@ -74,10 +73,14 @@ class GcBlock(nn.Module):
         nn.init.zeros_(self.channel_add[-1].bias)
 
     def forward(self, feat: Tensor) -> Tensor:
+        return feat + self.context_term(feat)
+
+    def context_term(self, feat: Tensor) -> Tensor:
+        """What the block adds to every position: ``(N, C, H, W) -> (N, C, 1, 1)``."""
         n, c, h, w = feat.shape
         weights = F.softmax(self.context_logits(feat).reshape(n, 1, h * w), dim=2)  # (N, 1, HW)
         context = torch.bmm(feat.reshape(n, c, h * w), weights.transpose(1, 2))  # (N, C, 1)
-        return feat + self.channel_add(context.reshape(n, c, 1, 1))
+        return self.channel_add(context.reshape(n, c, 1, 1))
 
 
 def box_masks(boxes_per_image: list[Tensor], level_shape: tuple[int, int], batch_shape: tuple[int, int],
@@ -86,28 +89,66 @@ def box_masks(boxes_per_image: list[Tensor], level_shape: tuple[int, int], batch
 
     ``boxes_per_image[i]`` are ``xyxy`` boxes in the padded ``batch_shape`` frame.
     """
-    h, w = level_shape
-    scale_y, scale_x = h / batch_shape[0], w / batch_shape[1]
-    rows = torch.arange(h, device=device, dtype=torch.float32)
-    cols = torch.arange(w, device=device, dtype=torch.float32)
-    fg = torch.zeros(len(boxes_per_image), 1, h, w, device=device)
-    for i, boxes in enumerate(boxes_per_image):
-        if boxes.numel() == 0:
-            continue
-        b = boxes.detach().to(device=device, dtype=torch.float32)
-        # Cell j spans [j, j+1): it overlaps [x1, x2) when floor(x1) <= j < ceil(x2); keep >= 1 cell.
-        x0 = (b[:, 0] * scale_x).floor().clamp(0, w - 1)
-        y0 = (b[:, 1] * scale_y).floor().clamp(0, h - 1)
-        x1 = torch.maximum((b[:, 2] * scale_x).ceil().clamp(max=w), x0 + 1)
-        y1 = torch.maximum((b[:, 3] * scale_y).ceil().clamp(max=h), y0 + 1)
-        in_x = (cols >= x0[:, None]) & (cols < x1[:, None])  # (B, W)
-        in_y = (rows >= y0[:, None]) & (rows < y1[:, None])  # (B, H)
-        inside = in_y[:, :, None] & in_x[:, None, :]  # (B, H, W)
-        area = ((x1 - x0) * (y1 - y0))[:, None, None]
-        fg[i, 0] = (inside.float() / area).amax(dim=0)
-    bg = (fg == 0).float()
-    bg = bg / bg.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)  # all-foreground image: bg stays 0
+    (fg,), (bg,) = level_box_masks(boxes_per_image, [level_shape], [batch_shape], device)
     return fg, bg
+
+
+def padded_boxes(boxes_per_image: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """All images' boxes as one ``(N, B, 4)`` float32 tensor (``B`` = most boxes of an image; zeros past an
+    image's own) and which of them are real, ``(N, B)``."""
+    boxes = [b.detach().to(device=device, dtype=torch.float32).reshape(-1, 4) for b in boxes_per_image]
+    counts = torch.tensor([len(b) for b in boxes], device=device)
+    padded = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)  # one op for the whole batch
+    return padded, torch.arange(padded.shape[1], device=device) < counts[:, None]
+
+
+def level_box_masks(boxes_per_image: list[Tensor], level_shapes: list[tuple[int, int]],
+                    frames: list[tuple[int, int]], device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`box_masks` of every level (``frames[l]``: the frame the boxes live in, seen from level ``l``)."""
+    fg_all, bg_all = padded_box_masks(boxes_per_image, level_shapes, frames, device)
+    return level_views(fg_all, level_shapes), level_views(bg_all, level_shapes)
+
+
+def level_views(padded: Tensor, level_shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """Level ``l``'s ``(N, 1, H_l, W_l)`` corner of an ``(L, N, 1, H_max, W_max)`` tensor (views)."""
+    return [padded[level, ..., :lh, :lw] for level, (lh, lw) in enumerate(level_shapes)]
+
+
+def padded_box_masks(boxes_per_image: list[Tensor], level_shapes: list[tuple[int, int]],
+                     frames: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Foreground and background masks of every level, ``(L, N, 1, H_max, W_max)`` each, level ``l`` in the
+    top-left ``H_l x W_l`` corner (0 elsewhere).
+
+    Vectorised over images and boxes, and over levels wherever the levels' sizes do not matter: the cell
+    bounds of every box on every level are computed at once (``(L, N, B)``), the masks once per level.
+    """
+    boxes, valid = padded_boxes(boxes_per_image, device)
+    n, num_boxes = valid.shape
+    levels, height, width = len(level_shapes), max(h for h, _ in level_shapes), max(w for _, w in level_shapes)
+    # Per level: (h, w, h / frame_h, w / frame_w), each shaped (L, 1, 1) to broadcast against (L, N, B).
+    per_level = [[lh, lw, lh / fh, lw / fw] for (lh, lw), (fh, fw) in zip(level_shapes, frames)]
+    h, w, scale_y, scale_x = torch.tensor(per_level, device=device).view(levels, 4, 1, 1).unbind(1)
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    cols = torch.arange(width, device=device, dtype=torch.float32)
+    fg_all = torch.zeros(levels, n, 1, height, width, device=device)
+    if num_boxes:
+        zero = torch.zeros((), device=device)
+        # Cell j spans [j, j+1): it overlaps [x1, x2) when floor(x1) <= j < ceil(x2); keep >= 1 cell.
+        x0 = (boxes[..., 0] * scale_x).floor().clamp(min=zero, max=w - 1)  # (L, N, B)
+        y0 = (boxes[..., 1] * scale_y).floor().clamp(min=zero, max=h - 1)
+        x1 = torch.maximum((boxes[..., 2] * scale_x).ceil().clamp(max=w), x0 + 1)
+        y1 = torch.maximum((boxes[..., 3] * scale_y).ceil().clamp(max=h), y0 + 1)
+        # 1 / (box area in cells) on the columns the box covers, 0 elsewhere and for padding boxes.
+        area = (x1 - x0) * (y1 - y0)
+        in_x = ((cols >= x0[..., None]) & (cols < x1[..., None]) & valid[..., None]) / area[..., None]
+        in_y = ((rows >= y0[..., None]) & (rows < y1[..., None])).float()  # (L, N, B, H_max)
+        for level, (lh, lw) in enumerate(level_shapes):
+            inside = in_y[level, :, :, :lh, None] * in_x[level, :, :, None, :lw]  # (N, B, h, w): 1/area or 0
+            torch.amax(inside, dim=1, out=fg_all[level, :, 0, :lh, :lw])
+    cells = (rows[:, None] < h) & (cols < w)  # (L, H_max, W_max): the level's own cells
+    bg_all = ((fg_all == 0) & cells[:, None, None]).float()
+    bg_all = bg_all / bg_all.sum(dim=(3, 4), keepdim=True).clamp(min=1.0)  # all-foreground image: bg stays 0
+    return fg_all, bg_all
 
 
 class FGDLoss(nn.Module):
@@ -151,12 +192,16 @@ class FGDLoss(nn.Module):
                 f"{teacher.features[0].shape[0]}"
             )
         boxes = [tgt["boxes"] for tgt in targets]
-        total = zero_scalar(student, teacher)
-        for level, (s, t) in enumerate(zip(student.features, teacher.features)):
-            frame = self._level_frame(teacher, level, s.shape[-2:])
-            fg, bg = box_masks(boxes, tuple(s.shape[-2:]), frame, s.device)
-            total = total + self._level_loss(level, s.float(), t.detach().float(), fg, bg)
-        return {"fgd": self.weight * total}
+        shapes = [tuple(t.shape[-2:]) for t in teacher.features]
+        frames = [self._level_frame(teacher, level, shape) for level, shape in enumerate(shapes)]
+        fg, bg = padded_box_masks(boxes, shapes, frames, teacher.features[0].device)
+        # The focal coefficients folded into one map: fg and bg never overlap, so this is alpha M_fg + beta M_bg.
+        focal_maps = level_views(self.alpha_fgd * fg + self.beta_fgd * bg, shapes)
+        terms = [self._level_terms(level, s.float(), t.detach().float(), focal_maps[level])
+                 for level, (s, t) in enumerate(zip(student.features, teacher.features))]
+        focal, attention, global_term = torch.stack(terms).sum(dim=0)
+        total = focal + self.gamma_fgd * attention + self.lambda_fgd * global_term
+        return {"fgd": self.weight * total / teacher.features[0].shape[0]}
 
     @staticmethod
     def _level_frame(taps: Taps, level: int, level_shape: torch.Size) -> tuple[int, int]:
@@ -168,21 +213,28 @@ class FGDLoss(nn.Module):
             return level_shape[0] * stride, level_shape[1] * stride
         raise ValueError("FGDLoss needs Taps.batch_shape or Taps.strides to place the boxes on each level")
 
-    def _level_loss(self, level: int, s: Tensor, t: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
+    def _level_terms(self, level: int, s: Tensor, t: Tensor, focal_map: Tensor) -> Tensor:
+        """``(focal, attention, global)`` sums of one level: the focal one with its coefficients, the others
+        without theirs, none divided by ``N`` yet."""
         n = s.shape[0]
-        s_spatial, s_channel = spatial_attention(s, self.temp), channel_attention(s, self.temp)
-        t_spatial, t_channel = spatial_attention(t, self.temp), channel_attention(t, self.temp)
+        # Both models' attention maps in one pass over the stacked pair.
+        magnitude = torch.stack((s, t)).abs().flatten(0, 1)  # (2N, C, H, W)
+        spatial = spatial_attention_of_magnitude(magnitude, self.temp)
+        channel = channel_attention_of_magnitude(magnitude, self.temp)
+        s_spatial, t_spatial, s_channel, t_channel = spatial[:n], spatial[n:], channel[:n], channel[n:]
 
-        # Focal term: squared error weighted by the teacher's attention, split into fg / bg.
-        weighted_err = (s - t).pow(2) * t_spatial * t_channel
-        focal = (self.alpha_fgd * (weighted_err * fg).sum() + self.beta_fgd * (weighted_err * bg).sum()) / n
+        # Focal term: squared error weighted by the teacher's attention and alpha M_fg + beta M_bg.
+        diff = s - t
+        focal = (diff.pow(2) * (t_spatial * focal_map) * t_channel).sum()
 
         # Attention imitation: the student's attention maps themselves are trained.
-        attention = self.gamma_fgd * ((s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()) / n
+        attention = (s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()
 
+        # R_S(F_S) - R_T(F_T) = (F_S - F_T) + (context_S - context_T): the blocks only add a per-channel term.
         teacher_gc = self.student_gc[level] if self.teacher_gc is None else self.teacher_gc[level]
-        global_term = self.lambda_fgd * (self.student_gc[level](s) - teacher_gc(t)).pow(2).sum() / n
-        return focal + attention + global_term
+        context_gap = self.student_gc[level].context_term(s) - teacher_gc.context_term(t)
+        global_term = (diff + context_gap).pow(2).sum()
+        return torch.stack((focal, attention, global_term))
 
     def extra_repr(self) -> str:
         return (f"temp={self.temp}, alpha_fgd={self.alpha_fgd}, beta_fgd={self.beta_fgd}, "

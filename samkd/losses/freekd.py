@@ -53,6 +53,7 @@ FPN maps (FCOS: wavelet 5 + MSE 10, the defaults; RetinaNet: 1 + 5), hence ``mse
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -65,7 +66,6 @@ from samkd.losses._common import (
     check_layout,
     check_non_negative,
     check_weight,
-    zero_scalar,
 )
 from samkd.models.taps import Taps
 
@@ -76,7 +76,29 @@ from samkd.models.taps import Taps
 def _pad_to_even(x: Tensor) -> Tensor:
     """One zero row / column at the bottom / right when H / W is odd (pytorch_wavelets' ``mode='zero'``)."""
     h, w = x.shape[-2:]
-    return F.pad(x, (0, w % 2, 0, h % 2))
+    return F.pad(x, (0, w % 2, 0, h % 2)) if h % 2 or w % 2 else x
+
+
+# Rows: the LL, LH, HL, HH filters over a 2 x 2 block [[a, b], [c, d]] (module docstring).
+_HAAR_FILTERS = ((1.0, 1.0, 1.0, 1.0), (1.0, 1.0, -1.0, -1.0), (1.0, -1.0, 1.0, -1.0), (1.0, -1.0, -1.0, 1.0))
+
+
+@functools.lru_cache(maxsize=16)
+def _haar_kernel(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The four Haar filters as a conv weight ``(4, 1, 2, 2)`` (cached per dtype and device: no copy per call)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return 0.5 * torch.tensor(_HAAR_FILTERS, dtype=dtype, device=device).view(4, 1, 2, 2)
+
+
+def haar_bands(x: Tensor) -> Tensor:
+    """One Haar level, all four bands in one stride-2 convolution: ``(N, C, H, W) -> (N, C, 4, H', W')``.
+
+    Band order ``(LL, LH, HL, HH)``, ``H' = ceil(H / 2)`` (odd sizes zero-padded first).
+    """
+    x = _pad_to_even(x)
+    n, c, h, w = x.shape
+    bands = F.conv2d(x.reshape(n * c, 1, h, w), _haar_kernel(x.dtype, x.device), stride=2)
+    return bands.view(n, c, 4, h // 2, w // 2)
 
 
 def haar_step(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,12 +106,8 @@ def haar_step(x: Tensor) -> tuple[Tensor, Tensor]:
 
     The orientations of ``highs`` are ``(LH, HL, HH)``, see the module docstring.
     """
-    x = _pad_to_even(x)
-    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2 x 2 block
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
-    low = (a + b + c + d) / 2
-    highs = torch.stack(((a + b - c - d) / 2, (a - b + c - d) / 2, (a - b - c + d) / 2), dim=2)
-    return low, highs
+    bands = haar_bands(x)
+    return bands[:, :, 0], bands[:, :, 1:]
 
 
 def haar_dwt(x: Tensor, levels: int) -> tuple[Tensor, list[Tensor]]:
@@ -119,8 +137,14 @@ def frequency_masks(teacher_band: Tensor, tokens: Tensor) -> Tensor:
 
 def masked_band_l1(student_band: Tensor, teacher_band: Tensor, tokens: Tensor) -> Tensor:
     """``mean_{n,t,c,o,h,w} |M (B_S - B_T)|`` of one scale, without building the ``T`` masked copies."""
+    return masked_gap_l1(student_band - teacher_band, teacher_band, tokens)
+
+
+def masked_gap_l1(band_gap: Tensor, teacher_band: Tensor, tokens: Tensor) -> Tensor:
+    """:func:`masked_band_l1` from the band difference ``B_S - B_T`` (the transform is linear: it is the band
+    of ``F_S - F_T``, so the caller transforms the difference instead of the student map)."""
     mask = frequency_masks(teacher_band, tokens)  # (N, T, H, W)
-    gap = (student_band - teacher_band).abs().sum(dim=(1, 2))  # (N, H, W), summed over c and o
+    gap = band_gap.abs().sum(dim=(1, 2))  # (N, H, W), summed over c and o
     # sigmoid > 0, so |M x| = M |x|: summing the masks over t first is exact.
     c, orientations = teacher_band.shape[1:3]
     return (mask.sum(dim=1) * gap).sum() / (mask.numel() * c * orientations)
@@ -177,18 +201,34 @@ class FreeKDLoss(nn.Module):
 
     def wavelet_term(self, student_feat: Tensor, teacher_feat: Tensor, level: int) -> Tensor:
         """``sum_j mean |M^j (B^j_S - B^j_T)|`` of one FPN level."""
-        _, student_bands = haar_dwt(student_feat.float(), self.wavelet_levels)
-        _, teacher_bands = haar_dwt(teacher_feat.detach().float(), self.wavelet_levels)
+        teacher_feat = teacher_feat.detach().float()
+        return torch.stack(self._wavelet_scales(student_feat.float() - teacher_feat, teacher_feat, level)).sum()
+
+    def _wavelet_scales(self, gap: Tensor, teacher_feat: Tensor, level: int) -> list[Tensor]:
+        """``mean |M^j (B^j_S - B^j_T)|`` of every scale ``j`` of one level, from ``F_S - F_T`` and ``F_T``.
+
+        The Haar transform is linear, so ``B_S - B_T`` is the band of ``F_S - F_T``: the difference and the
+        teacher map go through every scale together, one convolution per scale for both.
+        """
+        n = gap.shape[0]
         tokens = self.tokens[level].float()
-        return sum(masked_band_l1(bs, bt, tokens[j]) for j, (bs, bt) in enumerate(zip(student_bands, teacher_bands)))
+        x, terms = torch.cat((gap, teacher_feat)), []
+        for j in range(self.wavelet_levels):
+            bands = haar_bands(x)  # (2N, C, 4, h, w): LL, LH, HL, HH
+            terms.append(masked_gap_l1(bands[:n, :, 1:], bands[n:, :, 1:], tokens[j]))
+            x = bands[:, :, 0]
+        return terms
 
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
         check_features("FreeKDLoss", student, teacher, self.channels, self.num_levels)
-        wave = mse = zero_scalar(student, teacher)
+        wave, mse = [], []
         for level, (s, t) in enumerate(zip(student.features, teacher.features)):
-            wave = wave + self.wavelet_term(s, t, level)
-            mse = mse + (s.float() - t.detach().float()).pow(2).mean()
-        return {"freekd": self.weight * (self.alpha_freekd * wave + self.mse_weight * mse)}
+            t = t.detach().float()
+            gap = s.float() - t
+            wave += self._wavelet_scales(gap, t, level)
+            mse.append(gap.pow(2).mean())
+        total = self.alpha_freekd * torch.stack(wave).sum() + self.mse_weight * torch.stack(mse).sum()
+        return {"freekd": self.weight * total}
 
     def extra_repr(self) -> str:
         return (f"num_tokens={self.num_tokens}, wavelet_levels={self.wavelet_levels}, "
