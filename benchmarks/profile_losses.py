@@ -1,29 +1,42 @@
-"""Operator counts and CPU time of every distillation loss's forward + backward on synthetic FCOS taps.
+"""Operator counts and time of every distillation loss's forward + backward on synthetic FCOS taps.
 
-The GPU cost of the losses at COCO scale is bound by kernel launches (benchmarks/gpu.md), so besides the time this
-counts, with the PyTorch profiler, the operators one forward + backward runs: ``aten ops`` are all the ATen
-operators the dispatcher sees (nested calls included), ``kernels`` the leaves of that tree that move or compute
-data (views, reshapes of contiguous tensors, ``empty`` and other metadata-only operators excluded): on CUDA each
-such leaf is about one kernel launch. Taps: 5 FCOS levels (strides 8..128), C = 256, A = 1, K = 80, standardised
-random features, two boxes per image; the losses are built with their defaults, as ``samkd bench --costs`` does.
+On a GPU the losses at COCO scale are bound by kernel launches (benchmarks/gpu.md), so besides the time this
+counts the operators one forward + backward dispatches (``ops``: every ATen operator that reaches a backend,
+backward included, views and other metadata-only operators excluded; on CUDA each is about one kernel launch).
+Where a CUDA device runs, the profiler's CUDA kernel count is reported too. ``--top`` adds the operators that
+take most CPU time (PyTorch profiler, self time). Taps: 5 FCOS levels (strides 8..128), C = 256, A = 1, K = 80,
+standardised random features, two boxes per image; the losses are built with their defaults, as
+``samkd bench --costs`` does.
 
     PYTHONPATH=. python benchmarks/profile_losses.py [--sizes 128x4 800x2] [--reps 5] [--json out.json]
+    PYTHONPATH=. python benchmarks/profile_losses.py --baseline /tmp/base   # before/after in one process
+    PYTHONPATH=. python benchmarks/profile_losses.py --device cuda --compile --sizes 800x2
 
-Times are medians of ``--reps`` repeats, the methods interleaved round-robin in this one process (the machine is
-shared: compare ratios to MGD, not seconds, across runs). ``PYTHONPATH`` picks the samkd source to profile, so the
-same script profiles an older checkout.
+Times are medians of ``--reps`` repeats, every loss interleaved round-robin in this one process (the machine is
+shared: compare ratios to MGD, not seconds, across runs). ``--baseline DIR`` also loads the ``samkd`` package of
+an older source tree (``DIR/samkd``, e.g. from ``git archive``) under another name and times its losses in the
+same rounds ("before" rows). At a tiny size (``--sizes 32x1``) the arithmetic is negligible and the time is the
+per-operator overhead: on CPU the nearest thing to a launch-bound GPU. ``--compile`` also times the losses
+compiled by ``samkd.losses.compile.compile_loss`` (compile time, i.e. the first call, reported apart).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import importlib
 import json
 import math
+import re
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from samkd.losses import build_loss
 from samkd.models.taps import Taps
 
 METHODS = {
@@ -41,39 +54,45 @@ METHODS = {
 }
 STRIDES = (8, 16, 32, 64, 128)
 CHANNELS, CLASSES = 256, 80
-# Operators that only describe or allocate memory: no kernel runs for them on a GPU.
-NO_KERNEL = {
-    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::_unsafe_view", "aten::as_strided", "aten::slice",
-    "aten::select", "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze", "aten::permute",
-    "aten::transpose", "aten::t", "aten::detach", "aten::detach_", "aten::empty", "aten::empty_like",
-    "aten::empty_strided", "aten::resize_", "aten::alias", "aten::lift_fresh", "aten::unbind", "aten::split",
-    "aten::chunk", "aten::narrow", "aten::numpy_T", "aten::contiguous", "aten::result_type", "aten::is_nonzero",
-    "aten::item", "aten::_local_scalar_dense", "aten::size", "aten::stride", "aten::to", "aten::_to_copy",
-    "aten::flatten", "aten::unflatten", "aten::view_as", "aten::split_with_sizes", "aten::set_", "aten::requires_grad_",
-    "aten::_has_compatible_shallow_copy_type", "aten::pin_memory", "aten::is_pinned", "aten::dim",
-}
+# Dispatched operators that run no kernel: they allocate or describe memory (views are excluded by is_view).
+NO_KERNEL = {"detach", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+             "alias", "_unsafe_view", "_local_scalar_dense", "set_", "resize_", "_to_copy_noop", "sym_size", "sym_stride", "is_same_size"}
 
 
-def make_taps(image_size: int, batch: int, seed: int = 0) -> tuple[Taps, Taps]:
+def make_taps(image_size: int, batch: int, device: str = "cpu", seed: int = 0, taps_class=Taps) -> tuple[Taps, Taps]:
     """Student (leaves with ``requires_grad``) and teacher taps of one synthetic FCOS batch."""
     g = torch.Generator().manual_seed(seed)
     sizes = [math.ceil(image_size / s) for s in STRIDES]
     t_feats = [torch.randn(batch, CHANNELS, h, h, generator=g) for h in sizes]
-    s_feats = [(t + torch.randn(t.shape, generator=g)).requires_grad_(True) for t in t_feats]
+    s_feats = [t + torch.randn(t.shape, generator=g) for t in t_feats]
     t_logits = [torch.randn(batch, CLASSES, h, h, generator=g) - 4 for h in sizes]
-    s_logits = [(z + torch.randn(z.shape, generator=g)).requires_grad_(True) for z in t_logits]
+    s_logits = [z + torch.randn(z.shape, generator=g) for z in t_logits]
+    t_feats, t_logits = ([x.to(device) for x in xs] for xs in (t_feats, t_logits))
+    s_feats, s_logits = ([x.to(device).requires_grad_(True) for x in xs] for xs in (s_feats, s_logits))
     side = image_size / 8
-    boxes = torch.tensor([[side, side, 3 * side, 4 * side], [4 * side, 2 * side, 7 * side, 5 * side]])
-    targets = [{"boxes": boxes.clone(), "labels": torch.tensor([1, 2])} for _ in range(batch)]
+    boxes = torch.tensor([[side, side, 3 * side, 4 * side], [4 * side, 2 * side, 7 * side, 5 * side]], device=device)
+    targets = [{"boxes": boxes.clone(), "labels": torch.tensor([1, 2], device=device)} for _ in range(batch)]
     common = dict(num_anchors=1, num_logit_classes=CLASSES, targets=targets, image_sizes=[(image_size,) * 2] * batch,
                   batch_shape=(image_size, image_size), strides=list(STRIDES),
                   level_names=[str(i) for i in range(len(STRIDES))])
-    return Taps(s_feats, s_logits, **common), Taps(t_feats, t_logits, **common)
+    return taps_class(s_feats, s_logits, **common), taps_class(t_feats, t_logits, **common)
 
 
-def build(method: str) -> torch.nn.Module:
+def load_baseline(source: Path):
+    """The ``samkd`` package of an older source tree, imported as ``samkd_baseline`` (its imports rewritten)."""
+    target = Path(tempfile.mkdtemp(prefix="samkd_baseline_"))
+    shutil.copytree(source / "samkd", target / "samkd_baseline")
+    for path in (target / "samkd_baseline").rglob("*.py"):
+        text = path.read_text()
+        path.write_text(re.sub(r"\b(from|import) samkd(\.|\s)", r"\1 samkd_baseline\2", text))
+    sys.path.insert(0, str(target))
+    return importlib.import_module("samkd_baseline.losses"), importlib.import_module("samkd_baseline.models.taps")
+
+
+def build(method: str, losses_module, device: str) -> torch.nn.Module:
     name, params = METHODS[method]
-    return build_loss(name, CHANNELS, len(STRIDES), **params).train()
+    torch.manual_seed(0)
+    return losses_module.build_loss(name, CHANNELS, len(STRIDES), **params).train().to(device)
 
 
 def step(loss: torch.nn.Module, student: Taps, teacher: Taps) -> None:
@@ -83,57 +102,107 @@ def step(loss: torch.nn.Module, student: Taps, teacher: Taps) -> None:
     sum(loss(student, teacher).values()).backward()
 
 
-def _is_leaf_kernel(event) -> bool:
-    return not event.cpu_children and event.name.startswith("aten::") and event.name not in NO_KERNEL
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in NO_KERNEL:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
 
 
-def count_ops(loss: torch.nn.Module, student: Taps, teacher: Taps) -> dict[str, int]:
-    """``aten ops`` (every ATen call, nested ones included) and ``kernels`` (leaf ATen calls that touch data)."""
+def count_ops(loss: torch.nn.Module, student: Taps, teacher: Taps) -> collections.Counter:
+    """Dispatched operators of one forward + backward, by name (views and allocations excluded)."""
+    with _OpCounter() as counter:
+        step(loss, student, teacher)
+    return counter.counts
+
+
+def cuda_kernels(loss: torch.nn.Module, student: Taps, teacher: Taps) -> int:
+    """CUDA kernels the profiler sees in one forward + backward."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(loss, student, teacher)
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+
+def top_ops(loss: torch.nn.Module, student: Taps, teacher: Taps, limit: int = 12) -> list[tuple[str, int, float]]:
+    """The operators that take most CPU time, self time: ``(name, calls, ms)``."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step(loss, student, teacher)
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
-    return {"aten_ops": len(events), "kernels": sum(_is_leaf_kernel(e) for e in events)}
-
-
-def top_kernels(loss: torch.nn.Module, student: Taps, teacher: Taps, limit: int = 12) -> list[tuple[str, int, float]]:
-    """The leaf operators that take most CPU time: ``(name, calls, self ms)``."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(loss, student, teacher)
-    rows = [(a.key, a.count, a.self_cpu_time_total / 1e3) for a in prof.key_averages()
-            if a.key.startswith("aten::") and a.key not in NO_KERNEL]
+    rows = [(a.key, a.count, a.self_cpu_time_total / 1e3) for a in prof.key_averages() if a.key.startswith("aten::")]
     return sorted(rows, key=lambda r: -r[2])[:limit]
 
 
-def profile_size(image_size: int, batch: int, methods: list[str], reps: int, top: bool) -> dict[str, dict]:
-    torch.manual_seed(0)
-    student, teacher = make_taps(image_size, batch)
-    losses = {m: build(m) for m in methods}
-    for m in methods:  # warm-up: allocations, one-off dispatch work
-        step(losses[m], student, teacher)
-    times: dict[str, list[float]] = {m: [] for m in methods}
+def _timed(loss, student, teacher, device) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step(loss, student, teacher)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _variants(methods, baseline, compiled, device):
+    """``{row name: (loss module, taps module index)}``: current, before (baseline) and compiled losses."""
+    import samkd.losses
+    rows, compile_s = {}, {}
+    for m in methods:
+        rows[m] = (build(m, samkd.losses, device), 0)
+        if baseline is not None:
+            rows[f"{m} (before)"] = (build(m, baseline[0], device), 1)
+        if compiled:
+            from samkd.losses.compile import compile_loss
+            rows[f"{m} (compiled)"] = (compile_loss(build(m, samkd.losses, device)), 0)
+    return rows, compile_s
+
+
+def profile_size(image_size: int, batch: int, methods: list[str], reps: int, top: bool, device: str = "cpu",
+                 baseline=None, compiled: bool = False) -> dict[str, dict]:
+    taps = [make_taps(image_size, batch, device)]
+    if baseline is not None:
+        taps.append(make_taps(image_size, batch, device, taps_class=baseline[1].Taps))
+    rows, _ = _variants(methods, baseline, compiled, device)
+    first_call = {}
+    for name, (loss, which) in rows.items():  # warm-up: allocations, one-off dispatch work, compilation
+        first_call[name] = _timed(loss, *taps[which], device)
+        _timed(loss, *taps[which], device)
+    times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(reps):
-        for m in methods:
-            t0 = time.perf_counter()
-            step(losses[m], student, teacher)
-            times[m].append(time.perf_counter() - t0)
-    out = {m: {"loss_s": statistics.median(times[m]), **count_ops(losses[m], student, teacher)} for m in methods}
-    if top:
-        for m in methods:
-            out[m]["top"] = top_kernels(losses[m], student, teacher)
+        for name, (loss, which) in rows.items():
+            times[name].append(_timed(loss, *taps[which], device))
+    out = {}
+    for name, (loss, which) in rows.items():
+        ops = count_ops(loss, *taps[which]) if "(compiled)" not in name else collections.Counter()
+        out[name] = {"loss_s": statistics.median(times[name]), "ops": sum(ops.values()), "op_counts": dict(ops)}
+        if "(compiled)" in name:
+            out[name]["compile_s"] = first_call[name]
+        if device.startswith("cuda"):
+            out[name]["cuda_kernels"] = cuda_kernels(loss, *taps[which])
+        if top and "(compiled)" not in name:
+            out[name]["top"] = top_ops(loss, *taps[which])
     if "mgd" in out:
         for row in out.values():
             row["vs_mgd"] = row["loss_s"] / out["mgd"]["loss_s"]
     return out
 
 
-def markdown(image_size: int, batch: int, rows: dict[str, dict]) -> str:
-    lines = [f"### {image_size} px, batch {batch}", "",
-             "| method | loss ms | vs MGD | aten ops | kernels |", "|---|---|---|---|---|"]
+def markdown(image_size: int, batch: int, rows: dict[str, dict], device: str) -> str:
+    cuda = device.startswith("cuda")
+    head = "| method | loss ms | vs MGD | ops |" + (" CUDA kernels |" if cuda else "") + " compile s |"
+    lines = [f"### {image_size} px, batch {batch}, {device}", "", head, "|---" * (head.count("|") - 1) + "|"]
     for m, r in rows.items():
         vs = f"{r['vs_mgd']:.2f}x" if "vs_mgd" in r else "-"
-        lines.append(f"| {m} | {1e3 * r['loss_s']:.1f} | {vs} | {r['aten_ops']} | {r['kernels']} |")
+        ops = r["ops"] or "-"
+        kernels = f" {r['cuda_kernels']} |" if cuda else ""
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        lines.append(f"| {m} | {1e3 * r['loss_s']:.1f} | {vs} | {ops} |{kernels} {compile_s} |")
     return "\n".join(lines)
 
 
@@ -142,25 +211,31 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["128x4", "800x2"], help="IMAGE_SIZExBATCH")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    parser.add_argument("--top", action="store_true", help="also print the most expensive operators per method")
+    parser.add_argument("--baseline", type=Path, help="an older source tree: time its losses too ('before' rows)")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled losses")
+    parser.add_argument("--top", action="store_true", help="also print the operators that take most CPU time")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     result = {}
     for spec in args.sizes:
         image_size, batch = (int(v) for v in spec.lower().split("x"))
-        rows = profile_size(image_size, batch, args.methods, args.reps, args.top)
+        rows = profile_size(image_size, batch, args.methods, args.reps, args.top, args.device, baseline, args.compile)
         result[spec] = rows
-        print(markdown(image_size, batch, rows), flush=True)
+        print(markdown(image_size, batch, rows, args.device), flush=True)
         if args.top:
             for m, r in rows.items():
-                print(f"\n{m}: " + ", ".join(f"{k} x{c} {ms:.1f}ms" for k, c, ms in r["top"]))
+                if "top" in r:
+                    print(f"\n{m}: " + ", ".join(f"{k} x{c} {ms:.1f}ms" for k, c, ms in r["top"]))
         print(flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "sizes": result}, f, indent=2)
+            json.dump({"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+                       "sizes": result}, f, indent=2)
 
 
 if __name__ == "__main__":

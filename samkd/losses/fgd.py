@@ -37,18 +37,26 @@ Design choices:
 """
 from __future__ import annotations
 
+import functools
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
-    channel_attention_of_magnitude,
+    LevelLayout,
     check_features,
     check_layout,
     check_non_negative,
     check_positive,
     check_weight,
-    spatial_attention_of_magnitude,
+    flatten_levels,
+    level_layout,
+    level_softmax,
+    level_sums,
+    per_position,
+    unflatten_levels,
 )
 from samkd.models.taps import Taps
 
@@ -73,82 +81,88 @@ class GcBlock(nn.Module):
         nn.init.zeros_(self.channel_add[-1].bias)
 
     def forward(self, feat: Tensor) -> Tensor:
-        return feat + self.context_term(feat)
-
-    def context_term(self, feat: Tensor) -> Tensor:
-        """What the block adds to every position: ``(N, C, H, W) -> (N, C, 1, 1)``."""
         n, c, h, w = feat.shape
         weights = F.softmax(self.context_logits(feat).reshape(n, 1, h * w), dim=2)  # (N, 1, HW)
         context = torch.bmm(feat.reshape(n, c, h * w), weights.transpose(1, 2))  # (N, C, 1)
-        return self.channel_add(context.reshape(n, c, 1, 1))
+        return feat + self.channel_add(context.reshape(n, c, 1, 1))
+
+
+def level_context_terms(blocks: Sequence[GcBlock], flat: Tensor, layout: LevelLayout) -> Tensor:
+    """What each level's GcBlock adds to every position of its level, all levels at once: ``(N, C, L)``.
+
+    ``flat``: ``(N, C, P)`` maps of every level (:func:`flatten_levels`). Equal to running ``blocks[l]`` on
+    level ``l`` and taking ``R(F) - F`` (constant over the level's positions); the blocks' weights are stacked
+    so that each layer is one batched product for all levels.
+    """
+    n, c, _ = flat.shape
+    key = torch.stack([b.context_logits.weight.view(c) for b in blocks])  # (L, C)
+    key_bias = torch.stack([b.context_logits.bias for b in blocks])  # (L, 1)
+    logits = ((key @ flat + key_bias) * layout.one_hot.T).sum(dim=1)  # (N, P): each position's own level's key
+    pooling = level_softmax(logits, layout)  # softmax_j over each level's positions
+    context = flat @ (pooling.unsqueeze(2) * layout.one_hot)  # (N, C, L): sum_j softmax_j F_j per level
+    expand, norm, _, project = zip(*(b.channel_add for b in blocks))
+    hidden = (torch.einsum("ncl,lhc->nlh", context, torch.stack([m.weight.flatten(1) for m in expand]))
+              + torch.stack([m.bias for m in expand]))  # (N, L, C')
+    hidden = F.layer_norm(hidden, hidden.shape[-1:], eps=norm[0].eps)
+    hidden = F.relu(hidden * torch.stack([m.weight.flatten() for m in norm]) + torch.stack([m.bias.flatten()
+                                                                                          for m in norm]))
+    out = torch.einsum("nlh,lch->ncl", hidden, torch.stack([m.weight.flatten(1) for m in project]))
+    return out + torch.stack([m.bias for m in project]).T
 
 
 def box_masks(boxes_per_image: list[Tensor], level_shape: tuple[int, int], batch_shape: tuple[int, int],
               device: torch.device) -> tuple[Tensor, Tensor]:
-    """Foreground and normalised background masks ``(N, 1, H, W)`` of one level.
+    """``M_fg``, ``M_bg`` of one level, each ``(N, 1, H, W)``.
 
     ``boxes_per_image[i]`` are ``xyxy`` boxes in the padded ``batch_shape`` frame.
     """
-    (fg,), (bg,) = level_box_masks(boxes_per_image, [level_shape], [batch_shape], device)
-    return fg, bg
+    layout = level_layout((tuple(level_shape),), torch.device(device))
+    fg, bg = flat_box_masks(boxes_per_image, layout, [tuple(batch_shape)])
+    return unflatten_levels(fg.unsqueeze(1), layout)[0], unflatten_levels(bg.unsqueeze(1), layout)[0]
 
 
 def padded_boxes(boxes_per_image: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
     """All images' boxes as one ``(N, B, 4)`` float32 tensor (``B`` = most boxes of an image; zeros past an
-    image's own) and which of them are real, ``(N, B)``."""
+    image's own) and which of them are real, ``(N, B)`` (built on the device: no host-to-device copy)."""
     boxes = [b.detach().to(device=device, dtype=torch.float32).reshape(-1, 4) for b in boxes_per_image]
-    counts = torch.tensor([len(b) for b in boxes], device=device)
-    padded = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)  # one op for the whole batch
-    return padded, torch.arange(padded.shape[1], device=device) < counts[:, None]
+    real = [torch.ones(len(b), dtype=torch.bool, device=device) for b in boxes]
+    pad = torch.nn.utils.rnn.pad_sequence
+    return pad(boxes, batch_first=True), pad(real, batch_first=True, padding_value=False)
 
 
-def level_box_masks(boxes_per_image: list[Tensor], level_shapes: list[tuple[int, int]],
-                    frames: list[tuple[int, int]], device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
-    """:func:`box_masks` of every level (``frames[l]``: the frame the boxes live in, seen from level ``l``)."""
-    fg_all, bg_all = padded_box_masks(boxes_per_image, level_shapes, frames, device)
-    return level_views(fg_all, level_shapes), level_views(bg_all, level_shapes)
+@functools.lru_cache(maxsize=64)
+def _level_geometry(sizes: tuple[tuple[int, int], ...], frames: tuple[tuple[int, int], ...],
+                    device: torch.device) -> Tensor:
+    """``(L, 4, 1, 1)``: each level's ``H, W, H / frame_H, W / frame_W`` (cached: no copy per step)."""
+    rows = [[h, w, h / fh, w / fw] for (h, w), (fh, fw) in zip(sizes, frames)]
+    with torch.inference_mode(False):
+        return torch.tensor(rows, dtype=torch.float32, device=device).view(len(sizes), 4, 1, 1)
 
 
-def level_views(padded: Tensor, level_shapes: list[tuple[int, int]]) -> list[Tensor]:
-    """Level ``l``'s ``(N, 1, H_l, W_l)`` corner of an ``(L, N, 1, H_max, W_max)`` tensor (views)."""
-    return [padded[level, ..., :lh, :lw] for level, (lh, lw) in enumerate(level_shapes)]
-
-
-def padded_box_masks(boxes_per_image: list[Tensor], level_shapes: list[tuple[int, int]],
-                     frames: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Foreground and background masks of every level, ``(L, N, 1, H_max, W_max)`` each, level ``l`` in the
-    top-left ``H_l x W_l`` corner (0 elsewhere).
-
-    Vectorised over images and boxes, and over levels wherever the levels' sizes do not matter: the cell
-    bounds of every box on every level are computed at once (``(L, N, B)``), the masks once per level.
-    """
-    boxes, valid = padded_boxes(boxes_per_image, device)
-    n, num_boxes = valid.shape
-    levels, height, width = len(level_shapes), max(h for h, _ in level_shapes), max(w for _, w in level_shapes)
-    # Per level: (h, w, h / frame_h, w / frame_w), each shaped (L, 1, 1) to broadcast against (L, N, B).
-    per_level = [[lh, lw, lh / fh, lw / fw] for (lh, lw), (fh, fw) in zip(level_shapes, frames)]
-    h, w, scale_y, scale_x = torch.tensor(per_level, device=device).view(levels, 4, 1, 1).unbind(1)
-    rows = torch.arange(height, device=device, dtype=torch.float32)
-    cols = torch.arange(width, device=device, dtype=torch.float32)
-    fg_all = torch.zeros(levels, n, 1, height, width, device=device)
-    if num_boxes:
-        zero = torch.zeros((), device=device)
-        # Cell j spans [j, j+1): it overlaps [x1, x2) when floor(x1) <= j < ceil(x2); keep >= 1 cell.
-        x0 = (boxes[..., 0] * scale_x).floor().clamp(min=zero, max=w - 1)  # (L, N, B)
-        y0 = (boxes[..., 1] * scale_y).floor().clamp(min=zero, max=h - 1)
+def flat_box_masks(boxes_per_image: list[Tensor], layout: LevelLayout,
+                   frames: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """``M_fg`` and ``M_bg`` of every level at once, ``(N, P)`` each (``frames[l]``: the frame the boxes live in,
+    seen from level ``l``). Vectorised over images, boxes and levels: no loop, no host-to-device copy."""
+    device = layout.owner.device
+    boxes, real = padded_boxes(boxes_per_image, device)
+    n, num_boxes = real.shape
+    if num_boxes == 0:
+        fg = torch.zeros(n, layout.owner.shape[0], device=device)
+    else:
+        h, w, scale_y, scale_x = _level_geometry(layout.sizes, tuple(map(tuple, frames)), device).unbind(1)
+        # Cell j spans [j, j+1): it overlaps [x1, x2) when floor(x1) <= j < ceil(x2); keep >= 1 cell. (L, N, B)
+        x0 = (boxes[..., 0] * scale_x).floor().clamp(min=torch.zeros_like(w), max=w - 1)
+        y0 = (boxes[..., 1] * scale_y).floor().clamp(min=torch.zeros_like(h), max=h - 1)
         x1 = torch.maximum((boxes[..., 2] * scale_x).ceil().clamp(max=w), x0 + 1)
         y1 = torch.maximum((boxes[..., 3] * scale_y).ceil().clamp(max=h), y0 + 1)
-        # 1 / (box area in cells) on the columns the box covers, 0 elsewhere and for padding boxes.
-        area = (x1 - x0) * (y1 - y0)
-        in_x = ((cols >= x0[..., None]) & (cols < x1[..., None]) & valid[..., None]) / area[..., None]
-        in_y = ((rows >= y0[..., None]) & (rows < y1[..., None])).float()  # (L, N, B, H_max)
-        for level, (lh, lw) in enumerate(level_shapes):
-            inside = in_y[level, :, :, :lh, None] * in_x[level, :, :, None, :lw]  # (N, B, h, w): 1/area or 0
-            torch.amax(inside, dim=1, out=fg_all[level, :, 0, :lh, :lw])
-    cells = (rows[:, None] < h) & (cols < w)  # (L, H_max, W_max): the level's own cells
-    bg_all = ((fg_all == 0) & cells[:, None, None]).float()
-    bg_all = bg_all / bg_all.sum(dim=(3, 4), keepdim=True).clamp(min=1.0)  # all-foreground image: bg stays 0
-    return fg_all, bg_all
+        value = real / ((x1 - x0) * (y1 - y0))  # 1 / (cells the box covers); 0 for padding boxes
+        at = per_position(torch.stack((x0, x1, y0, y1, value), dim=-1).movedim(0, -1), layout)  # (N, B, 5, P)
+        cols, rows = layout.cols, layout.rows
+        inside = (cols >= at[:, :, 0]) & (cols < at[:, :, 1]) & (rows >= at[:, :, 2]) & (rows < at[:, :, 3])
+        fg = (inside * at[:, :, 4]).amax(dim=1)  # (N, P): the largest 1 / area among the boxes over each cell
+    bg = (fg == 0).float()
+    bg = bg / per_position(level_sums(bg, layout).clamp(min=1.0), layout)  # all-foreground level: bg stays 0
+    return fg, bg
 
 
 class FGDLoss(nn.Module):
@@ -165,7 +179,8 @@ class FGDLoss(nn.Module):
         weight: multiplies the returned term.
 
     Needs ``teacher.targets`` (``"boxes"``) and ``teacher.batch_shape`` (falls back to ``strides``).
-    Returns ``{"fgd": scalar}``.
+    Returns ``{"fgd": scalar}``. Every level is computed at once on the levels' positions laid side by side
+    (:class:`~samkd.losses._common.LevelLayout`): a fixed number of operators, whatever the level count.
     """
 
     def __init__(self, channels: int, num_levels: int, *, temp: float = 0.5, alpha_fgd: float = 1e-3,
@@ -186,22 +201,44 @@ class FGDLoss(nn.Module):
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
         check_features("FGDLoss", student, teacher, self.channels, self.num_levels)
         targets = teacher.targets or student.targets
-        if len(targets) != teacher.features[0].shape[0]:
-            raise ValueError(
-                f"FGDLoss needs one target dict per image: got {len(targets)} for a batch of "
-                f"{teacher.features[0].shape[0]}"
-            )
-        boxes = [tgt["boxes"] for tgt in targets]
-        shapes = [tuple(t.shape[-2:]) for t in teacher.features]
-        frames = [self._level_frame(teacher, level, shape) for level, shape in enumerate(shapes)]
-        fg, bg = padded_box_masks(boxes, shapes, frames, teacher.features[0].device)
-        # The focal coefficients folded into one map: fg and bg never overlap, so this is alpha M_fg + beta M_bg.
-        focal_maps = level_views(self.alpha_fgd * fg + self.beta_fgd * bg, shapes)
-        terms = [self._level_terms(level, s.float(), t.detach().float(), focal_maps[level])
-                 for level, (s, t) in enumerate(zip(student.features, teacher.features))]
-        focal, attention, global_term = torch.stack(terms).sum(dim=0)
+        n = teacher.features[0].shape[0]
+        if len(targets) != n:
+            raise ValueError(f"FGDLoss needs one target dict per image: got {len(targets)} for a batch of {n}")
+        sizes = tuple(tuple(t.shape[-2:]) for t in teacher.features)
+        layout = level_layout(sizes, teacher.features[0].device)
+        frames = [self._level_frame(teacher, level, shape) for level, shape in enumerate(sizes)]
+        with torch.no_grad():
+            fg, bg = flat_box_masks([tgt["boxes"] for tgt in targets], layout, frames)
+            focal_map = self.alpha_fgd * fg + self.beta_fgd * bg  # fg and bg never overlap: alpha M_fg + beta M_bg
+        # Student then teacher positions of every level in one (N, C, 2P) tensor: one pass for both attentions.
+        both = flatten_levels([s.float() for s in student.features] + [t.detach().float() for t in teacher.features])
+        s, t = both.tensor_split(2, dim=2)
+        s_spatial, t_spatial, s_channel, t_channel = self._attention(both, level_layout(sizes * 2, both.device))
+        diff = s - t
+
+        # Focal term: squared error weighted by the teacher's attention and alpha M_fg + beta M_bg, summed per
+        # level first so that the channel attention (one value per channel and level) multiplies (N, C, L) only.
+        focal = (level_sums(diff.pow(2) * (t_spatial * focal_map).unsqueeze(1), layout) * t_channel).sum()
+        # Attention imitation: the student's attention maps themselves are trained.
+        attention = (s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()
+        # R_S(F_S) - R_T(F_T) = (F_S - F_T) + (context_S - context_T): the blocks add one value per channel.
+        teacher_gc = self.student_gc if self.teacher_gc is None else self.teacher_gc
+        context_gap = level_context_terms(self.student_gc, s, layout) - level_context_terms(teacher_gc, t, layout)
+        global_term = (diff + per_position(context_gap, layout)).pow(2).sum()
         total = focal + self.gamma_fgd * attention + self.lambda_fgd * global_term
-        return {"fgd": self.weight * total / teacher.features[0].shape[0]}
+        return {"fgd": self.weight * total / n}
+
+    def _attention(self, both: Tensor, pair_layout: LevelLayout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Spatial ``(N, P)`` and channel ``(N, C, L)`` attention of the student and the teacher (teacher's
+        detached) from their side-by-side ``(N, C, 2P)`` maps."""
+        magnitude = both.abs()
+        spatial = level_softmax(magnitude.mean(dim=1) / self.temp, pair_layout)
+        spatial = spatial * per_position(pair_layout.areas, pair_layout)  # H W softmax_hw, per level
+        means = level_sums(magnitude, pair_layout) / pair_layout.areas  # (N, C, 2L): mean_hw |F| per level
+        channel = self.channels * F.softmax(means / self.temp, dim=1)
+        s_spatial, t_spatial = spatial.tensor_split(2, dim=1)
+        s_channel, t_channel = channel.tensor_split(2, dim=2)
+        return s_spatial, t_spatial.detach(), s_channel, t_channel.detach()
 
     @staticmethod
     def _level_frame(taps: Taps, level: int, level_shape: torch.Size) -> tuple[int, int]:
@@ -212,29 +249,6 @@ class FGDLoss(nn.Module):
             stride = taps.strides[level]
             return level_shape[0] * stride, level_shape[1] * stride
         raise ValueError("FGDLoss needs Taps.batch_shape or Taps.strides to place the boxes on each level")
-
-    def _level_terms(self, level: int, s: Tensor, t: Tensor, focal_map: Tensor) -> Tensor:
-        """``(focal, attention, global)`` sums of one level: the focal one with its coefficients, the others
-        without theirs, none divided by ``N`` yet."""
-        n = s.shape[0]
-        # Both models' attention maps in one pass over the stacked pair.
-        magnitude = torch.stack((s, t)).abs().flatten(0, 1)  # (2N, C, H, W)
-        spatial = spatial_attention_of_magnitude(magnitude, self.temp)
-        channel = channel_attention_of_magnitude(magnitude, self.temp)
-        s_spatial, t_spatial, s_channel, t_channel = spatial[:n], spatial[n:], channel[:n], channel[n:]
-
-        # Focal term: squared error weighted by the teacher's attention and alpha M_fg + beta M_bg.
-        diff = s - t
-        focal = (diff.pow(2) * (t_spatial * focal_map) * t_channel).sum()
-
-        # Attention imitation: the student's attention maps themselves are trained.
-        attention = (s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()
-
-        # R_S(F_S) - R_T(F_T) = (F_S - F_T) + (context_S - context_T): the blocks only add a per-channel term.
-        teacher_gc = self.student_gc[level] if self.teacher_gc is None else self.teacher_gc[level]
-        context_gap = self.student_gc[level].context_term(s) - teacher_gc.context_term(t)
-        global_term = (diff + context_gap).pow(2).sum()
-        return torch.stack((focal, attention, global_term))
 
     def extra_repr(self) -> str:
         return (f"temp={self.temp}, alpha_fgd={self.alpha_fgd}, beta_fgd={self.beta_fgd}, "
