@@ -25,7 +25,7 @@ from .losses import loss_params
 from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
 from .models import detector_from_config, family_of
 
-_SHOWN_PARAMS = ("pyramid", "mask_ratio", "random_share", "tau_d", "region", "weighting")
+_SHOWN_PARAMS = ("pyramid", "mask_ratio", "random_share", "placement", "tau_d", "region", "weighting")
 ATTENTION_TAU = 0.5  # temperature of the attention map drawn (FGD's); the masks use only its ranking
 
 
@@ -135,12 +135,12 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
                            [("teacher attention", _to_image_grid(attention, batch_hw, hw).numpy())],
                            f"teacher spatial attention (tau={ATTENTION_TAU}), {where}", "jet")]
     masks = hierarchical_masks(t_feat.float(), params["pyramid"], params["mask_ratio"], params["random_share"],
-                               generator=torch.Generator().manual_seed(cfg.seed))
+                               generator=torch.Generator().manual_seed(cfg.seed), placement=params["placement"])
     # Masked cells drawn dark, visible cells left transparent.
     panels = [(f"k={k}: masked = dark", np.ma.masked_equal(1.0 - _to_image_grid(mk, batch_hw, hw).numpy(), 0.0))
               for k, mk in zip(params["pyramid"], masks)]
     paths.append(_save_overlay(out / "hierarchical_masks.png", shown, panels,
-                               f"SFD keep-masks (mask_ratio={params['mask_ratio']}, "
+                               f"SFD keep-masks ({params['placement']}, mask_ratio={params['mask_ratio']}, "
                                f"random_share={params['random_share']}), {where}", "Greys", vmin=0.0, vmax=1.0))
     weights = sld_weights(t_feat, s_feat, params["tau_d"], params["region"], params["weighting"])
     paths.append(_save_overlay(out / "sld_weights.png", shown,

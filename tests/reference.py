@@ -164,13 +164,17 @@ def sld_weights_by_hand(ft, fs, tau_d, region):
     return h * w * torch.softmax(gap.reshape(n, h * w) / tau_d, dim=1).reshape(n, 1, h, w)
 
 
-def sld_dense_by_hand(s, t, T, tau_d, region):
-    """``L_dense = sum_l mean_{n,h,w} W_l kd_l``."""
-    total = 0.0
+def sld_dense_by_hand(s, t, T, tau_d, region, level_weighting="level"):
+    """``L_dense = sum_l mean_{n,h,w} W_l kd_l`` (``level``) or ``L sum_l sum_{n,h,w} W_l kd_l / sum_l N H_l W_l``
+    (``location``)."""
+    sums, counts = [], []
     for fs, ft, zs, zt in zip(s.features, t.features, s.cls_logits, t.cls_logits):
         weights = sld_weights_by_hand(ft.detach(), fs.detach(), tau_d, region)[:, 0].double()
-        total = total + (weights * dense_kd_map_by_hand(zs, zt, s.num_anchors, T)).mean()
-    return total
+        sums.append((weights * dense_kd_map_by_hand(zs, zt, s.num_anchors, T)).sum())
+        counts.append(weights.numel())
+    if level_weighting == "location":
+        return len(sums) * sum(sums) / sum(counts)
+    return sum(x / n for x, n in zip(sums, counts))
 
 
 def fpn_level_by_hand(box, k_min, k_max):
@@ -187,8 +191,10 @@ def generator_by_hand(weights, x):
 
 
 
-def sfd_by_hand(sfd, s, t, *, ratio, channel_tau, use_channel_attention=True, tau=0.5):
-    """``alpha_sfd sum_l 1/N sum A^C_T (sum_k pi_k G_k(F_S M_k) - F_T)^2`` (no random share)."""
+def sfd_by_hand(sfd, s, t, *, ratio, channel_tau, use_channel_attention=True, tau=0.5, masks_by_hand=None):
+    """``alpha_sfd sum_l 1/N sum A^C_T (sum_k pi_k G_k(F_S M_k) - F_T)^2`` (no random share).
+
+    ``masks_by_hand(level, ft)`` gives the ``M_k`` of every scale of a level (default: the top-attended cells)."""
     hidden = sfd.generation[0].hidden
     ref = 0.0
     for level, (fs, ft) in enumerate(zip(s.features, t.features)):
@@ -196,10 +202,12 @@ def sfd_by_hand(sfd, s, t, *, ratio, channel_tau, use_channel_attention=True, ta
         gen = sfd.generation[level]
         pi = torch.softmax(sfd.fusion_logits[level].detach(), dim=0)  # over the scales of this level
         fused = 0.0
-        for i, k in enumerate(sfd.pyramid):
+        masks = (masks_by_hand(level, ft) if masks_by_hand else
+                 [sfd_keep_mask_by_hand(ft, k, ratio, tau) for k in sfd.pyramid])
+        for i, mask in enumerate(masks):
             weights = (gen.expand.weight[i * hidden:(i + 1) * hidden], gen.expand.bias[i * hidden:(i + 1) * hidden],
                        gen.project.weight[i * c:(i + 1) * c], gen.project.bias[i * c:(i + 1) * c])
-            fused = fused + pi[i] * generator_by_hand(weights, fs * sfd_keep_mask_by_hand(ft, k, ratio, tau))
+            fused = fused + pi[i] * generator_by_hand(weights, fs * mask)
         err = (fused - ft) ** 2
         if use_channel_attention:
             err = err * channel_attention_by_hand(ft, channel_tau)

@@ -17,6 +17,9 @@ from .suites import BenchParams, Suite, synthetic_data
 
 # What only decides what is left on disk, not the result: left out of a run's cache key.
 DISK_ONLY = ("keep_checkpoints", "checkpoint_every_steps")
+# Loss parameters added after runs were cached, with the value that computes what the loss computed before they
+# existed: at that value they stay out of the key, so the cached runs (hours of CPU) are still found.
+ADDED_LATER = {"samkd": {"placement": "top", "global_mask": False, "level_weighting": "level"}}
 
 
 class MissingRun(RuntimeError):
@@ -28,17 +31,25 @@ def cache_key(raw: dict) -> str:
 
     ``{"samkd": {}}`` and ``{"samkd": {"alpha_sfd": <the default>}}`` are the same run; after a default changes,
     ``{"samkd": {}}`` names a new one. The checkpoint settings (:data:`DISK_ONLY`) only decide what is left on
-    disk: a run resumed from its checkpoint ends where an uninterrupted one does.
+    disk: a run resumed from its checkpoint ends where an uninterrupted one does. Parameters added later
+    (:data:`ADDED_LATER`) enter the key only at a value other than the one that reproduces the older loss.
     """
-    from ..losses import loss_params
     what = json.loads(json.dumps(raw))
     for name in DISK_ONLY:
         what.get("train", {}).pop(name, None)
     losses = (what.get("distill") or {}).get("losses")
     if losses:
-        what["distill"]["losses"] = {name: json.loads(json.dumps({**loss_params(name), **(params or {})}))
-                                     for name, params in losses.items()}
+        what["distill"]["losses"] = {name: _resolved(name, params) for name, params in losses.items()}
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _resolved(loss: str, params: Optional[dict]) -> dict:
+    from ..losses import loss_params
+    resolved = json.loads(json.dumps({**loss_params(loss), **(params or {})}))
+    for name, neutral in ADDED_LATER.get(loss, {}).items():
+        if resolved.get(name) == neutral:
+            del resolved[name]
+    return resolved
 
 
 def run_dir(work: Path, name: str, raw: dict) -> Path:

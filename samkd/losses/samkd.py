@@ -17,7 +17,11 @@ the defaults are this library's choices. Two complementary terms:
    ``m - m_top`` are drawn uniformly among the remaining cells (so the student also has to rebuild
    some background and the mask is not deterministic). ``M_k = 0`` on masked cells, 1 elsewhere,
    upsampled to ``H x W`` by repeating each cell ``k x k`` (then cropping the ``ceil`` overhang).
-   ``round`` is round-half-up. Unless ``mask_ratio = 1``, at least one cell stays visible
+   ``round`` is round-half-up. Other placements (``placement``): ``sampled`` draws the ``m`` cells without
+   replacement with probability proportional to ``A_k`` (Gumbel top-k); ``soft`` masks nothing and uses
+   ``M_k = A_k`` (upsampled) instead, the student feature times the teacher's attention. ``global_mask`` adds
+   one more scale whose mask is MGD's: ``round(mask_ratio * H W)`` pixels chosen uniformly at random.
+   Unless ``mask_ratio = 1``, at least one cell stays visible
    (``m <= H_k W_k - 1``), so a single-cell grid (``k >= H, W``) is never masked and that scale
    degenerates to plain (unmasked) generation.
 
@@ -44,7 +48,8 @@ locations where the student's *features* still differ most from the teacher's:
     D~    <- upsample_region(avgpool_region(D~))        only when region > 1 (same cells as SFD)
     W     = H W softmax_hw( D~ / tau_d )                mean 1 per image
     kd    = mean_a sum_k T^2 KL(Bern(sigmoid(z_T/T)) || Bern(sigmoid(z_S/T)))      (N, H, W)
-    L_dense = sum_l mean_{n,h,w} W_l * kd_l
+    L_dense = sum_l mean_{n,h,w} W_l * kd_l             (level_weighting: level)
+    L_dense = L sum_l sum_{n,h,w} W_l kd_l / sum_l N H_l W_l   (level_weighting: location)
 
 Two-stage detectors (``roi_logits`` present, ``(R, K+1)`` softmax logits of both models on the
 student's proposals): each RoI ``r`` gets ``w_r`` = mean of the ``W`` maps RoI-aligned over its box
@@ -113,20 +118,31 @@ def teacher_spatial_attention(teacher_feat: Tensor, k: int = 1, tau: float = 0.5
         return spatial_attention(pool_cells(teacher_feat.detach().float(), k), tau)
 
 
+MASK_PLACEMENTS = ("top", "sampled", "soft")
+
+
 def grid_keep_mask(attention: Tensor, mask_ratio: float, random_share: float,
-                   generator: Optional[torch.Generator] = None) -> Tensor:
+                   generator: Optional[torch.Generator] = None, placement: str = "top") -> Tensor:
     """Keep-mask (1 = visible, 0 = masked) on the grid of ``attention`` ``(N, 1, Hk, Wk)``.
 
-    Masks ``round(mask_ratio * cells)`` cells per image: the most attended ones first, then a uniform
-    random draw among the rest for the ``random_share`` part.
+    ``top``: masks ``round(mask_ratio * cells)`` cells per image, the most attended ones first, then a uniform
+    random draw among the rest for the ``random_share`` part. ``sampled``: the same number of cells drawn
+    without replacement with probability proportional to ``attention`` (Gumbel top-k: the largest
+    ``log A + Gumbel`` keys), so the mask is focused but not deterministic; ``random_share`` is not used.
     """
     n, _, hk, wk = attention.shape
     cells = hk * wk
     num_masked = masked_count(mask_ratio, cells)  # a 1-cell grid (e.g. k=4 on a 4x4 map) is never masked
-    num_top = round_half_up((1.0 - random_share) * num_masked)
-    num_random = num_masked - num_top
     flat = attention.reshape(n, cells)
     keep = torch.ones_like(flat)
+    if placement == "sampled":
+        if num_masked > 0:
+            noise = uniform_noise((n, cells), flat, generator).clamp(min=_EPS, max=1.0 - 1e-7)
+            keys = flat.clamp(min=_EPS).log() - (-noise.log()).log()  # log A + Gumbel(0, 1)
+            keep.scatter_(1, keys.topk(num_masked, dim=1).indices, 0.0)
+        return keep.reshape(n, 1, hk, wk)
+    num_top = round_half_up((1.0 - random_share) * num_masked)
+    num_random = num_masked - num_top
     if num_top > 0:
         keep.scatter_(1, flat.topk(num_top, dim=1).indices, 0.0)
     if num_random > 0:
@@ -137,21 +153,40 @@ def grid_keep_mask(attention: Tensor, mask_ratio: float, random_share: float,
     return keep.reshape(n, 1, hk, wk)
 
 
-def hierarchical_masks(teacher_feat: Tensor, pyramid: Sequence[int] = (4, 2, 1), mask_ratio: float = 0.5,
-                       random_share: float = 0.5, generator: Optional[torch.Generator] = None) -> list[Tensor]:
-    """One attention-guided keep-mask ``(N, 1, H, W)`` per granularity ``k`` in ``pyramid`` (same order).
+def check_placement(placement: str) -> None:
+    if placement not in MASK_PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(MASK_PLACEMENTS)}, got {placement!r}")
 
-    ``H, W`` need not be divisible by ``k``. No gradient flows through the masks. The masked cells are the
-    top of the attention ranking, which no softmax temperature changes: the masks take none.
+
+def hierarchical_masks(teacher_feat: Tensor, pyramid: Sequence[int] = (4, 2, 1), mask_ratio: float = 0.5,
+                       random_share: float = 0.5, generator: Optional[torch.Generator] = None,
+                       placement: str = "top") -> list[Tensor]:
+    """One attention-guided input mask ``(N, 1, H, W)`` per granularity ``k`` in ``pyramid`` (same order).
+
+    ``H, W`` need not be divisible by ``k``. No gradient flows through the masks. ``top`` / ``sampled``: binary
+    keep-masks (:func:`grid_keep_mask`); the masked cells are the top of the attention ranking (or a draw
+    proportional to it), which no softmax temperature changes. ``soft``: no cell is masked; the mask is the
+    teacher's attention itself (mean 1 per image, the student feature is multiplied by it).
     """
+    check_placement(placement)
     h, w = teacher_feat.shape[-2:]
     masks = []
     with torch.no_grad():
         for k in pyramid:
             attention = teacher_spatial_attention(teacher_feat, k)
-            grid = grid_keep_mask(attention, mask_ratio, random_share, generator)
+            grid = attention if placement == "soft" else grid_keep_mask(attention, mask_ratio, random_share,
+                                                                          generator, placement)
             masks.append(upsample_cells(grid, k, (h, w)).to(teacher_feat.dtype))
     return masks
+
+
+def global_keep_mask(teacher_feat: Tensor, mask_ratio: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """MGD's single-scale mask: ``round(mask_ratio * H W)`` pixels per image masked uniformly at random,
+    ``(N, 1, H, W)`` (SFD's ``global_mask`` scale, the "global knowledge transfer" the pyramid supplements)."""
+    n, _, h, w = teacher_feat.shape
+    with torch.no_grad():
+        uniform = torch.ones(n, 1, h, w, device=teacher_feat.device)
+        return grid_keep_mask(uniform, mask_ratio, 1.0, generator).to(teacher_feat.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +201,9 @@ def region_average(x: Tensor, region: int) -> Tensor:
 
 
 SLD_WEIGHTINGS = ("softmax", "power")
+# How SLD's per-level terms are summed: each level's mean (every level weighs the same, a 1x1 P7 as much as P3),
+# or each location the same (a level weighs by its number of locations, as a detector's own loss does).
+SLD_LEVEL_WEIGHTINGS = ("level", "location")
 
 
 def sld_weights(teacher_feat: Tensor, student_feat: Tensor, tau_d: float = 1.0, region: int = 1,
@@ -268,7 +306,12 @@ class SFDLoss(nn.Module):
         num_levels: number of FPN levels.
         pyramid: mask granularities ``k`` (cell side in feature pixels), one generator per (level, k).
         mask_ratio: fraction of grid cells masked at every granularity.
-        random_share: fraction of the masked cells drawn at random instead of by attention.
+        random_share: fraction of the masked cells drawn at random instead of by attention (``placement: top``).
+        placement: where the masks go: ``top`` (the most attended cells, plus the ``random_share``), ``sampled``
+            (cells drawn with probability proportional to the teacher's attention) or ``soft`` (no cell masked:
+            the student feature times the attention of each scale).
+        global_mask: add one more scale, MGD's single-scale mask (``mask_ratio`` of the pixels at random), to
+            the pyramid: the abstract's "supplementary to global knowledge transfer".
         alpha_sfd: loss coefficient (MGD's scale: the error is a sum over C*H*W, divided by N). The default
             5e-5 was picked over MGD's 2e-5 on validation data by an earlier tuning of ``alpha_sfd`` alone
             (commit f1e84a1); benchmarks/tuning.md now tunes every method's whole ``weight`` instead.
@@ -284,7 +327,7 @@ class SFDLoss(nn.Module):
     def __init__(self, channels: int, num_levels: int, *, pyramid: Sequence[int] = (4, 2, 1),
                  mask_ratio: float = 0.5, random_share: float = 0.5, alpha_sfd: float = 5e-5,
                  use_channel_attention: bool = True, channel_tau: float = 0.5, generator_ratio: float = 0.5,
-                 weight: float = 1.0):
+                 placement: str = "top", global_mask: bool = False, weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)
         self.pyramid = _check_pyramid(pyramid)
@@ -293,19 +336,21 @@ class SFDLoss(nn.Module):
         check_unit_interval(mask_ratio=mask_ratio, random_share=random_share)
         check_positive(channel_tau=channel_tau)
         check_non_negative(alpha_sfd=alpha_sfd)
+        check_placement(placement)
         check_weight(weight)
+        self.placement, self.global_mask = placement, bool(global_mask)
         self.channels, self.num_levels = channels, num_levels
         self.mask_ratio, self.random_share = mask_ratio, random_share
         self.alpha_sfd, self.weight = alpha_sfd, weight
         self.use_channel_attention, self.channel_tau = use_channel_attention, channel_tau
         self.generator_ratio = generator_ratio
-        self.generation = nn.ModuleList(ScaleGenerators(channels, hidden, len(self.pyramid))
-                                        for _ in range(num_levels))
+        scales = len(self.pyramid) + self.global_mask  # the global mask is one more scale, fused like the others
+        self.generation = nn.ModuleList(ScaleGenerators(channels, hidden, scales) for _ in range(num_levels))
         # One scale-fusion vector per level; zeros = equal weights at the start.
-        self.fusion_logits = nn.Parameter(torch.zeros(num_levels, len(self.pyramid)))
+        self.fusion_logits = nn.Parameter(torch.zeros(num_levels, scales))
 
     def fusion_weights(self) -> Tensor:
-        """``pi``: ``(num_levels, len(pyramid))``, rows sum to 1."""
+        """``pi``: ``(num_levels, len(pyramid) + global_mask)``, rows sum to 1."""
         return F.softmax(self.fusion_logits, dim=1)
 
     def forward(self, student: Taps, teacher: Taps, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
@@ -314,8 +359,7 @@ class SFDLoss(nn.Module):
         total = zero_scalar(student, teacher)
         for level, (s, t) in enumerate(zip(student.features, teacher.features)):
             t = t.detach().float()
-            keep = torch.stack(hierarchical_masks(t, self.pyramid, self.mask_ratio, self.random_share,
-                                                  generator), dim=1)  # (N, S, 1, H, W)
+            keep = torch.stack(self.input_masks(t, generator), dim=1)  # (N, S, 1, H, W)
             rebuilt = self.generation[level](s.unsqueeze(1) * keep.to(s.dtype)).float()  # (N, S, C, H, W)
             fused = (pis[level].view(1, -1, 1, 1, 1) * rebuilt).sum(dim=1)
             err = (fused - t).pow(2)
@@ -324,9 +368,18 @@ class SFDLoss(nn.Module):
             total = total + err.sum() / s.shape[0]
         return {"sfd": self.weight * self.alpha_sfd * total}
 
+    def input_masks(self, teacher_feat: Tensor, generator: Optional[torch.Generator] = None) -> list[Tensor]:
+        """The masks the student feature of one level is multiplied by, one per scale (the pyramid's, then the
+        global one when ``global_mask``)."""
+        masks = hierarchical_masks(teacher_feat, self.pyramid, self.mask_ratio, self.random_share, generator,
+                                   self.placement)
+        if self.global_mask:
+            masks.append(global_keep_mask(teacher_feat, self.mask_ratio, generator))
+        return masks
+
     def extra_repr(self) -> str:
-        return (f"pyramid={self.pyramid}, mask_ratio={self.mask_ratio}, "
-                f"random_share={self.random_share}, alpha_sfd={self.alpha_sfd}, "
+        return (f"pyramid={self.pyramid}, mask_ratio={self.mask_ratio}, placement={self.placement!r}, "
+                f"global_mask={self.global_mask}, random_share={self.random_share}, alpha_sfd={self.alpha_sfd}, "
                 f"use_channel_attention={self.use_channel_attention}, channel_tau={self.channel_tau}, "
                 f"generator_ratio={self.generator_ratio}, weight={self.weight}")
 
@@ -340,6 +393,9 @@ class SLDLoss(nn.Module):
         T: distillation temperature (dense sigmoid and RoI softmax terms).
         tau_d: temperature of the discrepancy softmax (smaller = sharper focus on hard locations).
         region: side of the cells the discrepancy is averaged over (1 = per location).
+        weighting: ``softmax`` or ``power`` (:func:`sld_weights`).
+        level_weighting: ``level`` (each level's mean, summed) or ``location`` (every location of every level
+            the same weight, scaled to the same total; the coarse levels then weigh by their size).
         beta_sld: loss coefficient.
         roi_weight: factor of the two-stage RoI term relative to the dense term.
         roi_levels: how many of the first levels the RoI pooler uses (torchvision Faster R-CNN: 4).
@@ -350,7 +406,7 @@ class SLDLoss(nn.Module):
     """
 
     def __init__(self, channels: int, num_levels: int, *, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
-                 weighting: str = "softmax",
+                 weighting: str = "softmax", level_weighting: str = "level",
                  beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
                  roi_sampling_ratio: int = 2, weight: float = 1.0):
         super().__init__()
@@ -361,8 +417,12 @@ class SLDLoss(nn.Module):
             raise ValueError(f"region must be a positive integer, got {region!r}")
         if weighting not in SLD_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(SLD_WEIGHTINGS)}, got {weighting!r}")
+        if level_weighting not in SLD_LEVEL_WEIGHTINGS:
+            raise ValueError(f"level_weighting must be one of {', '.join(SLD_LEVEL_WEIGHTINGS)}, "
+                             f"got {level_weighting!r}")
         check_weight(weight)
         self.channels, self.num_levels, self.weighting = channels, num_levels, weighting
+        self.level_weighting = level_weighting
         self.T, self.tau_d, self.region, self.beta_sld = T, tau_d, int(region), beta_sld
         self.roi_weight, self.roi_levels = roi_weight, roi_levels
         self.roi_output_size, self.roi_sampling_ratio = roi_output_size, roi_sampling_ratio
@@ -375,14 +435,25 @@ class SLDLoss(nn.Module):
         weight_maps = [
             sld_weights(t, s, self.tau_d, self.region, self.weighting) for s, t in zip(student.features, teacher.features)
         ]
-        a, k = teacher.num_anchors, teacher.num_logit_classes
-        total = zero_scalar(student, teacher)
-        for w, s, t in zip(weight_maps, student.cls_logits, teacher.cls_logits):
-            total = total + (w[:, 0] * dense_kd_map(s, t, a, k, self.T)).mean()
+        total = self._dense_term(student, teacher, weight_maps)
         rois = roi_logit_pair("SLDLoss", student, teacher)
         if rois is not None and rois[0].shape[0] > 0:
             total = total + self.roi_weight * self._roi_term(student, teacher, weight_maps, *rois)
         return {"sld": self.weight * self.beta_sld * total}
+
+    def _dense_term(self, student: Taps, teacher: Taps, weight_maps: list[Tensor]) -> Tensor:
+        """``level``: ``sum_l mean_{n,h,w} W_l kd_l``; ``location``: ``L sum_l sum_{n,h,w} W_l kd_l / sum_l N H_l W_l``
+        (every location of every level weighs the same; the same total as ``level`` for a uniform ``W kd``)."""
+        a, k = teacher.num_anchors, teacher.num_logit_classes
+        sums = [(w[:, 0] * dense_kd_map(s, t, a, k, self.T)).sum()
+                for w, s, t in zip(weight_maps, student.cls_logits, teacher.cls_logits)]
+        counts = [w[:, 0].numel() for w in weight_maps]
+        total = zero_scalar(student, teacher)
+        if self.level_weighting == "location":
+            return total + len(sums) * sum(sums) / sum(counts)
+        for level_sum, count in zip(sums, counts):
+            total = total + level_sum / count
+        return total
 
     def _roi_term(self, student: Taps, teacher: Taps, weight_maps: list[Tensor], s_roi: Tensor,
                   t_roi: Tensor) -> Tensor:
@@ -415,7 +486,8 @@ class SLDLoss(nn.Module):
                 )
 
     def extra_repr(self) -> str:
-        return (f"T={self.T}, tau_d={self.tau_d}, region={self.region}, beta_sld={self.beta_sld}, "
+        return (f"T={self.T}, tau_d={self.tau_d}, region={self.region}, weighting={self.weighting!r}, "
+                f"level_weighting={self.level_weighting!r}, beta_sld={self.beta_sld}, "
                 f"roi_weight={self.roi_weight}, roi_levels={self.roi_levels}, weight={self.weight}")
 
 
