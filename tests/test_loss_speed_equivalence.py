@@ -8,10 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import K, make_taps
-from reference import fgd_by_hand, freekd_terms_by_hand
+from reference import (fgd_by_hand, freekd_terms_by_hand, sfd_by_hand, sfd_keep_mask_by_hand, sld_dense_by_hand,
+                       sld_weights_by_hand, softmax_kl_by_hand)
+from torchvision.ops import MultiScaleRoIAlign
 
 from samkd.losses import build_loss, haar_dwt
+from samkd.losses._common import flatten_levels, level_layout
 from samkd.losses.freekd import to_atlas, wavelet_atlas
+from samkd.losses.samkd import SFDLoss, SLDLoss, level_input_masks, level_sld_weights, sld_weights
 from samkd.models.taps import Taps
 
 C = 8
@@ -137,3 +141,151 @@ def test_fgd_foreground_everywhere_and_many_overlapping_boxes():
     fgd = randomise(build_loss("fgd", C, len(sizes), alpha_fgd=0.3, beta_fgd=0.2), seed=7)
     leaves = list(s.features) + list(fgd.parameters())
     assert_same_value_and_grads(lambda: fgd(s, t)["fgd"], lambda: fgd_by_hand(fgd, s, t, frame=(128, 96)), leaves)
+
+
+# --------------------------------------------------------------------------------------------------
+# SAMKD: the masks of every level and scale from one ranking, one error and one KD over all levels
+# --------------------------------------------------------------------------------------------------
+MASK_OPTIONS = [  # (placement, global_mask, pyramid, mask_ratio, random_share)
+    ("top", False, (4, 2, 1), 0.5, 0.5), ("top", False, (4, 2, 1), 0.5, 0.0), ("top", True, (2, 1), 0.3, 1.0),
+    ("top", False, (3,), 1.0, 0.5), ("top", False, (2, 1), 0.0, 0.5), ("sampled", False, (4, 2, 1), 0.5, 0.5),
+    ("sampled", True, (1, 2), 0.4, 0.5), ("soft", False, (4, 2, 1), 0.5, 0.5), ("soft", True, (2, 1), 0.5, 0.5),
+]
+
+
+@pytest.mark.parametrize("sizes", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("placement,global_mask,pyramid,ratio,share", MASK_OPTIONS)
+def test_level_input_masks_equal_the_per_level_masks_with_the_same_draws(sizes, placement, global_mask, pyramid,
+                                                                          ratio, share):
+    g = torch.Generator().manual_seed(1)
+    teacher = [torch.randn(2, C, h, w, generator=g) for h, w in sizes]
+    sfd = SFDLoss(C, len(sizes), pyramid=pyramid, placement=placement, global_mask=global_mask, mask_ratio=ratio,
+                  random_share=share)
+    per_level = torch.Generator().manual_seed(7)
+    expected = [torch.cat(sfd.input_masks(t, per_level), dim=1) for t in teacher]
+    layout = level_layout(tuple(sizes), torch.device("cpu"))
+    masks = level_input_masks(flatten_levels(teacher).abs(), layout, pyramid, ratio, share,
+                              torch.Generator().manual_seed(7), placement, global_mask)
+    for got, want in zip(masks, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _sfd_with_random_fusion(sizes, **params):
+    sfd = randomise(SFDLoss(C, len(sizes), **params), seed=2, scale=0.2)
+    return sfd
+
+
+@pytest.mark.parametrize("sizes", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("use_channel_attention", [True, False])
+def test_sfd_value_and_gradients_equal_the_formula(sizes, use_channel_attention):
+    """Deterministic masks (the top-attended cells only): the whole loss written out by hand."""
+    s, t = taps_pair(sizes, seed=6)
+    sfd = _sfd_with_random_fusion(sizes, random_share=0.0, mask_ratio=0.4, channel_tau=0.7,
+                                  use_channel_attention=use_channel_attention, weight=1.5, alpha_sfd=0.01)
+    leaves = list(s.features) + list(sfd.parameters())
+    assert_same_value_and_grads(lambda: sfd(s, t)["sfd"], lambda: sfd_by_hand(
+        sfd, s, t, ratio=0.4, channel_tau=0.7, use_channel_attention=use_channel_attention), leaves)
+
+
+@pytest.mark.parametrize("placement,global_mask,pyramid,ratio,share", MASK_OPTIONS)
+def test_sfd_every_option_value_and_gradients_equal_the_per_level_computation(placement, global_mask, pyramid,
+                                                                               ratio, share):
+    """Random masks: the per-level masks drawn from the same generator seed, the rest written out by hand."""
+    sizes = LAYOUTS["fcos_odd"]
+    s, t = taps_pair(sizes, seed=8)
+    sfd = _sfd_with_random_fusion(sizes, pyramid=pyramid, placement=placement, global_mask=global_mask,
+                                  mask_ratio=ratio, random_share=share, channel_tau=0.6, alpha_sfd=0.01)
+    g = torch.Generator().manual_seed(11)
+    masks = [[m for m in sfd.input_masks(ft.detach().float(), g)] for ft in t.features]
+    leaves = list(s.features) + list(sfd.parameters())
+    assert_same_value_and_grads(
+        lambda: sfd(s, t, generator=torch.Generator().manual_seed(11))["sfd"],
+        lambda: sfd_by_hand(sfd, s, t, ratio=ratio, channel_tau=0.6, masks_by_hand=lambda level, ft: masks[level]),
+        leaves)
+
+
+def test_sfd_fused_generators_equal_the_grouped_ones_with_gradients():
+    sfd = _sfd_with_random_fusion([(5, 7)])
+    gen = sfd.generation[0]
+    masked = torch.randn(2, 3, C, 5, 7, requires_grad=True)
+    leaves = [masked] + list(sfd.parameters())
+
+    def grouped():
+        pis = sfd.fusion_weights()[0].view(1, -1, 1, 1, 1)
+        return (pis * gen.per_scale(masked)).sum(1).square().sum()
+
+    assert_same_value_and_grads(lambda: gen.fused(masked, sfd.fusion_weights()[0]).square().sum(), grouped,
+                                leaves, rtol=1e-5, atol=1e-5)
+
+
+def power_weights_by_hand(ft, fs, tau_d):
+    """``W = D~^(1/tau_d) / mean_hw D~^(1/tau_d)``, ``D~ = mean_c (F_T - F_S)^2`` over its image mean."""
+    gap = ((ft - fs) ** 2).mean(dim=1, keepdim=True)
+    gap = (gap / gap.mean(dim=(2, 3), keepdim=True)) ** (1.0 / tau_d)
+    return gap / gap.mean(dim=(2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("sizes", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("weighting", ["softmax", "power"])
+def test_level_sld_weights_equal_the_per_level_formula(sizes, weighting):
+    s, t = taps_pair(sizes, seed=9)
+    layout = level_layout(tuple(sizes), torch.device("cpu"))
+    flat = level_sld_weights(t.features, s.features, layout, 0.6, weighting)
+    by_hand = [sld_weights_by_hand(ft, fs.detach(), 0.6, 1) if weighting == "softmax"
+               else power_weights_by_hand(ft, fs.detach(), 0.6) for fs, ft in zip(s.features, t.features)]
+    torch.testing.assert_close(flat, flatten_levels(by_hand)[:, 0])
+
+
+@pytest.mark.parametrize("sizes", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("level_weighting,region", [("level", 1), ("location", 1), ("level", 2)])
+def test_sld_value_and_gradients_equal_the_formula(sizes, level_weighting, region):
+    s, t = taps_pair(sizes, seed=10)
+    sld = SLDLoss(C, len(sizes), T=1.5, tau_d=0.8, region=region, level_weighting=level_weighting, beta_sld=2.0)
+    assert_same_value_and_grads(lambda: sld(s, t)["sld"],
+                                lambda: 2.0 * sld_dense_by_hand(s, t, 1.5, 0.8, region, level_weighting).float(),
+                                list(s.cls_logits))
+
+
+def test_sld_power_weighting_value_and_gradients_equal_the_formula():
+    from reference import dense_kd_map_by_hand
+    sizes = LAYOUTS["fcos_odd"]
+    s, t = taps_pair(sizes, seed=12)
+    sld = SLDLoss(C, len(sizes), T=2.0, tau_d=0.5, weighting="power")
+
+    def reference():
+        return sum((power_weights_by_hand(ft, fs.detach(), 0.5)[:, 0].double() * dense_kd_map_by_hand(zs, zt, 1, 2.0)
+                    ).mean() for fs, ft, zs, zt in zip(s.features, t.features, s.cls_logits, t.cls_logits)).float()
+
+    assert_same_value_and_grads(lambda: sld(s, t)["sld"], reference, list(s.cls_logits))
+
+
+def test_sld_roi_term_value_and_gradients_equal_the_formula():
+    sizes = [(64, 64), (32, 32), (16, 16)]  # a 256 px frame at strides 4, 8, 16
+    s, t = taps_pair(sizes, seed=13, frame=(256, 256))
+    proposals = [torch.tensor([[10.0, 10.0, 50.0, 50.0], [20.0, 30.0, 140.0, 150.0]]),
+                 torch.tensor([[8.0, 8.0, 248.0, 248.0], [100.0, 60.0, 150.0, 90.0]])]
+    g = torch.Generator().manual_seed(3)
+    t.roi_logits = torch.randn(4, K + 1, generator=g)
+    s.roi_logits = (t.roi_logits + torch.randn(4, K + 1, generator=g)).requires_grad_(True)
+    s.proposals = t.proposals = proposals
+    sld = SLDLoss(C, len(sizes), T=3.0, tau_d=0.5, roi_weight=0.4)
+
+    def reference():
+        maps = {str(i): sld_weights_by_hand(ft, fs.detach(), 0.5, 1) for i, (fs, ft) in enumerate(zip(s.features,
+                                                                                                     t.features))}
+        w_r = MultiScaleRoIAlign(["0", "1", "2"], 7, 2)(maps, proposals, s.image_sizes).mean(dim=(1, 2, 3))
+        roi = ((w_r / w_r.mean()).double() * softmax_kl_by_hand(s.roi_logits, t.roi_logits, 3.0)).mean()
+        return (sld_dense_by_hand(s, t, 3.0, 0.5, 1) + 0.4 * roi).float()
+
+    assert_same_value_and_grads(lambda: sld(s, t)["sld"], reference, list(s.cls_logits) + [s.roi_logits])
+
+
+def test_per_level_sld_weights_still_equal_the_flat_ones_at_region_one():
+    """sld_weights (per level, used by visualize) and level_sld_weights (all levels) agree."""
+    sizes = LAYOUTS["fcos_odd"]
+    s, t = taps_pair(sizes, seed=14)
+    layout = level_layout(tuple(sizes), torch.device("cpu"))
+    for weighting in ("softmax", "power"):
+        per_level = [sld_weights(ft, fs, 0.7, 1, weighting) for fs, ft in zip(s.features, t.features)]
+        torch.testing.assert_close(level_sld_weights(t.features, s.features, layout, 0.7, weighting),
+                                   flatten_levels(per_level)[:, 0])
