@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import K, make_taps
-from reference import (fgd_by_hand, freekd_terms_by_hand, sfd_by_hand, sfd_keep_mask_by_hand, sld_dense_by_hand,
-                       sld_weights_by_hand, softmax_kl_by_hand)
+from conftest import K
+from reference import (channel_attention_by_hand, dense_kd_map_by_hand, fgd_by_hand, freekd_terms_by_hand,
+                       generator_by_hand, mgd_block_weights, sfd_by_hand, sld_dense_by_hand, sld_weights_by_hand,
+                       softmax_kl_by_hand, spatial_attention_by_hand, top_keep_mask_by_hand)
 from torchvision.ops import MultiScaleRoIAlign
 
 from samkd.losses import build_loss, haar_dwt
@@ -247,7 +248,6 @@ def test_sld_value_and_gradients_equal_the_formula(sizes, level_weighting, regio
 
 
 def test_sld_power_weighting_value_and_gradients_equal_the_formula():
-    from reference import dense_kd_map_by_hand
     sizes = LAYOUTS["fcos_odd"]
     s, t = taps_pair(sizes, seed=12)
     sld = SLDLoss(C, len(sizes), T=2.0, tau_d=0.5, weighting="power")
@@ -289,3 +289,31 @@ def test_per_level_sld_weights_still_equal_the_flat_ones_at_region_one():
         per_level = [sld_weights(ft, fs, 0.7, 1, weighting) for fs, ft in zip(s.features, t.features)]
         torch.testing.assert_close(level_sld_weights(t.features, s.features, layout, 0.7, weighting),
                                    flatten_levels(per_level)[:, 0])
+
+
+# --------------------------------------------------------------------------------------------------
+# DMKD: every level's masks at once, both generators as one grouped and one fused conv
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sizes", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("spatial_ratio,channel_ratio", [(0.5, 0.5), (0.3, 0.0), (1.0, 0.25)])
+def test_dmkd_value_and_gradients_equal_the_formula(sizes, spatial_ratio, channel_ratio):
+    s, t = taps_pair(sizes, seed=15)
+    dmkd = randomise(build_loss("dmkd", C, len(sizes), spatial_ratio=spatial_ratio, channel_ratio=channel_ratio,
+                                alpha_dmkd=0.01, weight=1.5), seed=3, scale=0.2)
+
+    def reference():
+        total = 0.0
+        for level, (fs, ft) in enumerate(zip(s.features, t.features)):
+            n, c, h, w = fs.shape
+            keep_s = top_keep_mask_by_hand(spatial_attention_by_hand(ft, 1.0).reshape(n, h * w), spatial_ratio)
+            keep_c = top_keep_mask_by_hand(channel_attention_by_hand(ft, 1.0).reshape(n, c), channel_ratio)
+            w_s, w_c = torch.softmax(dmkd.fusion_logits[level], dim=0)
+            rebuilt = (w_s * generator_by_hand(mgd_block_weights(dmkd.spatial_generation[level]),
+                                               fs * keep_s.reshape(n, 1, h, w))
+                       + w_c * generator_by_hand(mgd_block_weights(dmkd.channel_generation[level]),
+                                                 fs * keep_c.reshape(n, c, 1, 1)))
+            total = total + ((rebuilt - ft) ** 2).sum() / n
+        return 1.5 * 0.01 * total
+
+    leaves = list(s.features) + list(dmkd.parameters())
+    assert_same_value_and_grads(lambda: dmkd(s, t)["dmkd"], reference, leaves)

@@ -192,6 +192,25 @@ def per_position(per_level: Tensor, layout: LevelLayout) -> Tensor:
     return per_level.index_select(-1, layout.owner)
 
 
+def segment_top(keys: Tensor, layout: LevelLayout, slots: Tensor) -> Tensor:
+    """``(N, P)`` float, 1 on the positions of each level whose keys rank in ``slots`` (:func:`ranked_slots`).
+
+    All levels at once: one sort by key, then a stable sort by level puts every level's positions in key order
+    (largest first), where ``slots`` says which are picked. Equal keys are ranked arbitrarily, as by ``topk``.
+    """
+    order = keys.argsort(dim=1, descending=True)
+    order = order.gather(1, layout.owner[order].argsort(dim=1, stable=True))
+    return torch.zeros_like(keys).scatter_(1, order, slots.to(keys.dtype).expand_as(keys))
+
+
+@functools.lru_cache(maxsize=128)
+def ranked_slots(layout: LevelLayout, counts: tuple[int, ...]) -> Tensor:
+    """``(P,)`` bool: the first ``counts[l]`` places of level ``l`` once each level is sorted (cached)."""
+    local = layout.flat_index - layout.owner * layout.row  # each position's index within its level
+    with torch.inference_mode(False):
+        return local < torch.tensor(counts, device=local.device)[layout.owner]
+
+
 # --------------------------------------------------------------------------------------------------
 # Masks on coarse grids
 # --------------------------------------------------------------------------------------------------

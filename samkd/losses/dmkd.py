@@ -42,15 +42,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    LevelLayout,
     channel_attention_of_magnitude,
     check_features,
     check_layout,
     check_non_negative,
     check_unit_interval,
     check_weight,
+    flatten_levels,
+    level_layout,
+    level_sums,
     make_generator,
     masked_count,
+    ranked_slots,
+    segment_top,
     spatial_attention_of_magnitude,
+    unflatten_levels,
 )
 from samkd.models.taps import Taps
 
@@ -73,6 +80,23 @@ def dual_keep_masks(teacher_feat: Tensor, spatial_ratio: float, channel_ratio: f
                                           spatial_ratio)
         channel = top_attention_keep_mask(channel_attention_of_magnitude(magnitude, 1.0).reshape(n, c), channel_ratio)
     return spatial.reshape(n, 1, h, w), channel.reshape(n, c, 1, 1)
+
+
+def level_dual_keep_masks(magnitude: Tensor, layout: LevelLayout, spatial_ratio: float,
+                          channel_ratio: float) -> tuple[Tensor, Tensor]:
+    """:func:`dual_keep_masks` of every level at once, from ``|F_T|`` laid flat ``(N, C, P)``: the spatial
+    keep-masks ``(N, P)`` (laid flat) and the channel ones ``(N, C, L)``. Ranked by the means the attentions'
+    softmax is taken of (the softmax keeps their order)."""
+    n, c, _ = magnitude.shape
+    with torch.no_grad():
+        counts = tuple(masked_count(spatial_ratio, h * w) for h, w in layout.sizes)
+        keep_spatial = 1.0 - segment_top(magnitude.mean(dim=1), layout, ranked_slots(layout, counts))
+        sums = level_sums(magnitude, layout).transpose(1, 2)  # (N, L, C): the channel ranking of each level
+        keep_channel = torch.ones_like(sums)
+        count = masked_count(channel_ratio, c)
+        if count > 0:
+            keep_channel.scatter_(2, sums.topk(count, dim=2, sorted=False).indices, 0.0)
+    return keep_spatial, keep_channel.transpose(1, 2)
 
 
 class DMKDLoss(nn.Module):
@@ -109,18 +133,38 @@ class DMKDLoss(nn.Module):
         return F.softmax(self.fusion_logits, dim=1)
 
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
+        """Every level's masks at once; per level, both generators as one grouped conv and one fused conv
+        (:meth:`stacked_generators`); one error over all levels."""
         check_features("DMKDLoss", student, teacher, self.channels, self.num_levels)
-        weights = self.fusion_weights()
-        errors = []
-        for level, (s, t) in enumerate(zip(student.features, teacher.features)):
-            s, t = s.float(), t.detach().float()  # autocast may still run the convs in half precision
-            keep_s, keep_c = dual_keep_masks(t, self.spatial_ratio, self.channel_ratio)
-            rebuilt_s = self.spatial_generation[level](s * keep_s).float()
-            rebuilt_c = self.channel_generation[level](s * keep_c).float()
-            rebuilt = weights[level, 0] * rebuilt_s + weights[level, 1] * rebuilt_c
-            errors.append((rebuilt - t).pow(2).sum())
-        total = torch.stack(errors).sum() / student.features[0].shape[0]
+        layout = level_layout(tuple(tuple(t.shape[-2:]) for t in teacher.features), teacher.features[0].device)
+        t_flat = flatten_levels([t.detach().float() for t in teacher.features])  # (N, C, P)
+        keep_s, keep_c = level_dual_keep_masks(t_flat.abs(), layout, self.spatial_ratio, self.channel_ratio)
+        # unbind, not indexing: its backward stacks the levels' gradients in one op
+        per_level = zip(student.features, unflatten_levels(keep_s.unsqueeze(1), layout), keep_c.unbind(2),
+                        *(w.unbind(0) for w in self.stacked_generators()))
+        rebuilt = []
+        for s, spatial, channel, expand_w, expand_b, project_w, project_b in per_level:
+            s = s.float()  # autocast may still run the convs in half precision
+            masked = torch.cat((s * spatial, s * channel[:, :, None, None]), dim=1)  # (N, 2C, H, W)
+            hidden = F.relu(F.conv2d(masked, expand_w, expand_b, padding=1, groups=2))
+            rebuilt.append(F.conv2d(hidden, project_w, project_b, padding=1).float())
+        total = F.mse_loss(flatten_levels(rebuilt), t_flat, reduction="sum") / t_flat.shape[0]
         return {"dmkd": self.weight * self.alpha_dmkd * total}
+
+    def stacked_generators(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Both branches' generators of every level as one grouped conv3x3 (``G_s`` then ``G_c``, ``(L, 2C, C,
+        3, 3)``, biases ``(L, 2C)``) and one dense conv3x3 over both hidden maps with ``w_s``, ``w_c`` folded in
+        (``(L, C, 2C, 3, 3)``, biases ``w_s b_s + w_c b_c``): the project convs are linear in their weights, so
+        ``w_s G_s(x_s) + w_c G_c(x_c)`` is that conv of ``[hidden_s, hidden_c]``."""
+        levels, c = self.num_levels, self.channels
+        pairs = [g for pair in zip(self.spatial_generation, self.channel_generation) for g in pair]
+        expand_w = torch.stack([g[0].weight for g in pairs]).view(levels, 2 * c, c, 3, 3)
+        expand_b = torch.stack([g[0].bias for g in pairs]).view(levels, 2 * c)
+        weights = self.fusion_weights()
+        project = torch.stack([g[2].weight for g in pairs]).view(levels, 2, c, c, 3, 3) * weights.view(levels, 2, 1,
+                                                                                                        1, 1, 1)
+        project_b = torch.bmm(weights.unsqueeze(1), torch.stack([g[2].bias for g in pairs]).view(levels, 2, c))
+        return expand_w, expand_b, project.transpose(1, 2).reshape(levels, c, 2 * c, 3, 3), project_b[:, 0]
 
     def extra_repr(self) -> str:
         return (f"alpha_dmkd={self.alpha_dmkd}, spatial_ratio={self.spatial_ratio}, "

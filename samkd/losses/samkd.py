@@ -78,7 +78,6 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from samkd.losses._common import (
     LevelLayout,
-    channel_attention,
     check_dense_logits,
     check_features,
     check_layout,
@@ -93,14 +92,15 @@ from samkd.losses._common import (
     level_sums,
     masked_count,
     per_position,
+    ranked_slots,
     roi_logit_pair,
     round_half_up,
+    segment_top,
     softmax_kd,
     spatial_attention,
     uniform_noise,
     unflatten_levels,
     upsample_cells,
-    zero_scalar,
 )
 from samkd.models.taps import Taps
 
@@ -287,11 +287,8 @@ def _segment_counts(is_global: bool, area: int, mask_ratio: float, random_share:
 def mask_plan(layout: MaskLayout, mask_ratio: float, random_share: float, placement: str) -> MaskPlan:
     counts = [_segment_counts(is_global, area, mask_ratio, random_share, placement)
               for (_, _, is_global), area in zip(layout.segments, layout.grid_areas)]
-    cells = layout.cells
-    local = cells.flat_index - cells.owner * cells.row  # each cell's index within its grid
-    with torch.inference_mode(False):
-        first, second = (torch.tensor([c[i] for c in counts], device=local.device)[cells.owner] for i in (0, 1))
-        return MaskPlan(local < first, local < second, any(c[1] for c in counts), tuple(c[2] for c in counts))
+    first, second = (ranked_slots(layout.cells, tuple(c[i] for c in counts)) for i in (0, 1))
+    return MaskPlan(first, second, any(c[1] for c in counts), tuple(c[2] for c in counts))
 
 
 @functools.lru_cache(maxsize=64)
@@ -310,18 +307,6 @@ def _noise_index(layout: MaskLayout, plan: MaskPlan, n: int) -> Tensor:
         width = torch.tensor(plan.draw_cells, device=device)[cells.owner]
         index = start + torch.arange(n, device=device)[:, None] * width + local
         return torch.where(width > 0, index, torch.zeros_like(index))
-
-
-def segment_top(keys: Tensor, cells: LevelLayout, slots: Tensor) -> Tensor:
-    """``(N, Q)`` float, 1 on the cells of each grid (segment of ``cells``) whose keys rank in ``slots``.
-
-    One sort by key, then a stable sort by grid: every grid's cells in key order, where ``slots`` (``(Q,)``
-    bool: within-grid index below that grid's count) says which are picked. Ties between equal keys are
-    broken arbitrarily, as ``topk`` breaks them.
-    """
-    order = keys.argsort(dim=1, descending=True)
-    order = order.gather(1, cells.owner[order].argsort(dim=1, stable=True))
-    return torch.zeros_like(keys).scatter_(1, order, slots.to(keys.dtype).expand_as(keys))
 
 
 def _pooled_scores(magnitude: Tensor, layout: LevelLayout, pyramid: Sequence[int]) -> Tensor:
@@ -616,7 +601,7 @@ class SFDLoss(nn.Module):
         magnitude = t_flat.abs()  # shared by the masks' spatial and the error's channel attention
         masks = level_input_masks(magnitude, layout, self.pyramid, self.mask_ratio, self.random_share, generator,
                                   self.placement, self.global_mask)
-        kernels, biases = fused_projections(self.generation, pis)
+        kernels, biases = (w.unbind(0) for w in fused_projections(self.generation, pis))  # unbind: one backward op
         rebuilt = [gen.fused_with(s.unsqueeze(1) * m.unsqueeze(2).to(s.dtype), kernel, bias).float()
                    for gen, s, m, kernel, bias in zip(self.generation, student.features, masks, kernels, biases)]
         err = F.mse_loss(flatten_levels(rebuilt), t_flat, reduction="none")  # (F_hat - F_T)^2, (N, C, P)
