@@ -2,7 +2,8 @@
 
 On a GPU the losses at COCO scale are bound by kernel launches (benchmarks/gpu.md), so besides the time this
 counts the operators one forward + backward dispatches (``ops``: every ATen operator that reaches a backend,
-backward included, views and other metadata-only operators excluded; on CUDA each is about one kernel launch).
+backward included, views and other metadata-only operators excluded; on CUDA each is about one kernel launch;
+"GPU path": SFD's and DMKD's generators the way they run on CUDA, see their ``rebuild``).
 Where a CUDA device runs, the profiler's CUDA kernel count is reported too. ``--top`` adds the operators that
 take most CPU time (PyTorch profiler, self time). Taps: 5 FCOS levels (strides 8..128), C = 256, A = 1, K = 80,
 standardised random features, two boxes per image; the losses are built with their defaults, as
@@ -10,19 +11,21 @@ standardised random features, two boxes per image; the losses are built with the
 
     PYTHONPATH=. python benchmarks/profile_losses.py [--sizes 128x4 800x2] [--reps 5] [--json out.json]
     PYTHONPATH=. python benchmarks/profile_losses.py --baseline /tmp/base   # before/after in one process
-    PYTHONPATH=. python benchmarks/profile_losses.py --device cuda --compile --sizes 800x2
+    PYTHONPATH=. python benchmarks/profile_losses.py --device cuda --compile samkd fgd --sizes 800x2
 
 Times are medians of ``--reps`` repeats, every loss interleaved round-robin in this one process (the machine is
 shared: compare ratios to MGD, not seconds, across runs). ``--baseline DIR`` also loads the ``samkd`` package of
 an older source tree (``DIR/samkd``, e.g. from ``git archive``) under another name and times its losses in the
 same rounds ("before" rows). At a tiny size (``--sizes 32x1``) the arithmetic is negligible and the time is the
 per-operator overhead: on CPU the nearest thing to a launch-bound GPU. ``--compile`` also times the losses
-compiled by ``samkd.losses.compile.compile_loss`` (compile time, i.e. the first call, reported apart).
+compiled by ``samkd.losses.compile.compile_loss`` (compile time, i.e. the first call, reported apart); their
+``ops`` are not counted (the compiled graph runs fused kernels; on CUDA the kernel column counts them).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib
 import json
 import math
@@ -114,10 +117,23 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(loss: torch.nn.Module, student: Taps, teacher: Taps) -> collections.Counter:
-    """Dispatched operators of one forward + backward, by name (views and allocations excluded)."""
-    with _OpCounter() as counter:
-        step(loss, student, teacher)
+def count_ops(loss: torch.nn.Module, student: Taps, teacher: Taps, gpu_path: bool = False) -> collections.Counter:
+    """Dispatched operators of one forward + backward, by name (views and allocations excluded).
+
+    ``gpu_path``: losses whose generators run another way on CUDA (SFD, DMKD: ``rebuild(..., fused)``) take
+    the CUDA way, so that a CPU run counts what a GPU would launch."""
+    patched = []
+    if gpu_path:
+        for module in loss.modules():
+            if hasattr(type(module), "rebuild"):
+                module.rebuild = functools.partial(type(module).rebuild, module, fused=True)
+                patched.append(module)
+    try:
+        with _OpCounter() as counter:
+            step(loss, student, teacher)
+    finally:
+        for module in patched:
+            del module.rebuild
     return counter.counts
 
 
@@ -150,25 +166,26 @@ def _timed(loss, student, teacher, device) -> float:
 
 
 def _variants(methods, baseline, compiled, device):
-    """``{row name: (loss module, taps module index)}``: current, before (baseline) and compiled losses."""
+    """``{row name: (loss module, taps index)}``: current, before (baseline) and compiled (``compiled``: the
+    methods to compile) losses."""
     import samkd.losses
-    rows, compile_s = {}, {}
+    from samkd.losses.compile import compile_loss
+    rows = {}
     for m in methods:
         rows[m] = (build(m, samkd.losses, device), 0)
         if baseline is not None:
             rows[f"{m} (before)"] = (build(m, baseline[0], device), 1)
-        if compiled:
-            from samkd.losses.compile import compile_loss
+        if m in compiled:
             rows[f"{m} (compiled)"] = (compile_loss(build(m, samkd.losses, device)), 0)
-    return rows, compile_s
+    return rows
 
 
 def profile_size(image_size: int, batch: int, methods: list[str], reps: int, top: bool, device: str = "cpu",
-                 baseline=None, compiled: bool = False) -> dict[str, dict]:
+                 baseline=None, compiled: tuple[str, ...] = ()) -> dict[str, dict]:
     taps = [make_taps(image_size, batch, device)]
     if baseline is not None:
         taps.append(make_taps(image_size, batch, device, taps_class=baseline[1].Taps))
-    rows, _ = _variants(methods, baseline, compiled, device)
+    rows = _variants(methods, baseline, compiled, device)
     first_call = {}
     for name, (loss, which) in rows.items():  # warm-up: allocations, one-off dispatch work, compilation
         first_call[name] = _timed(loss, *taps[which], device)
@@ -179,8 +196,11 @@ def profile_size(image_size: int, batch: int, methods: list[str], reps: int, top
             times[name].append(_timed(loss, *taps[which], device))
     out = {}
     for name, (loss, which) in rows.items():
-        ops = count_ops(loss, *taps[which]) if "(compiled)" not in name else collections.Counter()
-        out[name] = {"loss_s": statistics.median(times[name]), "ops": sum(ops.values()), "op_counts": dict(ops)}
+        eager = "(compiled)" not in name
+        ops = count_ops(loss, *taps[which]) if eager else collections.Counter()
+        gpu_ops = count_ops(loss, *taps[which], gpu_path=True) if eager else collections.Counter()
+        out[name] = {"loss_s": statistics.median(times[name]), "ops": sum(ops.values()), "op_counts": dict(ops),
+                     "gpu_path_ops": sum(gpu_ops.values())}
         if "(compiled)" in name:
             out[name]["compile_s"] = first_call[name]
         if device.startswith("cuda"):
@@ -195,14 +215,14 @@ def profile_size(image_size: int, batch: int, methods: list[str], reps: int, top
 
 def markdown(image_size: int, batch: int, rows: dict[str, dict], device: str) -> str:
     cuda = device.startswith("cuda")
-    head = "| method | loss ms | vs MGD | ops |" + (" CUDA kernels |" if cuda else "") + " compile s |"
+    head = "| method | loss ms | vs MGD | ops | ops, GPU path |" + (" CUDA kernels |" if cuda else "") + " compile s |"
     lines = [f"### {image_size} px, batch {batch}, {device}", "", head, "|---" * (head.count("|") - 1) + "|"]
     for m, r in rows.items():
         vs = f"{r['vs_mgd']:.2f}x" if "vs_mgd" in r else "-"
-        ops = r["ops"] or "-"
+        ops, gpu_ops = r["ops"] or "-", r["gpu_path_ops"] or "-"
         kernels = f" {r['cuda_kernels']} |" if cuda else ""
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-        lines.append(f"| {m} | {1e3 * r['loss_s']:.1f} | {vs} | {ops} |{kernels} {compile_s} |")
+        lines.append(f"| {m} | {1e3 * r['loss_s']:.1f} | {vs} | {ops} | {gpu_ops} |{kernels} {compile_s} |")
     return "\n".join(lines)
 
 
@@ -214,17 +234,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--baseline", type=Path, help="an older source tree: time its losses too ('before' rows)")
-    parser.add_argument("--compile", action="store_true", help="also time the compiled losses")
+    parser.add_argument("--compile", nargs="*", default=None, choices=list(METHODS),
+                        help="also time these losses compiled (no name: every method)")
     parser.add_argument("--top", action="store_true", help="also print the operators that take most CPU time")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     baseline = load_baseline(args.baseline) if args.baseline else None
+    compiled = () if args.compile is None else tuple(args.compile or args.methods)
     result = {}
     for spec in args.sizes:
         image_size, batch = (int(v) for v in spec.lower().split("x"))
-        rows = profile_size(image_size, batch, args.methods, args.reps, args.top, args.device, baseline, args.compile)
+        rows = profile_size(image_size, batch, args.methods, args.reps, args.top, args.device, baseline, compiled)
         result[spec] = rows
         print(markdown(image_size, batch, rows, args.device), flush=True)
         if args.top:

@@ -317,3 +317,25 @@ def test_dmkd_value_and_gradients_equal_the_formula(sizes, spatial_ratio, channe
 
     leaves = list(s.features) + list(dmkd.parameters())
     assert_same_value_and_grads(lambda: dmkd(s, t)["dmkd"], reference, leaves)
+
+
+@pytest.mark.parametrize("loss_name", ["sfd", "dmkd"])
+def test_fused_generator_path_of_the_gpu_equals_the_per_generator_path(loss_name):
+    """SFD and DMKD run their generators fused on CUDA and one by one elsewhere: the same values and gradients."""
+    sizes = LAYOUTS["fcos_odd"]
+    loss = randomise(build_loss(loss_name, C, len(sizes)), seed=4, scale=0.2)
+    g = torch.Generator().manual_seed(5)
+    if loss_name == "sfd":
+        inputs = [torch.randn(2, 3, C, h, w, generator=g).requires_grad_(True) for h, w in sizes]
+        leaves = inputs + list(loss.parameters())
+
+        def run(fused):
+            return sum(r.square().sum() for r in loss.rebuild(inputs, loss.fusion_weights(), fused=fused))
+    else:
+        inputs = [tuple(torch.randn(2, C, h, w, generator=g).requires_grad_(True) for _ in range(2)) for h, w in sizes]
+        leaves = [x for pair in inputs for x in pair] + list(loss.parameters())
+
+        def run(fused):
+            return sum(r.square().sum() for r in loss.rebuild(inputs, fused=fused))
+
+    assert_same_value_and_grads(lambda: run(True), lambda: run(False), leaves, rtol=1e-5, atol=1e-5)

@@ -37,6 +37,8 @@ coefficient, same error scale), ``spatial_ratio = channel_ratio = 0.5``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -139,17 +141,31 @@ class DMKDLoss(nn.Module):
         layout = level_layout(tuple(tuple(t.shape[-2:]) for t in teacher.features), teacher.features[0].device)
         t_flat = flatten_levels([t.detach().float() for t in teacher.features])  # (N, C, P)
         keep_s, keep_c = level_dual_keep_masks(t_flat.abs(), layout, self.spatial_ratio, self.channel_ratio)
-        # unbind, not indexing: its backward stacks the levels' gradients in one op
-        per_level = zip(student.features, unflatten_levels(keep_s.unsqueeze(1), layout), keep_c.unbind(2),
-                        *(w.unbind(0) for w in self.stacked_generators()))
-        rebuilt = []
-        for s, spatial, channel, expand_w, expand_b, project_w, project_b in per_level:
-            s = s.float()  # autocast may still run the convs in half precision
-            masked = torch.cat((s * spatial, s * channel[:, :, None, None]), dim=1)  # (N, 2C, H, W)
-            hidden = F.relu(F.conv2d(masked, expand_w, expand_b, padding=1, groups=2))
-            rebuilt.append(F.conv2d(hidden, project_w, project_b, padding=1).float())
-        total = F.mse_loss(flatten_levels(rebuilt), t_flat, reduction="sum") / t_flat.shape[0]
+        # autocast may still run the convs in half precision: inputs and outputs in float32
+        masked = [(s.float() * spatial, s.float() * channel[:, :, None, None]) for s, spatial, channel
+                  in zip(student.features, unflatten_levels(keep_s.unsqueeze(1), layout), keep_c.unbind(2))]
+        total = F.mse_loss(flatten_levels(self.rebuild(masked)), t_flat, reduction="sum") / t_flat.shape[0]
         return {"dmkd": self.weight * self.alpha_dmkd * total}
+
+    def rebuild(self, masked: list[tuple[Tensor, Tensor]], fused: Optional[bool] = None) -> list[Tensor]:
+        """``R = w_s G_s(F_S M_s) + w_c G_c(F_S M_c)`` of every level from its two masked inputs.
+
+        On a GPU, launches bound the loss: both generators as one grouped and one fused conv per level
+        (:meth:`stacked_generators`). On a CPU the bytes count, and stacking the weights copies every generator
+        weight a few times a step: the generators one by one instead. The same values either way. ``fused``:
+        force one way (default: fused on CUDA).
+        """
+        weights = self.fusion_weights()
+        if not (masked[0][0].is_cuda if fused is None else fused):
+            return [w_s * g_s(x_s).float() + w_c * g_c(x_c).float() for (x_s, x_c), g_s, g_c, (w_s, w_c)
+                    in zip(masked, self.spatial_generation, self.channel_generation, weights.unbind(0))]
+        rebuilt = []
+        # unbind, not indexing: its backward stacks the levels' gradients in one op
+        for (x_s, x_c), expand_w, expand_b, project_w, project_b in zip(masked, *(
+                w.unbind(0) for w in self.stacked_generators())):
+            hidden = F.relu(F.conv2d(torch.cat((x_s, x_c), dim=1), expand_w, expand_b, padding=1, groups=2))
+            rebuilt.append(F.conv2d(hidden, project_w, project_b, padding=1).float())
+        return rebuilt
 
     def stacked_generators(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Both branches' generators of every level as one grouped conv3x3 (``G_s`` then ``G_c``, ``(L, 2C, C,
