@@ -339,3 +339,48 @@ def test_fused_generator_path_of_the_gpu_equals_the_per_generator_path(loss_name
             return sum(r.square().sum() for r in loss.rebuild(inputs, fused=fused))
 
     assert_same_value_and_grads(lambda: run(True), lambda: run(False), leaves, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# distill.compile_losses
+# --------------------------------------------------------------------------------------------------
+def test_compile_losses_compiles_every_loss_in_place_and_keeps_state_dict_keys():
+    from samkd.distill import Distiller
+    from samkd.models import build_detector
+    common = dict(num_classes=4, min_size=64, max_size=64, anchor_sizes=[4, 8, 16, 32, 64])
+    torch.manual_seed(0)
+    student, teacher = build_detector("fcos", "resnet18", **common), build_detector("fcos", "resnet18", **common)
+    plain = Distiller(student, teacher, losses={"samkd": {}, "fgd": {}})
+    compiled = Distiller(student, teacher, losses={"samkd": {}, "fgd": {}}, compile_losses=True)
+    assert all(loss._compiled_call_impl is not None for loss in compiled.losses.values())
+    assert all(loss._compiled_call_impl is None for loss in plain.losses.values())
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints load either way
+    with pytest.raises(TypeError, match="nn.Module"):
+        from samkd.losses.compile import compile_loss
+        compile_loss(lambda s, t: {})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,backend", [("samkd", "inductor"), ("fgd", "aot_eager"), ("freekd", "aot_eager"),
+                                          ("dmkd", "aot_eager")])
+def test_compiled_loss_equals_the_eager_one_with_the_same_masks(name, backend):
+    """Compiled at toy size: the same value and gradients; SAMKD's random masks drawn alike (fallback_random)."""
+    from samkd.losses.compile import compile_loss
+    sizes = LAYOUTS["fcos_odd"]
+    s, t = taps_pair(sizes, seed=16)
+    eager = randomise(build_loss(name, C, len(sizes)), seed=5, scale=0.2)
+    compiled = compile_loss(randomise(build_loss(name, C, len(sizes)), seed=5, scale=0.2), backend=backend)
+
+    def run(loss):
+        torch.manual_seed(3)  # the masks' draws
+        return sum(loss(s, t).values())
+
+    leaves = list(s.features) + list(s.cls_logits)
+    a, b = run(eager), run(compiled)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    grads_a = torch.autograd.grad(a, leaves + list(eager.parameters()), allow_unused=True)
+    grads_b = torch.autograd.grad(b, leaves + list(compiled.parameters()), allow_unused=True)
+    for ga, gb in zip(grads_a, grads_b):
+        assert (ga is None) == (gb is None)
+        if ga is not None:
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)

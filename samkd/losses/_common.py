@@ -226,16 +226,6 @@ def upsample_cells(grid: Tensor, k: int, size: Sequence[int]) -> Tensor:
     return up[..., : size[0], : size[1]]
 
 
-def spread_cells_into(out: Tensor, grid: Tensor, k: int) -> None:
-    """Write the ``k``-cell ``grid`` ``(N, Hk, Wk)`` into ``out`` ``(N, >= Hk k, >= Wk k)``, each cell repeated ``k x k``.
-
-    The same values as :func:`upsample_cells` (before its crop) in one copy, without intermediate tensors.
-    """
-    n, hk, wk = grid.shape
-    cells = out[:, : hk * k, : wk * k].view(n, hk, k, wk, k)
-    cells.copy_(grid.view(n, hk, 1, wk, 1).expand(n, hk, k, wk, k))
-
-
 def round_half_up(x: float) -> int:
     """Rounding that does not depend on parity (Python's ``round(2.5) == 2``)."""
     return int(math.floor(x + 0.5))
