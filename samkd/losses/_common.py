@@ -115,6 +115,15 @@ def dense_kd_map(student: Tensor, teacher: Tensor, num_anchors: int, num_classes
 # --------------------------------------------------------------------------------------------------
 # All FPN levels in one call
 # --------------------------------------------------------------------------------------------------
+def host_constant(tensor: Tensor, device: torch.device) -> Tensor:
+    """A tensor built on the host, moved to ``device`` without waiting: through pinned memory on CUDA (a copy from
+    pageable memory waits for every kernel already queued, which stalls a launch-bound step). Inside
+    ``torch.compile`` the copy is left to the compiler (a graph constant)."""
+    if torch.device(device).type != "cuda" or torch.compiler.is_compiling():
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True, eq=False)
 class LevelLayout:
     """The positions of every FPN level side by side, so that one operator serves all levels.
@@ -154,8 +163,8 @@ def level_layout(sizes: tuple[tuple[int, int], ...], device: torch.device) -> Le
             areas=torch.tensor(areas, dtype=torch.float32), rows=(positions // widths).float(),
             cols=(positions % widths).float(), flat_index=owner * row + positions,
         )
-        moved = {name: getattr(layout, name).to(device) for name in ("owner", "one_hot", "areas", "rows", "cols",
-                                                                        "flat_index")}
+        moved = {name: host_constant(getattr(layout, name), device)
+                 for name in ("owner", "one_hot", "areas", "rows", "cols", "flat_index")}
     return dataclasses.replace(layout, **moved)
 
 
@@ -203,12 +212,12 @@ def segment_top(keys: Tensor, layout: LevelLayout, slots: Tensor) -> Tensor:
     return torch.zeros_like(keys).scatter_(1, order, slots.to(keys.dtype).expand_as(keys))
 
 
-@functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=64)
 def ranked_slots(layout: LevelLayout, counts: tuple[int, ...]) -> Tensor:
     """``(P,)`` bool: the first ``counts[l]`` places of level ``l`` once each level is sorted (cached)."""
     local = layout.flat_index - layout.owner * layout.row  # each position's index within its level
     with torch.inference_mode(False):
-        return local < torch.tensor(counts, device=local.device)[layout.owner]
+        return local < host_constant(torch.tensor(counts), local.device)[layout.owner]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from samkd.losses._common import (
     check_positive,
     check_weight,
     flatten_levels,
+    host_constant,
     level_layout,
     level_softmax,
     level_sums,
@@ -130,13 +131,13 @@ def padded_boxes(boxes_per_image: list[Tensor], device: torch.device) -> tuple[T
     return pad(boxes, batch_first=True), pad(real, batch_first=True, padding_value=False)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def _level_geometry(sizes: tuple[tuple[int, int], ...], frames: tuple[tuple[int, int], ...],
                     device: torch.device) -> Tensor:
     """``(L, 4, 1, 1)``: each level's ``H, W, H / frame_H, W / frame_W`` (cached: no copy per step)."""
     rows = [[h, w, h / fh, w / fw] for (h, w), (fh, fw) in zip(sizes, frames)]
     with torch.inference_mode(False):
-        return torch.tensor(rows, dtype=torch.float32, device=device).view(len(sizes), 4, 1, 1)
+        return host_constant(torch.tensor(rows, dtype=torch.float32), device).view(len(sizes), 4, 1, 1)
 
 
 def flat_box_masks(boxes_per_image: list[Tensor], layout: LevelLayout,

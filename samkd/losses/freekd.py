@@ -67,6 +67,7 @@ from samkd.losses._common import (
     check_layout,
     check_non_negative,
     check_weight,
+    host_constant,
 )
 from samkd.models.taps import Taps
 
@@ -88,7 +89,7 @@ _HAAR_FILTERS = ((1.0, 1.0, 1.0, 1.0), (1.0, 1.0, -1.0, -1.0), (1.0, -1.0, 1.0, 
 def _haar_filters(dtype: torch.dtype, device: torch.device) -> Tensor:
     """The four Haar filters ``(4, 2, 2)`` (cached per dtype and device: no host-to-device copy per call)."""
     with torch.inference_mode(False), torch.no_grad():  # cached across calls: must not be an inference tensor
-        return 0.5 * torch.tensor(_HAAR_FILTERS, dtype=dtype, device=device).view(4, 2, 2)
+        return host_constant(0.5 * torch.tensor(_HAAR_FILTERS, dtype=dtype), device).view(4, 2, 2)
 
 
 def haar_bands(x: Tensor) -> Tensor:
@@ -191,7 +192,7 @@ def wavelet_atlas(sizes: tuple[tuple[int, int], ...], scales: int, device: torch
             y += slots[level][0]
         x += col_width
     with torch.inference_mode(False):  # cached across calls: must not be an inference tensor
-        cell_weights = tuple(weights[j, :, : height >> j, : sum(widths) >> j].contiguous().to(device)
+        cell_weights = tuple(host_constant(weights[j, :, : height >> j, : sum(widths) >> j].contiguous(), device)
                              for j in range(scales + 1))
     return WaveletAtlas(columns, tuple(slots), widths, height, cell_weights)
 

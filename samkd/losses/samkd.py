@@ -88,6 +88,7 @@ from samkd.losses._common import (
     check_weight,
     dense_kd_map,
     flatten_levels,
+    host_constant,
     level_layout,
     level_softmax,
     level_sums,
@@ -231,7 +232,7 @@ def _segment_order(num_levels: int, pyramid: Sequence[int], global_mask: bool) -
     return order + ([(level, 1, True) for level in range(num_levels)] if global_mask else [])
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def mask_layout(sizes: tuple[tuple[int, int], ...], pyramid: tuple[int, ...], global_mask: bool,
                 device: torch.device) -> MaskLayout:
     """The :class:`MaskLayout` of levels of these sizes (cached per sizes, scales and device)."""
@@ -250,8 +251,8 @@ def mask_layout(sizes: tuple[tuple[int, int], ...], pyramid: tuple[int, ...], gl
             pieces.append((offsets[i] + rows[:, None] * grids[i][1] + cols[None, :]).flatten())
     cells = level_layout(tuple(grids), device)
     with torch.inference_mode(False):  # cached across calls: must not be an inference tensor
-        is_global = torch.tensor([g for _, _, g in segments], device=device)[cells.owner]
-        index = torch.cat(pieces).to(device)
+        is_global = host_constant(torch.tensor([g for _, _, g in segments]), device)[cells.owner]
+        index = host_constant(torch.cat(pieces), device)
     return MaskLayout(tuple(segments), tuple(h * w for h, w in grids), tuple(draw_order), cells, is_global, index,
                       tuple(slices))
 
@@ -284,7 +285,7 @@ def _segment_counts(is_global: bool, area: int, mask_ratio: float, random_share:
     return 0, 0, 0  # soft: nothing masked
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def mask_plan(layout: MaskLayout, mask_ratio: float, random_share: float, placement: str) -> MaskPlan:
     counts = [_segment_counts(is_global, area, mask_ratio, random_share, placement)
               for (_, _, is_global), area in zip(layout.segments, layout.grid_areas)]
@@ -292,7 +293,7 @@ def mask_plan(layout: MaskLayout, mask_ratio: float, random_share: float, placem
     return MaskPlan(first, second, any(c[1] for c in counts), tuple(c[2] for c in counts))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def _noise_index(layout: MaskLayout, plan: MaskPlan, n: int) -> Tensor:
     """``(N, Q)``: where each cell's noise sits in one flat draw made in the reference's order, ``(n, cells)``
     row-major per drawing grid (cells of grids that draw nothing point at element 0, never used)."""
@@ -304,8 +305,8 @@ def _noise_index(layout: MaskLayout, plan: MaskPlan, n: int) -> Tensor:
     local = cells.flat_index - cells.owner * cells.row
     device = local.device
     with torch.inference_mode(False):
-        start = torch.tensor(starts, device=device)[cells.owner]
-        width = torch.tensor(plan.draw_cells, device=device)[cells.owner]
+        start = host_constant(torch.tensor(starts), device)[cells.owner]
+        width = host_constant(torch.tensor(plan.draw_cells), device)[cells.owner]
         index = start + torch.arange(n, device=device)[:, None] * width + local
         return torch.where(width > 0, index, torch.zeros_like(index))
 
