@@ -3,7 +3,7 @@
 Usage (after `samkd bench` has trained the teachers and students it names)::
 
     python benchmarks/sld_diagnostics.py --teacher RUN_DIR/model.pt --student RUN_DIR/student.pt \
-        --data benchmarks/work/data_s0_128px_600 [--batches 8] [--set tau_d=1.0 ...]
+        --data benchmarks/work/data_s0_128px_600 [--batches 8] [--set tau_d=1.0 ...] [--suite paper_fcos]
 
 For a few training batches it prints, per FPN level, statistics of SLD's weight map ``W`` (mean 1 by
 construction): its maximum, the share of the weight on the top 1% of locations, its effective support
@@ -30,7 +30,6 @@ from samkd.losses import build_loss  # noqa: E402
 from samkd.losses.samkd import sld_weights  # noqa: E402
 from samkd.models import detector_from_config  # noqa: E402
 
-SUITE = SUITES["fcos"]  # the FCOS table's teachers and students, at the bench's image size
 
 
 def box_mask(targets, shape, batch_shape):
@@ -52,14 +51,18 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--set", action="append", default=[], help="SLD parameter, e.g. tau_d=1.0")
+    ap.add_argument("--suite", default="fcos", choices=SUITES, help="whose teacher and student families")
     args = ap.parse_args(argv)
+    suite = SUITES[args.suite]
     torch.manual_seed(0)
     params = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     ds = CocoDetection(f"{args.data}/annotations/train.json", f"{args.data}/images/train")
-    teacher = detector_from_config(ModelConfig(**SUITE.model_block(SUITE.teacher_backbone, BenchParams())),
+    teacher = detector_from_config(ModelConfig(**suite.model_block(suite.teacher_backbone, BenchParams())),
                                    checkpoint=args.teacher)
-    student = detector_from_config(ModelConfig(**SUITE.model_block(SUITE.student_backbone, BenchParams())),
-                                   ds.num_classes, checkpoint=None if args.student == "fresh" else args.student)
+    fresh = args.student == "fresh"  # a fresh student starts where the bench's do (ImageNet backbone, if any)
+    student_block = suite.model_block(suite.student_backbone, BenchParams(), **(suite.student_extra if fresh else {}))
+    student = detector_from_config(ModelConfig(**student_block), ds.num_classes,
+                                   checkpoint=None if fresh else args.student)
     distiller = Distiller(student, teacher, losses={}).train()
     sld = build_loss("sld", distiller.channels, distiller.num_levels, **params)
     kd = build_loss("logit_kd", distiller.channels, distiller.num_levels, T=sld.T)
@@ -72,7 +75,11 @@ def main(argv=None) -> int:
         for name, value in (("cls", det["classification"]), ("sld", sld(s, t)["sld"]), ("kd", kd(s, t)["logit_kd"])):
             g = torch.autograd.grad(value, logits, retain_graph=True, allow_unused=True)
             value = value.detach()
-            grads[name] = (float(value), sum(float(x.norm() ** 2) for x in g if x is not None) ** 0.5)
+            per_level = [float(x.norm() ** 2) if x is not None else 0.0 for x in g]
+            grads[name] = (float(value), sum(per_level) ** 0.5)
+            # share of the squared gradient norm on each level: where each loss pushes the shared head
+            rows.append({"batch": b, "term": name, **{f"P{i}": v / max(sum(per_level), 1e-30)
+                                                         for i, v in enumerate(per_level)}})
         for level, (fs, ft) in enumerate(zip(s.features, t.features)):
             w = sld_weights(ft, fs, sld.tau_d, sld.region, sld.weighting)
             n, _, h, wd = w.shape
@@ -94,6 +101,12 @@ def main(argv=None) -> int:
         mean = {k: sum(r[k] for r in sel) / len(sel) for k in sel[0] if k not in ("batch", "level")}
         print(f"| {level} | {mean['hw']:.0f} | {mean['W_max']:.1f} | {mean['top1%_share']:.2f} | "
               f"{mean['support']:.2f} | {mean['in_boxes_share']:.2f} | {mean['box_area_share']:.2f} |")
+    print("| gradient share per level | " + " | ".join(f"level {i}" for i in range(len(s.features))) + " |")
+    print("|---|" + "---|" * len(s.features))
+    for term in ("cls", "sld", "kd"):
+        sel = [r for r in rows if r.get("term") == term]
+        print(f"| {term} | " + " | ".join(f"{sum(r[f'P{i}'] for r in sel) / len(sel):.2f}"
+                                          for i in range(len(s.features))) + " |")
     terms = [r for r in rows if "cls_value" in r]
     summary = {k: sum(r[k] for r in terms) / len(terms) for k in terms[0] if k != "batch"}
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}))

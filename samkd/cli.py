@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Optional
@@ -60,16 +59,9 @@ def _cmd_export(args) -> int:
 
 def _cmd_visualize(args) -> int:
     from .config import load_config
-    from .data import DatasetError
     from .visualize import visualize
     cfg = load_config(args.config, args.overrides)
-    try:
-        paths = visualize(cfg, args.image, args.out, checkpoint=args.checkpoint, level=args.level)
-    except ValueError as exc:
-        if "cannot be read" in str(exc):  # an unreadable --image: bad input data, not a bug
-            raise DatasetError(str(exc)) from exc
-        raise
-    for path in paths:
+    for path in visualize(cfg, args.image, args.out, checkpoint=args.checkpoint, level=args.level):
         print(path)
     return 0
 
@@ -90,7 +82,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run_bench, run_costs, run_tuning
+    from .bench import run_bench, run_costs, run_design, run_tuning
     if args.costs:
         run_costs(out_dir=args.out, device=args.device, image_size=args.image_size or 800,
                   batch_size=args.batch_size or 2, reps=args.reps, archs=args.archs,
@@ -101,35 +93,55 @@ def _cmd_bench(args) -> int:
                   teacher_steps=args.teacher_steps, jobs=args.jobs, batch_size=args.batch_size,
                   methods=args.methods)
     if args.tune:
-        run_tuning(**common)
+        run_tuning(suite=args.suite or "fcos", **common)
+    elif args.design:
+        common.pop("methods")
+        run_design(suite=args.suite or "paper_fcos", **common)
     else:
-        run_bench(suite=args.suite, seeds=args.seeds, data_seeds=args.data_seeds, **common)
+        run_bench(suite=args.suite or "fcos", seeds=args.seeds, data_seeds=args.data_seeds, **common)
     return 0
 
 
-def _fmt(value, spec: str) -> str:
-    """A number of summary.json, or n/a (null: not measured, e.g. the s/step of a run without steps)."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "n/a"
-    return format(value, spec)
+def _read_run_summary(run: str) -> Optional[dict]:
+    """The summary.json of a finished run, None for an unfinished one (a folder without it); an error (exit 2)
+    naming the file when it is missing altogether or not a summary."""
+    from pathlib import Path
+
+    from .errors import DatasetError
+    path = Path(run) / "summary.json"
+    if not path.is_file():
+        if Path(run).is_dir():
+            return None
+        raise FileNotFoundError(f"{path}: no summary.json (has `samkd train` finished in {run}?)")
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not a samkd summary (not valid JSON: {exc})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("metrics") or {}, dict):
+        raise DatasetError(f"{path}: not a samkd summary (expected an object with 'metrics')")
+    return summary
 
 
 def _cmd_summary(args) -> int:
-    from pathlib import Path
-
-    from .engine.evaluate import METRIC_NAMES
-    rows = []
+    from .engine.evaluate import METRIC_NAMES, format_metric
+    rows, unfinished = [], []
     for run in args.runs:
-        path = Path(run) / "summary.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no summary.json (has `samkd train` finished in {run}?)")
-        summary = json.loads(path.read_text())
+        summary = _read_run_summary(run)
+        if summary is None:
+            unfinished.append(run)
+            continue
         metrics = summary.get("metrics") or {}
-        rows.append(f"| {run} | " + " | ".join(_fmt(metrics.get(k), ".1f") for k in METRIC_NAMES)
-                    + f" | {summary.get('steps', '?')} | {_fmt(summary.get('s_per_step'), '.2f')} |")
+        rows.append(f"| {run} | " + " | ".join(format_metric(metrics.get(k)) for k in METRIC_NAMES)
+                    + f" | {summary.get('steps', '?')} | {format_metric(summary.get('s_per_step'), '.2f')} |")
+    if not rows:
+        raise FileNotFoundError(f"no finished run among {', '.join(args.runs)}: no summary.json (has `samkd train` "
+                                "finished there? `--resume auto` continues an unfinished run)")
     print("| run | " + " | ".join(METRIC_NAMES) + " | steps | s/step |")
     print("|---" * (len(METRIC_NAMES) + 3) + "|")
     print("\n".join(rows))
+    for run in unfinished:
+        print(f"samkd: {run}: left out of the table: not finished (no summary.json; `--resume auto` continues it)",
+              file=sys.stderr)
     return 0
 
 
@@ -203,8 +215,9 @@ def _add_bench(add) -> None:
     p.add_argument("--out", default="benchmarks")
     p.add_argument("--work-dir", default=None, help="cache for data, teachers and runs (default: <out>/work)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (CI): checks it runs and writes files")
-    p.add_argument("--suite", choices=(*SUITES, "all"), default="fcos",
-                   help="which table to (re)build; results of other suites already in results.json are kept")
+    p.add_argument("--suite", choices=(*SUITES, "all"), default=None,
+                   help="which table to (re)build (default fcos; --design: paper_fcos); results of other suites "
+                        "already in results.json are kept")
     p.add_argument("--methods", nargs="+", default=None, help="only these rows (default: the suite's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the suite's)")
     p.add_argument("--data-seeds", type=int, nargs="+", default=None, help="data sets, each with its own teacher")
@@ -214,6 +227,8 @@ def _add_bench(add) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")
     p.add_argument("--tune", action="store_true",
                    help="the same weight grid for every method on validation data; writes tuning.md")
+    p.add_argument("--design", action="store_true",
+                   help="SAMKD's design-choice variants on the validation data of --suite (default paper_fcos)")
     p.add_argument("--costs", action="store_true",
                    help="only the cost profile, on synthetic batches (e.g. --device cuda --image-size 800)")
     p.add_argument("--device", default="cpu", help="--costs: device to measure on")
@@ -244,14 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _message(exc: BaseException) -> str:
-    """One line naming the cause (and the path, for file system errors)."""
+def _cause(exc: BaseException) -> str:
+    """The cause in words (and the path, for file system errors)."""
     if isinstance(exc, OSError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename is not None else ""
         return f"{where}{exc.strerror[0].lower()}{exc.strerror[1:]}"
-    if isinstance(exc, (ValueError, RuntimeError, OSError, ArithmeticError)) and str(exc):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc} (--debug shows the traceback)"
+    text = str(exc)
+    if text.startswith("Caught ") and "\n" in text:  # raised in a DataLoader worker: its traceback, then the error
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    if isinstance(exc, (ValueError, RuntimeError, OSError, ArithmeticError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text} (--debug shows the traceback)"
+
+
+def _message(exc: BaseException) -> str:
+    """One line: the cause, then the notes samkd added (what a failed run leaves, ...)."""
+    notes = getattr(exc, "__notes__", None)
+    return "; ".join([_cause(exc), *(notes if isinstance(notes, list) else [])]).replace("\n", " ")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -247,6 +247,10 @@ def _check_choices(cfg: Config, where: str) -> None:
         if m is not None:
             choice(m.arch, ARCHS, f"{block}.arch")
             choice(m.backbone, family(m.arch).backbones, f"{block}.backbone")
+            levels = family(m.arch).num_levels
+            if m.anchor_sizes is not None and len(m.anchor_sizes) != levels:
+                raise ConfigError(f"{where}{block}.anchor_sizes: needs one base size per FPN level ({levels} for "
+                                  f"{m.arch}), got {len(m.anchor_sizes)}: {m.anchor_sizes}")
     choice(cfg.data.label_mode, LABEL_MODES, "data.label_mode")
     choice(cfg.train.optimizer, tuple(OPTIMIZERS), "train.optimizer")
     choice(cfg.train.scheduler, tuple(SCHEDULERS), "train.scheduler")

@@ -60,16 +60,15 @@ def load_line(export_dir: Path) -> str:
 
 
 def _table(summaries: dict[str, dict], cfgs: dict[str, Config]) -> str:
-    from .engine.evaluate import METRIC_NAMES
+    from .engine.evaluate import METRIC_NAMES, format_metric
     labels = {"teacher": "teacher FCOS-ResNet-50", "student_alone": "student FCOS-ResNet-18 alone",
               "student_samkd": "student FCOS-ResNet-18 + SAMKD"}
     lines = ["| run | " + " | ".join(METRIC_NAMES) + " | steps | s/step |", "|---" * (len(METRIC_NAMES) + 3) + "|"]
     for name, summary in summaries.items():
         m = summary.get("metrics") or {}
-        sps = summary.get("s_per_step")
-        lines.append(f"| {labels[name]} | " + " | ".join(f"{m.get(k, float('nan')):.1f}" for k in METRIC_NAMES)
+        lines.append(f"| {labels[name]} | " + " | ".join(format_metric(m.get(k)) for k in METRIC_NAMES)
                      + f" | {summary.get('steps', cfgs[name].train.max_steps)} | "
-                     + (f"{sps:.2f}" if isinstance(sps, (int, float)) else "n/a") + " |")
+                     + format_metric(summary.get("s_per_step"), ".2f") + " |")
     return "\n".join(lines)
 
 

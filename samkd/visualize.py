@@ -10,6 +10,7 @@ are untrained here (a warning says so).
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import Config, ConfigError, DistillConfig, ModelConfig
 from .distill import Distiller
+from .errors import DatasetError
 from .losses import loss_params
 from .losses.samkd import hierarchical_masks, sld_weights, teacher_spatial_attention
 from .models import detector_from_config, family_of
@@ -47,7 +49,8 @@ def _build(m: ModelConfig, checkpoint: Optional[str], fallback_classes: Optional
 
 
 def _load_image(path) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+    """An image file as a float tensor in [0, 1]; a file that is not an image PIL reads is bad input data."""
+    from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
     p = Path(path)
@@ -56,8 +59,8 @@ def _load_image(path) -> torch.Tensor:
     try:
         with Image.open(p) as im:
             return pil_to_tensor(im.convert("RGB")).float() / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"image {path}: cannot be read ({exc})") from exc
+    except (OSError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise DatasetError(f"image {path}: cannot be read ({exc})") from exc
 
 
 def _to_image_grid(x: torch.Tensor, batch_hw, image_hw) -> torch.Tensor:
@@ -150,16 +153,30 @@ def visualize(cfg: Config, image_path, out_dir, checkpoint: Optional[str] = None
     return paths
 
 
-def class_names(cfg: Config) -> dict[int, str]:
-    """``{label: name}`` from the config's annotation files (labels as the dataset maps them), or ``{}``."""
-    from .data import CocoDetection
-    data = cfg.data.resolved()
-    for ann, images in ((data.val_ann, data.val_images), (data.train_ann, data.train_images)):
-        if ann and Path(ann).is_file():
-            ds = CocoDetection(ann, images or ".", label_mode=data.label_mode)
-            names = {c["id"]: c["name"] for c in ds.coco.dataset.get("categories", [])}
-            return {label: names.get(cat, str(cat)) for label, cat in ds.label_to_cat_id.items()}
-    return {}
+def label_map(cfg: Config, checkpoint: Optional[str] = None) -> dict:
+    """``{"label_to_category_id": {label: id}, "class_names": {label: name}}`` of a model's labels: from the
+    ``student.json`` of an export (beside ``checkpoint``), else from the config's annotation files; empty maps
+    when neither says."""
+    from .data import config_label_map
+    export = Path(checkpoint).parent / "student.json" if checkpoint else None
+    if export is not None and export.is_file():
+        try:
+            info = json.loads(export.read_text())
+        except ValueError as exc:
+            raise DatasetError(f"{export}: not valid JSON ({exc})") from None
+        if isinstance(info, dict) and isinstance(info.get("label_to_category_id"), dict):
+            return {key: {int(label): value for label, value in (info.get(key) or {}).items()}
+                    for key in ("label_to_category_id", "class_names")}
+    return config_label_map(cfg.data) or {"label_to_category_id": {}, "class_names": {}}
+
+
+def _detections(det: dict, labels: dict, score_thresh: float) -> list[dict]:
+    """The detections scoring at least ``score_thresh``: box (x1, y1, x2, y2), score, label, category id, name."""
+    keep = det["scores"] >= score_thresh
+    return [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "label": int(label),
+             "category_id": labels["label_to_category_id"].get(int(label)),
+             "name": labels["class_names"].get(int(label))}
+            for box, score, label in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep])]
 
 
 def predict(cfg: Config, image_paths, out_dir, checkpoint: Optional[str] = None,
@@ -167,26 +184,27 @@ def predict(cfg: Config, image_paths, out_dir, checkpoint: Optional[str] = None,
     """Draw the detections of ``cfg.model`` (weights ``checkpoint`` or ``model.checkpoint``) on each image.
 
     Writes ``<out_dir>/<image stem>_detections.png`` per image (boxes with class name and score, those above
-    ``score_thresh``) and returns the paths.
+    ``score_thresh``) and ``<image stem>_detections.json`` (the same detections with their label, category id
+    and name: :func:`label_map`), and returns the PNGs' paths.
     """
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes
 
     images = [_load_image(p) for p in image_paths]  # every image readable before anything is written
-    model = _build(cfg.model, checkpoint or cfg.model.checkpoint, None, "model").eval()
-    names = class_names(cfg)
+    weights = checkpoint or cfg.model.checkpoint
+    model = _build(cfg.model, weights, None, "model").eval()
+    labels = label_map(cfg, weights)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with torch.no_grad():
         for path, image in zip(image_paths, images):
-            det = model([image])[0]
-            keep = det["scores"] >= score_thresh
-            labels = [f"{names.get(int(label), int(label))} {float(score):.2f}"
-                      for label, score in zip(det["labels"][keep], det["scores"][keep])]
-            drawn = draw_bounding_boxes((image * 255).to(torch.uint8), det["boxes"][keep], labels=labels,
-                                        colors="red", width=2)
+            found = _detections(model([image])[0], labels, score_thresh)
+            texts = [f"{d['name'] or d['label']} {d['score']:.2f}" for d in found]
+            boxes = torch.tensor([d["box"] for d in found], dtype=torch.float32).reshape(-1, 4)
+            drawn = draw_bounding_boxes((image * 255).to(torch.uint8), boxes, labels=texts, colors="red", width=2)
             target = out / f"{Path(path).stem}_detections.png"
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
+            target.with_suffix(".json").write_text(json.dumps({"image": str(path), "detections": found}, indent=2))
             paths.append(target)
     return paths

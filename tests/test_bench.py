@@ -374,7 +374,8 @@ def test_every_suite_keeps_every_folder():
     digest (computed by the code before the bench became a package)."""
     import hashlib
     names = []
-    for name, suite in SUITES.items():
+    for name in ("paper_fcos", "paper_retinanet", "fcos", "retinanet", "faster_rcnn", "pretrained"):
+        suite = SUITES[name]
         for data_seed in (0, 1, 2):
             names.append(_teacher_folder(suite, data_seed).name)
             names += [_student_folder(name, m, data_seed, seed).name for m in suite.methods for seed in (0, 1, 2)]
@@ -385,6 +386,8 @@ def test_every_suite_keeps_every_folder():
 def test_a_suite_read_from_the_cache_finds_the_pinned_folders(tmp_path, monkeypatch):
     """`run_suite(..., train=False)` reads exactly the folders a bench trained, and trains nothing."""
     monkeypatch.chdir(tmp_path)
+    # the folder was pinned with the from-scratch weights (SAMKD x1), before the paper regime had its own tuning
+    monkeypatch.setattr(samkd.bench.methods, "WEIGHTS_OF_TUNING", {"fcos": TUNED_WEIGHTS, "paper_fcos": TUNED_WEIGHTS})
     folders = {"teacher": WORK / "runs" / "teacher-fcos-efficientnet_lite2-imagenet-d0-dc88275c7c",
                "samkd": WORK / "runs" / "paper_fcos-samkd-d0-s0-e00bab4771"}
     for role, folder in folders.items():
@@ -400,3 +403,58 @@ def test_a_suite_read_from_the_cache_finds_the_pinned_folders(tmp_path, monkeypa
         bench.run_suite("paper_fcos", WORK, BenchParams(), seeds=[1], data_seeds=[0], methods=["samkd"], train=False)
     assert sorted(p.name for p in (WORK / "runs").iterdir()) == sorted(f.name for f in folders.values())
     assert not list(WORK.glob("data_*"))  # reading the cache writes no data set either
+
+
+def test_tuning_grid_extends_x4_at_an_edge_at_most_twice_per_side():
+    from samkd.bench import extend_grid
+    # best at the low edge: one more factor below, a quarter of it
+    assert extend_grid({0.25: 5.0, 1.0: 3.0, 4.0: 2.0}, 2) == 0.0625
+    assert extend_grid({0.0625: 6.0, 0.25: 5.0, 1.0: 3.0, 4.0: 2.0}, 2) == 0.015625
+    assert extend_grid({0.015625: 7.0, 0.0625: 6.0, 0.25: 5.0, 1.0: 3.0, 4.0: 2.0}, 2) is None  # twice already
+    # best at the high edge, and inside the grid
+    assert extend_grid({0.25: 1.0, 1.0: 2.0, 4.0: 3.0}, 2) == 16.0
+    assert extend_grid({0.25: 1.0, 1.0: 2.0, 4.0: 3.0, 16.0: 2.5}, 2) is None
+    assert extend_grid({0.25: 1.0, 1.0: 4.0, 4.0: 3.0}, 2) is None
+    # a tie keeps the default weight (factor 1), inside the grid: nothing to extend
+    assert extend_grid({0.25: 2.0, 1.0: 2.0, 4.0: 2.0}, 2) is None
+    assert extend_grid({0.25: 5.0, 1.0: 3.0, 4.0: 2.0}, 0) is None  # the from-scratch suite: no extension
+
+
+def test_design_runs_one_samkd_variant_each_and_reuses_the_tuning_baseline(tmp_path, monkeypatch):
+    from samkd.bench import DESIGN_VARIANTS, run_design, tuning_run_name
+    asked = {}
+
+    def fake_students(params, work, suite, data_seed, seed, variants, jobs, quiet=True, train=True):
+        asked.update(variants, data_seed=data_seed, seed=seed)
+        return ({"metrics": {"AP": 50.0}},
+                {name: ({}, {"metrics": {"AP": 10.0 + i}}) for i, name in enumerate(variants)})
+
+    monkeypatch.setattr(samkd.bench.tables, "students_on_one_teacher", fake_students)
+    payload = run_design(out_dir=str(tmp_path), suite="paper_fcos")
+    assert asked.pop("data_seed") == bench.TUNE_DATA_SEED and asked.pop("seed") == bench.TUNE_SEED
+    assert asked[tuning_run_name("samkd", 1.0, "paper_fcos")] == {"samkd": {}}
+    assert asked[tuning_run_name("student", None, "paper_fcos")] is None
+    assert asked["design-paper_fcos-soft-s100"] == {"samkd": {"placement": "soft"}}
+    assert len(asked) == len(DESIGN_VARIANTS) + 1 <= 11  # at most 10 variants, plus the student alone
+    table = (tmp_path / "design_paper_fcos.md").read_text()
+    assert "| soft | `placement: \"soft\"` |" in table and "samkd bench --design --suite paper_fcos" in table
+    assert set(payload["AP"]) == set(DESIGN_VARIANTS) | {"student"}
+
+
+def test_paper_suites_refuse_to_run_before_their_tuning_is_recorded(monkeypatch):
+    monkeypatch.setattr(samkd.bench.methods, "WEIGHTS_OF_TUNING", {"fcos": TUNED_WEIGHTS, "paper_fcos": {}})
+    with pytest.raises(ValueError, match="samkd bench --tune --suite paper_fcos"):
+        samkd.bench.methods.suite_weights(SUITES["paper_retinanet"].tuning)
+    assert samkd.bench.methods.suite_weights(SUITES["retinanet"].tuning) == TUNED_WEIGHTS
+
+
+def test_the_256_px_suite_makes_its_data_and_models_at_256_px_with_objects_scaled_alike():
+    from samkd.bench.suites import min_object_size
+    assert min_object_size(128) == 8 and min_object_size(256) == 16  # 8 px at 128 px: the data of every table
+    suite = SUITES["paper_fcos_256"]
+    params = suite.bench_params(BenchParams())
+    assert params.image_size == 256 and BenchParams().image_size == 128
+    assert suite.bench_params(QUICK) == QUICK  # a quick run stays tiny
+    raw = suite.student_raw(params, Path("data"), 0, {"mgd": {}}, "t.pt")
+    assert raw["model"]["min_size"] == raw["model"]["max_size"] == 256 == raw["teacher"]["min_size"]
+    assert set(suite.methods) <= set(METHODS) and suite.tuning == "paper_fcos"

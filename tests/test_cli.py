@@ -48,6 +48,8 @@ def test_make_data_writes_files(tmp_path, capsys):
      "unknown parameter 'alpha'"),
     ({"teacher": {"arch": "fcos"}, "distill": {"losses": {"kd_magic": {}}}}, "distill.losses", "'kd_magic'"),
     ({"distill": {"losses": {"fitnet": {}}}}, "distill", "teacher"),
+    ({"model": {"anchor_sizes": [5]}}, "model.anchor_sizes", "one base size per FPN level (5 for fcos), got 1: [5.0]"),
+    ({"teacher": {"arch": "retinanet", "anchor_sizes": [8, 16]}}, "teacher.anchor_sizes", "(5 for retinanet)"),
 ])
 def test_config_errors_exit_2_naming_file_and_key(tmp_path, capsys, patch, key, fragment):
     raw = tiny_config_dict(tmp_path / "data", tmp_path / "out")
@@ -360,6 +362,41 @@ def test_choices_come_from_their_owners():
             config_from_dict({block: {name: "nope"}})
         for choice in owner:
             assert getattr(getattr(config_from_dict({block: {name: choice}}), block), name) == choice
+
+
+def _summary_run(root: Path, name: str, ap: float) -> Path:
+    run = root / name
+    run.mkdir()
+    metrics = {"AP": ap, "AP50": 2 * ap, "AP75": ap, "APs": ap, "APm": ap, "APl": None}
+    (run / "summary.json").write_text(json.dumps({"metrics": metrics, "steps": 3, "s_per_step": 0.25}))
+    return run
+
+
+def test_summary_of_a_corrupt_summary_json_names_the_file(tmp_path, capsys):
+    good = _summary_run(tmp_path, "good", 10.0)
+    bad = _summary_run(tmp_path, "bad", 5.0)
+    (bad / "summary.json").write_text('{"metrics": \n')  # cut short
+    err = _err(capsys, ["summary", str(good), str(bad)])
+    assert f"{bad / 'summary.json'}: not a samkd summary (not valid JSON: " in err and err.count("\n") == 1
+    (bad / "summary.json").write_text("[1, 2]")
+    err = _err(capsys, ["summary", str(bad)])
+    assert f"{bad / 'summary.json'}: not a samkd summary" in err
+
+
+def test_summary_lists_the_finished_runs_and_notes_the_unfinished_one(tmp_path, capsys):
+    first, second = _summary_run(tmp_path, "a", 10.0), _summary_run(tmp_path, "b", 20.0)
+    unfinished = tmp_path / "c"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("seed: 0\n")
+    assert main(["summary", str(first), str(unfinished), str(second)]) == 0
+    captured = capsys.readouterr()
+    rows = captured.out.splitlines()[2:]
+    assert rows == [f"| {first} | 10.0 | 20.0 | 10.0 | 10.0 | 10.0 | n/a | 3 | 0.25 |",
+                    f"| {second} | 20.0 | 40.0 | 20.0 | 20.0 | 20.0 | n/a | 3 | 0.25 |"]
+    assert captured.err == f"samkd: {unfinished}: left out of the table: not finished (no summary.json; " \
+                           "`--resume auto` continues it)\n"
+    err = _err(capsys, ["summary", str(unfinished)])  # nothing to show
+    assert str(unfinished) in err and "no finished run" in err
 
 
 def test_debug_flag_is_accepted_globally_and_per_command(tmp_path):

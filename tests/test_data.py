@@ -450,3 +450,13 @@ def test_label_mode_category_id(tmp_path):
     ann_file, img_dir = _write_dataset(tmp_path, images, [], categories=[{"id": 0, "name": "zero"}])
     with pytest.raises(DatasetError, match="ann.json.*category ids >= 1"):
         CocoDetection(ann_file, img_dir, label_mode="category_id")
+
+
+def test_synthetic_min_object_size_scales_the_objects(tmp_path):
+    import json as _json
+    info = make_synthetic_dataset(tmp_path / "big", 12, seed=3, image_size=256, val_images=2, progress=False,
+                                  min_object_size=16)
+    boxes = [a["bbox"] for a in _json.loads(open(info["train_ann_file"]).read())["annotations"]]
+    assert boxes and min(max(w, h) for _, _, w, h in boxes) >= 16
+    with pytest.raises(ValueError, match="min_object_size"):
+        make_synthetic_dataset(tmp_path / "bad", 2, image_size=64, min_object_size=32, progress=False)

@@ -45,12 +45,13 @@ def test_every_method_has_a_config_per_family():
 def test_summary_table(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    metrics = {"AP": 12.34, "AP50": 30.0, "AP75": 9.0, "APs": 5.0, "APm": 15.0, "APl": -1.0}
+    # APm unmeasured as summary.json writes it (null), APl as earlier versions wrote it (COCO's -1.0)
+    metrics = {"AP": 12.34, "AP50": 30.0, "AP75": 9.0, "APs": 5.0, "APm": None, "APl": -1.0}
     (run / "summary.json").write_text(json.dumps({"metrics": metrics, "steps": 7, "s_per_step": 0.5}))
     assert main(["summary", str(run)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("| run | AP | AP50")
-    assert out[2] == f"| {run} | 12.3 | 30.0 | 9.0 | 5.0 | 15.0 | -1.0 | 7 | 0.50 |"
+    assert out[2] == f"| {run} | 12.3 | 30.0 | 9.0 | 5.0 | n/a | n/a | 7 | 0.50 |"
     assert main(["summary", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
 

@@ -148,6 +148,26 @@ def test_empty_detections(gt):
     assert coco_metrics(gt, [], backend="pycocotools") == {k: 0.0 for k in METRIC_NAMES}
 
 
+def test_an_area_range_without_ground_truth_is_not_measured(gt, dets):
+    """COCO reports -1 for an area range without ground truth; samkd None (null in summary.json), not a score."""
+    no_large = {**gt, "annotations": [a for a in gt["annotations"] if a["area"] <= 96**2]}
+    assert len(no_large["annotations"]) < len(gt["annotations"])
+    for backend in ("faster", "pycocotools"):
+        m = coco_metrics(no_large, dets, backend=backend)
+        assert m["APl"] is None and all(0.0 < m[k] < 100.0 for k in ("AP", "AP50", "AP75", "APs", "APm")), m
+        # no detections: nothing found where there is ground truth (0), nothing measured where there is none
+        assert coco_metrics(no_large, [], backend=backend) == {**{k: 0.0 for k in METRIC_NAMES}, "APl": None}
+    only_crowd = {**gt, "annotations": [a for a in gt["annotations"] if a["iscrowd"]]}
+    assert coco_metrics(only_crowd, []) == {k: None for k in METRIC_NAMES}
+
+
+def test_measured_reads_null_nan_and_the_old_minus_one_as_not_measured():
+    from samkd.engine.evaluate import format_metric, measured
+    assert [measured(v) for v in (None, -1.0, -1, float("nan"), "12", True)] == [None] * 6
+    assert (measured(0), measured(12.5)) == (0.0, 12.5)
+    assert [format_metric(v) for v in (-1.0, None, 0.0, 12.345)] == ["n/a", "n/a", "0.0", "12.3"]
+
+
 def test_img_ids_restriction(gt, dets):
     sub = [10, 20]
     sub_gt = {

@@ -138,3 +138,47 @@ def test_visualize_needs_teacher_and_warns_on_random_student(jpeg, tmp_path):
     assert all(p.is_file() for p in paths)
     with pytest.raises(ValueError, match="level"):
         visualize(cfg, jpeg, tmp_path / "vis", level=9)
+
+
+def test_export_records_the_label_map_and_predict_on_the_export_uses_it(tiny_data, tmp_path, capsys):
+    """Category ids 1, 5, 90: label 2 is category 5 "square". The exported plain torchvision model says so in its
+    student.json, and `samkd predict` on the exported weights names its detections with it (no data needed)."""
+    import shutil
+
+    import yaml
+    from conftest import TINY_MODEL, tiny_config_dict
+
+    from samkd.cli import main
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    ids = {1: 1, 2: 5, 3: 90}  # shape class -> category id; classes 4 and 5 are left out
+    for split in ("train", "val"):
+        ann = root / "annotations" / f"{split}.json"
+        data = json.loads(ann.read_text())
+        data["categories"] = [{"id": ids[c["id"]], "name": c["name"]} for c in data["categories"] if c["id"] in ids]
+        data["annotations"] = [{**a, "category_id": ids[a["category_id"]]} for a in data["annotations"]
+                               if a["category_id"] in ids]
+        ann.write_text(json.dumps(data))
+    torch.manual_seed(0)
+    options = {k: v for k, v in TINY_MODEL.items() if k not in ("arch", "backbone", "score_thresh")}
+    ckpt = tmp_path / "student.pt"
+    torch.save({"student": build_detector("fcos", "resnet18", num_classes=4, **options).state_dict()}, ckpt)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict(root, tmp_path / "run")))
+    assert main(["export-student", "-c", str(cfg), "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    info = json.loads((tmp_path / "export" / "student.json").read_text())
+    assert info["num_classes"] == 4
+    assert info["label_to_category_id"] == {"1": 1, "2": 5, "3": 90}
+    assert info["class_names"] == {"1": "circle", "2": "square", "3": "triangle"}
+
+    no_data = tiny_config_dict(tmp_path / "gone", tmp_path / "run", model={"score_thresh": 0.0})
+    del no_data["data"]["root"]
+    cfg.write_text(yaml.safe_dump(no_data))
+    image = sorted((root / "images" / "val").glob("*.jpg"))[0]
+    capsys.readouterr()
+    assert main(["predict", "-c", str(cfg), "--checkpoint", str(tmp_path / "export" / "student_state_dict.pt"),
+                 "--image", str(image), "--out", str(tmp_path / "pred"), "--score-thresh", "0"]) == 0
+    found = json.loads((tmp_path / "pred" / f"{image.stem}_detections.json").read_text())["detections"]
+    names = {1: "circle", 2: "square", 3: "triangle"}
+    assert found and {d["label"] for d in found} <= {1, 2, 3}
+    assert all((d["category_id"], d["name"]) == (ids[d["label"]], names[d["label"]]) for d in found)

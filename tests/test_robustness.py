@@ -94,7 +94,7 @@ def test_bad_teacher_checkpoint_creates_no_output_dir(tmp_path, tiny_data, capsy
     cfg = _cfg(tmp_path / "kd.yaml", tiny_data, out, teacher={"checkpoint": str(tmp_path / "gone.pt")},
                distill={"losses": {"fitnet": {}}})
     err = _err_line(capsys, ["distill", "-c", cfg], 2)
-    assert "gone.pt" in err and not out.exists()
+    assert f"teacher.checkpoint: checkpoint {tmp_path / 'gone.pt'}: file not found" in err and not out.exists()
 
 
 def test_new_run_over_a_finished_run_needs_overwrite(run_copy, capsys):
@@ -110,6 +110,96 @@ def test_new_run_over_a_finished_run_needs_overwrite(run_copy, capsys):
     assert main(["train", "-c", cfg, "--overwrite"]) == 0
     assert _steps(out / "train.csv") == [1, 2]  # the old rows are gone, not appended to
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_2.pt"]
+    assert not (out / ".replaced").exists()  # the replaced run went once the new one had its checkpoint
+
+
+def _bad_data(tiny_data, tmp_path, split="train"):
+    """A copy of the tiny data set; returns (root, path of the split's last image, its json record, its json)."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    ann = root / "annotations" / f"{split}.json"
+    record = json.loads(ann.read_text())["images"][-1]
+    return root, root / "images" / split / record["file_name"], record, ann
+
+
+def test_overwrite_keeps_the_finished_run_when_the_new_data_has_a_bad_image(run_copy, tiny_data, tmp_path, capsys):
+    out, _ = run_copy
+    root, image, record, ann = _bad_data(tiny_data, tmp_path)
+    image.write_text("a text file renamed .jpg\n")
+    before = _files(out)
+    err = _err_line(capsys, ["train", "-c", _cfg(tmp_path / "bad.yaml", root, out), "--overwrite"], 2)
+    assert f"{ann}: image id {record['id']}: cannot read image {image}" in err
+    assert _files(out) == before  # summary.json, model.pt, checkpoints, csv logs: byte for byte
+
+
+def test_overwrite_restores_the_old_run_when_the_new_run_fails_before_its_first_checkpoint(run_copy, tiny_data,
+                                                                                          tmp_path, capsys):
+    out, _ = run_copy
+    root, image, record, ann = _bad_data(tiny_data, tmp_path)
+    whole = image.read_bytes()
+    image.write_bytes(whole[:len(whole) // 3])  # the header reads, the pixels do not decode
+    before = _files(out)
+    err = _err_line(capsys, ["train", "-c", _cfg(tmp_path / "bad.yaml", root, out), "--overwrite"], 2)
+    assert f"{ann}: image id {record['id']}: cannot read image {image}: image file is truncated" in err
+    assert f"the run in {out} that --overwrite was replacing is restored, unchanged" in err
+    assert _files(out) == before and not (out / ".replaced").exists()
+
+
+def test_an_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_command(run_copy, capsys):
+    from samkd.engine.rundir import set_aside
+    out, cfg = run_copy
+    before = _files(out)
+    set_aside(out)  # what --overwrite did before it was killed (SIGKILL: no handler ran) ...
+    (out / "config.yaml").write_text("the new run's\n")  # ... with the first files of the new run written
+    (out / "train.csv").write_text("step,loss\n1,")
+    (out / "checkpoints" / ".step_2.pt.x.tmp").write_bytes(b"cut short")
+    assert main(["train", "-c", cfg]) == 2
+    err = capsys.readouterr().err
+    assert f"restored the run that an interrupted --overwrite had set aside in {out / '.replaced'}" in err
+    assert "holds a finished run" in err.splitlines()[-1]
+    assert _files(out) == before and not (out / ".replaced").exists()
+
+
+def test_a_bad_image_is_found_before_anything_is_written(tmp_path, tiny_data, capsys):
+    root, image, record, ann = _bad_data(tiny_data, tmp_path)
+    image.write_bytes(os.urandom(2000))  # garbage named .jpg
+    out = tmp_path / "run"
+    err = _err_line(capsys, ["train", "-c", _cfg(tmp_path / "c.yaml", root, out)], 2)
+    assert f"{ann}: image id {record['id']}: cannot read image {image}" in err and not out.exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_json_size_that_disagrees_with_the_file_is_found_before_anything_is_written(tmp_path, tiny_data, capsys,
+                                                                                       split):
+    root, image, record, ann = _bad_data(tiny_data, tmp_path, split)
+    data = json.loads(ann.read_text())
+    data["images"][-1]["width"] += 1
+    ann.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    err = _err_line(capsys, ["train", "-c", _cfg(tmp_path / "c.yaml", root, out)], 2)
+    w, h = record["width"], record["height"]
+    assert f"{ann}: image id {record['id']}: 'width'/'height' are {w + 1}x{h} but {image} is {w}x{h}" in err
+    assert not out.exists()
+
+
+def test_an_image_that_fails_to_decode_mid_run_leaves_a_run_that_resumes(tmp_path, tiny_data, capsys, monkeypatch):
+    import samkd.data.coco as coco
+    load, calls = coco._load_rgb, []
+
+    def truncated_on_the_second_batch(path):  # batch 4, no workers: calls 5-8 load the second batch
+        calls.append(path)
+        if len(calls) == 6:
+            raise OSError("image file is truncated (5 bytes not processed)")
+        return load(path)
+    monkeypatch.setattr(coco, "_load_rgb", truncated_on_the_second_batch)
+    out = tmp_path / "run"
+    cfg = _cfg(tmp_path / "c.yaml", tiny_data, out, train={"checkpoint_every_steps": 1})
+    err = _err_line(capsys, ["train", "-c", cfg], 2)
+    assert f"cannot read image {calls[-1]}: image file is truncated" in err
+    assert f"{out} keeps its checkpoint of step 1: --resume auto continues from it" in err
+    monkeypatch.setattr(coco, "_load_rgb", load)  # the file is fixed
+    assert main(["train", "-c", cfg, "--resume", "auto"]) == 0
+    assert "(step 1 of 2)" in capsys.readouterr().err and (out / "summary.json").is_file()
 
 
 def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, tiny_data, capsys):
@@ -205,6 +295,25 @@ def test_unreadable_image_in_visualize(tmp_path, tiny_data, capsys):
     cfg = _cfg(tmp_path / "c.yaml", tiny_data, tmp_path / "run", teacher=dict(tiny_config_dict(tiny_data, "")["model"]))
     err = _err_line(capsys, ["visualize", "-c", cfg, "--image", str(bad), "--out", str(tmp_path / "vis")], 2)
     assert str(bad) in err and "cannot be read" in err
+
+
+def test_unreadable_image_in_predict(tmp_path, tiny_data, finished, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    cfg = _cfg(tmp_path / "c.yaml", tiny_data, tmp_path / "run")
+    err = _err_line(capsys, ["predict", "-c", cfg, "--checkpoint", str(finished / "model.pt"), "--image", str(bad),
+                             "--out", str(tmp_path / "pred")], 2)
+    assert str(bad) in err and "cannot be read" in err and not (tmp_path / "pred").exists()
+
+
+def test_unmeasured_metrics_are_null_in_summary_json_and_n_a_in_the_table(finished, capsys):
+    # 96 px images hold no large object (area > 96^2): APl is not measured
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["metrics"]["APl"] is None and summary["history"][-1]["APl"] is None
+    assert all(v is None or v >= 0 for v in summary["metrics"].values())
+    capsys.readouterr()
+    assert main(["summary", str(finished)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split(" | ")[6] == "n/a"  # | run | AP .. APm | APl |
 
 
 def test_data_set_without_annotations_warns_once(tmp_path, tiny_data):

@@ -147,3 +147,24 @@ def test_added_options_at_their_defaults_leave_cache_keys_unchanged():
     for name, value in (("placement", "soft"), ("global_mask", True), ("level_weighting", "location")):
         changed = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": {"weight": 0.25, name: value}}}}
         assert cache_key(changed) != cache_key(raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pyramid on maps smaller than its coarsest cell (the bench's 128 px FCOS levels: 16, 8, 4, 2, 1)
+# --------------------------------------------------------------------------------------------------
+# (map side, k) -> masked cells at mask_ratio 0.5: round_half_up(0.5 * cells), at most cells - 1
+MASKED_CELLS_AT_128PX = {(16, 4): 8, (16, 2): 32, (16, 1): 128, (8, 4): 2, (8, 2): 8, (8, 1): 32,
+                         (4, 4): 0, (4, 2): 2, (4, 1): 8, (2, 4): 0, (2, 2): 0, (2, 1): 2,
+                         (1, 4): 0, (1, 2): 0, (1, 1): 0}
+
+
+@pytest.mark.parametrize("placement", ["top", "sampled"])
+@pytest.mark.parametrize("side", [16, 8, 4, 2, 1])
+def test_a_grid_of_one_cell_is_never_masked_so_that_scale_is_plain_generation(side, placement):
+    feat = torch.randn(2, 4, side, side)
+    masks = hierarchical_masks(feat, (4, 2, 1), 0.5, generator=torch.Generator().manual_seed(0), placement=placement)
+    for k, mask in zip((4, 2, 1), masks):
+        masked = int((mask[0, 0, ::k, ::k] == 0).sum())
+        assert masked == MASKED_CELLS_AT_128PX[(side, k)], (side, k)
+        if masked == 0:
+            assert torch.all(mask == 1)  # the generator of that scale sees the whole student map

@@ -189,7 +189,10 @@ def test_torchrun_two_processes_report_the_ap_of_the_saved_weights(tiny_data, tm
     assert reported["AP"] > 0, reported  # else the comparison below would prove nothing
     assert reported.keys() == evaluated.keys()
     for k in reported:
-        assert abs(reported[k] - evaluated[k]) <= 1e-9, (k, reported, evaluated)
+        if reported[k] is None:  # not measured (96 px images hold no large object): by either
+            assert evaluated[k] is None, (k, reported, evaluated)
+        else:
+            assert abs(reported[k] - evaluated[k]) <= 1e-9, (k, reported, evaluated)
     print(f"torchrun smoke: {elapsed:.1f}s")
 
 

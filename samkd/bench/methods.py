@@ -29,6 +29,35 @@ TUNE_FACTORS = (0.25, 1.0, 4.0)
 # benchmarks/tuning.json so the two cannot drift.
 TUNED_WEIGHTS: dict[str, float] = {"fitnet": 4.0, "logit_kd": 4.0, "mgd": 4.0, "fgd": 1.0, "cwd": 1.0, "pkd": 0.25,
                                    "freekd": 0.25, "dmkd": 4.0, "samkd": 1.0}
+# The paper regime's own search (``samkd bench --tune --suite paper_fcos``: benchmarks/tuning_paper_fcos.json, the
+# grid extended x4 at an edge, at most twice): the weights of the suites whose ``tuning`` is ``paper_fcos``.
+PAPER_TUNED_WEIGHTS: dict[str, float] = {}
+# suite whose tuning grid chose the weights -> those weights
+WEIGHTS_OF_TUNING: dict[str, dict[str, float]] = {"fcos": TUNED_WEIGHTS, "paper_fcos": PAPER_TUNED_WEIGHTS}
+
+# SAMKD's open design choices (issue 20), one run each at SAMKD's default weight on the validation data of a
+# suite; ``baseline`` is today's default. Each variant changes one choice of ``distill.losses.samkd``.
+DESIGN_VARIANTS: dict[str, dict] = {
+    "baseline": {},
+    "sfd_only": {"use_sld": False},
+    "top_only": {"random_share": 0.0},
+    "random_only": {"random_share": 1.0},
+    "sampled": {"placement": "sampled"},
+    "soft": {"placement": "soft"},
+    "global_mask": {"global_mask": True},
+    "sld_location": {"level_weighting": "location"},
+    "sld_region2": {"region": 2},
+    "sld_power": {"weighting": "power"},
+}
+
+
+def suite_weights(tuning: str) -> dict[str, float]:
+    """The tuned weights of the suites tuned by ``tuning`` (a suite name); an error until that tuning is recorded."""
+    weights = WEIGHTS_OF_TUNING.get(tuning)
+    if not weights:
+        raise ValueError(f"the weights of the {tuning!r} tuning are not recorded yet: run "
+                         f"`samkd bench --tune --suite {tuning}` and copy its best factors into samkd/bench/methods.py")
+    return weights
 
 
 def method_losses(method: str, weights: Optional[dict] = None) -> Optional[dict]:

@@ -43,27 +43,33 @@ def kd_to_task_loss(train_csv: Path) -> Optional[float]:
     return float(np.mean(ratios)) if ratios else None
 
 
+def run_ap(summary: dict) -> float:
+    """The AP of one run's summary (0.0 when it was not measured: no ground truth at all)."""
+    from ..engine.evaluate import measured
+    return measured((summary.get("metrics") or {}).get("AP")) or 0.0
+
+
 def aggregate(runs: list[dict], keys: list[tuple[int, int]]) -> dict:
     """One table row from the summaries of its runs (``keys``: their (data seed, training seed)).
 
-    Mean and sample std of every metric, mean s/step and KD / task loss, per-run and per-data-seed AP.
+    Mean and sample std of every metric over the runs that measured it (None when none did: e.g. APl without
+    large objects), mean s/step and KD / task loss, per-run and per-data-seed AP.
     """
-    from ..engine.evaluate import METRIC_NAMES
+    from ..engine.evaluate import METRIC_NAMES, measured
     row = {}
     for k in METRIC_NAMES:
-        vals = np.array([(r["metrics"] or {}).get(k, 0.0) for r in runs], dtype=float)
-        row[k] = float(vals.mean())
+        vals = np.array([v for v in (measured((r["metrics"] or {}).get(k)) for r in runs) if v is not None])
+        row[k] = float(vals.mean()) if len(vals) else None
         row[k + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     row["s_per_step"] = float(np.nanmean([r.get("s_per_step") or np.nan for r in runs]))
     row["runs"] = len(runs)
     ratios = [kd_to_task_loss(Path(r["output_dir"]) / "train.csv") for r in runs if r.get("output_dir")]
     ratios = [x for x in ratios if x is not None]
     row["kd_to_task"] = float(np.mean(ratios)) if ratios else None
-    row["per_run_AP"] = {f"d{ds}/s{seed}": float((r["metrics"] or {}).get("AP", 0.0))
-                         for (ds, seed), r in zip(keys, runs)}
+    row["per_run_AP"] = {f"d{ds}/s{seed}": run_ap(r) for (ds, seed), r in zip(keys, runs)}
     by_data: dict[int, list[float]] = {}
     for (ds, _), r in zip(keys, runs):
-        by_data.setdefault(ds, []).append(float((r["metrics"] or {}).get("AP", 0.0)))
+        by_data.setdefault(ds, []).append(run_ap(r))
     row["AP_by_data_seed"] = {f"d{ds}": float(np.mean(v)) for ds, v in by_data.items()}
     return row
 
@@ -143,6 +149,7 @@ def _weak_teacher_warnings(meta: dict, results: dict) -> list[str]:
 
 def suite_markdown(name: str, entry: dict) -> list[str]:
     """The lines of one suite's table (with its verdict and, when measured, its cost table)."""
+    from ..engine.evaluate import format_metric
     meta, results = entry["meta"], entry["results"]
     data_cols = [f"d{ds}" for ds in meta["data_seeds"]]
     lines = _suite_header(name, meta, _weak_teacher_warnings(meta, results)) + [
@@ -154,7 +161,7 @@ def suite_markdown(name: str, entry: dict) -> list[str]:
         weight = "—" if METHODS[method] is None else f"{meta['weights'].get(ABLATIONS.get(method, method), 1.0):g}"
         cells = [f"{r['AP']:.1f} ± {r['AP_std']:.1f}"] + [f"{r['AP_by_data_seed'].get(c, float('nan')):.1f}"
                                                           for c in data_cols]
-        cells += [f"{r[k]:.1f}" for k in ("AP50", "AP75", "APs", "APm")]
+        cells += [format_metric(r[k]) for k in ("AP50", "AP75", "APs", "APm")]
         gain = f"{r['AP'] - base:+.1f}" if base is not None else "n/a"
         ratio = f"{r['kd_to_task']:.1f}" if r.get("kd_to_task") is not None else "—"
         lines.append(f"| {'**' + method + '**' if method == 'samkd' else method} | {weight} | "
@@ -230,11 +237,12 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
 
 
-def command_line(quick: bool, suite: Optional[str], jobs: int, tune: bool = False, **overrides) -> str:
+def command_line(quick: bool, suite: Optional[str], jobs: int, tune: bool = False, design: bool = False,
+                 **overrides) -> str:
     """The ``samkd bench`` command line that reproduces a run, overrides included."""
     flags = "".join(f" --{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
                     for k, v in overrides.items() if v is not None)
-    return ("samkd bench" + (" --tune" if tune else "") + (" --quick" if quick else "")
+    return ("samkd bench" + (" --tune" if tune else "") + (" --design" if design else "") + (" --quick" if quick else "")
             + (f" --suite {suite}" if suite else "") + flags + (f" --jobs {jobs}" if jobs > 1 else ""))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..engine.parallel import parallel_map
+from .report import run_ap
 from .suites import BenchParams, Suite, synthetic_data
 
 # What only decides what is left on disk, not the result: left out of a run's cache key.
@@ -94,7 +95,7 @@ def _cached_run_logged(args: tuple) -> dict:
     raw, work, name, train = args
     t0 = time.perf_counter()
     summary = cached_run(raw, work, name, train)
-    print(f"[bench] done {name}: AP {(summary['metrics'] or {}).get('AP', 0.0):.2f} "
+    print(f"[bench] done {name}: AP {run_ap(summary):.2f} "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return summary
 

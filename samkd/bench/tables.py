@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from .costs import suite_costs
-from .methods import TUNE_FACTORS, TUNED_METHODS, TUNED_WEIGHTS, check_methods, method_losses
-from .report import aggregate, command_line, lead_verdict, load_payload, machine, write_report
+from .methods import DESIGN_VARIANTS, TUNE_FACTORS, TUNED_METHODS, check_methods, method_losses, suite_weights
+from .report import aggregate, command_line, lead_verdict, load_payload, machine, run_ap, write_report
 from .runner import run_all, students_on_one_teacher, train_teachers, weights_file
 from .suites import DATA_SEEDS, SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, student_run_name
 
@@ -50,15 +50,17 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     :class:`~samkd.bench.runner.MissingRun`) and no cost is measured.
     """
     suite = SUITES[name]
+    params = suite.bench_params(params)
     seeds = tuple(seeds) if seeds else ((0,) if quick else suite.seeds)
     data_seeds = tuple(data_seeds) if data_seeds else ((0,) if quick else suite.data_seeds)
     rows = [m for m in suite.methods if not methods or m in methods]
+    weights = suite_weights(suite.tuning)
     print(f"[bench] {name}: teachers ({suite.arch}-{suite.teacher_name}) for data seeds {list(data_seeds)}",
           flush=True)
     teachers = train_teachers(params, work, suite, data_seeds, jobs, quick, train)
     plan = [(m, ds, seed) for m in rows for ds in data_seeds for seed in seeds]
     print(f"[bench] {name}: {len(plan)} student runs of {params.steps} steps, {jobs} at a time", flush=True)
-    runs = [(suite.student_raw(params, teachers[ds][0], seed, method_losses(m),
+    runs = [(suite.student_raw(params, teachers[ds][0], seed, method_losses(m, weights),
                                str(weights_file(teachers[ds][1], must_exist=train))),
              student_run_name(name, m, ds, seed)) for m, ds, seed in plan]
     summaries = run_all(runs, work, jobs, train)
@@ -69,8 +71,8 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     results = {m: aggregate(*by_row[m]) for m in rows}
     entry = {"results": results, "verdict": lead_verdict(results)}
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "jobs": jobs, "data_seeds": list(data_seeds),
-            "seeds": list(seeds), "weights": dict(TUNED_WEIGHTS), "command": command,
-            "teacher_AP": {str(ds): float((t[1]["metrics"] or {}).get("AP", 0.0)) for ds, t in teachers.items()},
+            "seeds": list(seeds), "weights": dict(weights), "tuning": suite.tuning, "command": command,
+            "teacher_AP": {str(ds): run_ap(t[1]) for ds, t in teachers.items()},
             **params.as_dict(), "teacher_steps_run": suite.teacher_steps(params)}
     if suite.measure_costs and train:
         meta["cost_reps"] = 1 if quick else 5
@@ -82,24 +84,30 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     return entry
 
 
-def _tuning_markdown(params: BenchParams, ap: dict, best: dict, tuned: list[str], teacher_ap: float,
-                     command: str) -> str:
-    lines = [f"# Tuning — {time.strftime('%Y-%m-%d')}", "",
+def _tuning_markdown(suite_name: str, params: BenchParams, grid: dict, best: dict, student_ap: float,
+                     teacher_ap: float, command: str) -> str:
+    suite = SUITES[suite_name]
+    factors = sorted({float(f) for row in grid.values() for f in row})
+    extended = (f" A method whose best factor was at an edge of its grid got the next factor (x4) on that side, at "
+                f"most {suite.tune_extensions} times, the same rule for every method; — : not run."
+                if suite.tune_extensions else "")
+    lines = [f"# Tuning ({suite_name}) — {time.strftime('%Y-%m-%d')}", "",
              f"Command: `{command}`  ",
              f"Machine: {machine()}  ",
              f"Validation data: synthetic shapes, data seed {TUNE_DATA_SEED} ({params.train_images} train / "
-             f"{params.val_images} val images) with its own FCOS-ResNet-50 teacher (AP {teacher_ap:.1f}); the "
-             f"reported benchmark uses data seeds {list(DATA_SEEDS)} and training seeds from 0. Training seed "
-             f"{TUNE_SEED}, {params.steps} steps of batch {params.batch_size}, FCOS-ResNet-18 students from scratch. "
-             f"Student alone: AP {ap[('student', None)]:.1f}.", "",
+             f"{params.val_images} val images) with its own {suite.arch.upper()} teacher ({suite.teacher_label}, "
+             f"AP {teacher_ap:.1f}); the reported tables use data seeds {list(suite.data_seeds)} and training seeds "
+             f"from 0. Training seed {TUNE_SEED}, {params.steps} steps of batch {params.batch_size}, "
+             f"{suite.student_backbone} students. Student alone: AP {student_ap:.1f}.", "",
              "Every method gets the same search: its whole loss's `weight` at "
-             + ", ".join(f"{f:g}" for f in TUNE_FACTORS) + " times its default (one run each). The best factor "
-             "(ties: the default) becomes the method's bench weight. One run per cell: differences near 1 AP are "
-             "noise.", "",
-             "| method | " + " | ".join(f"x{f:g}" for f in TUNE_FACTORS) + " | chosen |",
-             "|---|" + "---|" * len(TUNE_FACTORS) + "---|"]
-    for m in tuned:
-        cells = [f"**{ap[(m, f)]:.1f}**" if f == best[m] else f"{ap[(m, f)]:.1f}" for f in TUNE_FACTORS]
+             + ", ".join(f"{f:g}" for f in TUNE_FACTORS) + " times its default (one run each)." + extended
+             + " The best factor (ties: the default) becomes the method's bench weight. One run per cell: "
+             "differences near 1 AP are noise.", "",
+             "| method | " + " | ".join(f"x{f:g}" for f in factors) + " | chosen |",
+             "|---|" + "---|" * len(factors) + "---|"]
+    for m, row in grid.items():
+        cells = [("—" if f"{f:g}" not in row else
+                  f"**{row[f'{f:g}']:.1f}**" if f == best[m] else f"{row[f'{f:g}']:.1f}") for f in factors]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | x{best[m]:g} |")
     return "\n".join(lines) + "\n"
 
@@ -110,32 +118,124 @@ def tuning_run_name(method: str, factor: Optional[float], suite_name: str = "fco
     return f"{prefix}-{method}" + (f"-w{factor:g}" if factor else "") + f"-s{TUNE_SEED}"
 
 
+def best_factor(row: dict[float, float]) -> float:
+    """The factor of the highest AP (ties: the default weight, factor 1)."""
+    return max(row, key=lambda f: (row[f], f == 1.0))
+
+
+def extend_grid(row: dict[float, float], extensions: int) -> Optional[float]:
+    """The next factor of a method's grid: x4 beyond the best one when that is at an edge of the grid and that side
+    was extended fewer than ``extensions`` times (the same rule for every method); ``None``: the grid is done."""
+    best = best_factor(row)
+    below = sum(f < min(TUNE_FACTORS) for f in row)
+    above = sum(f > max(TUNE_FACTORS) for f in row)
+    if best == min(row) and below < extensions:
+        return best / 4
+    if best == max(row) and above < extensions:
+        return best * 4
+    return None
+
+
+def _tuning_files(out: Path, suite_name: str) -> tuple[Path, Path]:
+    stem = "tuning" if suite_name == "fcos" else f"tuning_{suite_name}"
+    return out / f"{stem}.md", out / f"{stem}.json"
+
+
 def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optional[str] = None,
                steps: Optional[int] = None, teacher_steps: Optional[int] = None, jobs: int = 1,
-               batch_size: Optional[int] = None, methods: Optional[list[str]] = None) -> dict:
-    """The same weight grid for every method on the validation data; writes tuning.md / tuning.json.
+               batch_size: Optional[int] = None, methods: Optional[list[str]] = None, suite: str = "fcos",
+               train: bool = True) -> dict:
+    """The same weight grid for every method on the validation data of ``suite``; writes tuning[_<suite>].md/json.
 
     Validation data: :data:`TUNE_DATA_SEED` (other train and val images than the report, its own teacher),
-    training seed :data:`TUNE_SEED`. Each method runs at :data:`TUNE_FACTORS` times its default weight.
+    training seed :data:`TUNE_SEED`. Each method runs at :data:`TUNE_FACTORS` times its default weight; then,
+    in rounds, every method whose best factor is at an edge of its grid gets the next factor (:func:`extend_grid`).
     """
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+    check_methods(methods)
     overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
     params = BenchParams.of(quick, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else out / "work"
+    the_suite = SUITES[suite]
     tuned = [m for m in TUNED_METHODS if not methods or m in methods]
-    plan = {(m, f): tuning_run_name(m, f) for m, f in [("student", None)] + [(m, f) for m in tuned for f in TUNE_FACTORS]}
-    teacher, done = students_on_one_teacher(
-        params, work, SUITES["fcos"], TUNE_DATA_SEED, TUNE_SEED,
-        {name: method_losses(m, {m: f}) if f else None for (m, f), name in plan.items()}, jobs, quick)
-    ap = {key: float((done[name][1]["metrics"] or {}).get("AP", 0.0)) for key, name in plan.items()}
-    grid = {m: {f"{f:g}": ap[(m, f)] for f in TUNE_FACTORS} for m in tuned}
-    best = {m: float(max(TUNE_FACTORS, key=lambda f: (ap[(m, f)], f == 1.0))) for m in tuned}
-    teacher_ap = float((teacher["metrics"] or {}).get("AP", 0.0))
-    command = command_line(quick, None, jobs, tune=True, methods=methods, **overrides)
-    (out / "tuning.md").write_text(_tuning_markdown(params, ap, best, tuned, teacher_ap, command))
-    payload = {"data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "factors": list(TUNE_FACTORS),
-               "student_AP": ap[("student", None)], "grid": grid, "best": best, "teacher_AP": teacher_ap}
-    (out / "tuning.json").write_text(json.dumps(payload, indent=2))
-    print((out / "tuning.md").read_text())
+    grid: dict[str, dict[float, float]] = {m: {} for m in tuned}
+    asked = [("student", None)] + [(m, f) for m in tuned for f in TUNE_FACTORS]
+    ap: dict = {}
+    teacher: dict = {}
+    while asked:
+        plan = {tuning_run_name(m, f, suite): (m, f) for m, f in asked}
+        teacher, done = students_on_one_teacher(
+            params, work, the_suite, TUNE_DATA_SEED, TUNE_SEED,
+            {name: method_losses(m, {m: f}) if f else None for name, (m, f) in plan.items()}, jobs, quick, train)
+        for name, (m, f) in plan.items():
+            ap[(m, f)] = run_ap(done[name][1])
+            if f is not None:
+                grid[m][f] = ap[(m, f)]
+        asked = [(m, f) for m in tuned if (f := extend_grid(grid[m], the_suite.tune_extensions)) is not None]
+        if asked:
+            print(f"[tune] {suite}: extending the grid: " + ", ".join(f"{m} x{f:g}" for m, f in asked), flush=True)
+    best = {m: float(best_factor(row)) for m, row in grid.items()}
+    recorded = {m: {f"{f:g}": row[f] for f in sorted(row)} for m, row in grid.items()}
+    teacher_ap = run_ap(teacher)
+    command = command_line(quick, None if suite == "fcos" else suite, jobs, tune=True, methods=methods, **overrides)
+    md, js = _tuning_files(out, suite)
+    md.write_text(_tuning_markdown(suite, params, recorded, best, ap[("student", None)], teacher_ap, command))
+    payload = {"suite": suite, "data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "factors": list(TUNE_FACTORS),
+               "extensions": the_suite.tune_extensions, "student_AP": ap[("student", None)], "grid": recorded,
+               "best": best, "teacher_AP": teacher_ap}
+    js.write_text(json.dumps(payload, indent=2))
+    print(md.read_text())
     return payload
+
+
+def design_run_name(variant: str, suite_name: str) -> str:
+    """``design-<suite>-<variant>-s<seed>``; the baseline is the tuning grid's SAMKD run at factor 1 (the same run)."""
+    if variant == "baseline":
+        return tuning_run_name("samkd", 1.0, suite_name)
+    return f"design-{suite_name}-{variant}-s{TUNE_SEED}"
+
+
+def run_design(out_dir: str = "benchmarks", suite: str = "paper_fcos", quick: bool = False,
+               work_dir: Optional[str] = None, steps: Optional[int] = None, teacher_steps: Optional[int] = None,
+               jobs: int = 1, batch_size: Optional[int] = None, train: bool = True) -> dict:
+    """SAMKD's open design choices (:data:`DESIGN_VARIANTS`), one run each at SAMKD's default weight on the
+    validation data of ``suite`` (the tuning's data seed and training seed); writes design_<suite>.md/json."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+    overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
+    params = BenchParams.of(quick, **overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir else out / "work"
+    names = {design_run_name(v, suite): v for v in DESIGN_VARIANTS}
+    names[tuning_run_name("student", None, suite)] = "student"
+    variants = {name: (None if v == "student" else {"samkd": dict(DESIGN_VARIANTS[v])}) for name, v in names.items()}
+    teacher, done = students_on_one_teacher(params, work, SUITES[suite], TUNE_DATA_SEED, TUNE_SEED, variants, jobs,
+                                            quick, train)
+    ap = {v: run_ap(done[name][1]) for name, v in names.items()}
+    payload = {"suite": suite, "data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "AP": ap,
+               "variants": {v: DESIGN_VARIANTS[v] for v in DESIGN_VARIANTS},
+               "teacher_AP": run_ap(teacher),
+               "command": command_line(quick, suite, jobs, design=True, **overrides)}
+    (out / f"design_{suite}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"design_{suite}.md").write_text(_design_markdown(payload, params))
+    print((out / f"design_{suite}.md").read_text())
+    return payload
+
+
+def _design_markdown(payload: dict, params: BenchParams) -> str:
+    ap, base = payload["AP"], payload["AP"]["baseline"]
+    lines = [f"# SAMKD design choices ({payload['suite']}) — {time.strftime('%Y-%m-%d')}", "",
+             f"Command: `{payload['command']}`  ", f"Machine: {machine()}  ",
+             f"Validation data only: data seed {payload['data_seed']} (teacher AP {payload['teacher_AP']:.1f}), "
+             f"training seed {payload['seed']}, {params.steps} steps of batch {params.batch_size}, SAMKD at its "
+             f"default weight, one run per variant (differences near 1 AP are noise). Student alone: AP "
+             f"{ap['student']:.1f}.", "",
+             "| variant | changes | AP | vs baseline |", "|---|---|---|---|"]
+    for v, change in payload["variants"].items():
+        what = ", ".join(f"`{k}: {json.dumps(x)}`" for k, x in change.items()) or "today's defaults"
+        lines.append(f"| {v} | {what} | {ap[v]:.1f} | {ap[v] - base:+.1f} |")
+    return "\n".join(lines) + "\n"

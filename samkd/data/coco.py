@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DatasetError
 
-__all__ = ["CocoDetection", "LABEL_MODES"]
+__all__ = ["CocoDetection", "LABEL_MODES", "config_label_map", "read_label_map"]
 
 # contiguous: labels 1..K in category-id order | category_id: label = COCO category id
 LABEL_MODES = ("contiguous", "category_id")
@@ -67,6 +67,74 @@ def _require_fields(file: str, where: str, rec: Any, fields: Tuple[str, ...]) ->
 def _load_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")  # handles L, LA, P, RGBA, CMYK, I;16 ...
+
+
+# Above this many images the header check shows a progress bar (COCO train: 118k headers, some seconds).
+_LARGE_SET = 2000
+
+
+def _size_mismatch(info: Dict[str, Any], path: str, size: Tuple[int, int]) -> Optional[str]:
+    """What is wrong when the json's ``width``/``height`` are not the file's ``size`` (None when they agree)."""
+    w, h = size
+    if (w, h) == (int(info["width"]), int(info["height"])):
+        return None
+    return f"'width'/'height' are {info['width']}x{info['height']} but {path} is {w}x{h}"
+
+
+def parse_categories(file: str, categories: List[Any]) -> Dict[int, str]:
+    """``{category id: name}`` of the ``categories`` list of annotation file ``file`` (checked)."""
+    cats: Dict[int, str] = {}
+    for i, c in enumerate(categories):
+        where = _rec("category", i, c)
+        _require_fields(file, where, c, ("id",))
+        if not _is_int(c["id"]):
+            raise DatasetError(f"{file}: {where}: field 'id' must be an integer, got {c['id']!r}")
+        cid = int(c["id"])
+        if cid in cats:
+            raise DatasetError(f"{file}: {where}: duplicate category id {cid}")
+        cname = c.get("name", str(cid))
+        if not isinstance(cname, str):
+            raise DatasetError(f"{file}: {where}: field 'name' must be a string, got {cname!r}")
+        cats[cid] = cname
+    if not cats:
+        raise DatasetError(f"{file}: 'categories' is empty; at least one category is required")
+    return cats
+
+
+def label_maps(file: str, cats: Dict[int, str], label_mode: str) -> Tuple[Dict[int, int], List[str]]:
+    """``(label_to_cat_id, class_names)`` of categories ``cats``: labels 1..K in category-id order
+    (``contiguous``), or label = category id (``category_id``); ``class_names[label - 1]``."""
+    sorted_ids = sorted(cats)
+    if label_mode == "category_id":
+        if sorted_ids[0] < 1:
+            raise DatasetError(f"{file}: label_mode 'category_id' needs category ids >= 1 (0 is the "
+                               f"background), got id {sorted_ids[0]}")
+        # Every id up to the largest is a label (unused ones too: a pretrained head predicts them, and
+        # COCOeval ignores categories that are not in the ground truth).
+        labels = range(1, sorted_ids[-1] + 1)
+        return {i: i for i in labels}, [cats.get(i, "") for i in labels]
+    return {i + 1: cid for i, cid in enumerate(sorted_ids)}, [cats[cid] for cid in sorted_ids]
+
+
+def read_label_map(ann_file, label_mode: str = "contiguous") -> Dict[str, Dict[int, Any]]:
+    """``{"label_to_category_id": {label: category id}, "class_names": {label: name}}`` of a COCO annotation file,
+    as :class:`CocoDetection` maps it (only its categories are read: no image is needed)."""
+    file = os.fspath(ann_file)
+    data = CocoDetection._read_json(file)
+    if not isinstance(data.get("categories"), list):
+        raise DatasetError(f"{file}: missing required top-level field 'categories' (a list)")
+    to_cat, names = label_maps(file, parse_categories(file, data["categories"]), label_mode)
+    return {"label_to_category_id": to_cat, "class_names": {label: names[label - 1] for label in to_cat}}
+
+
+def config_label_map(data) -> Optional[Dict[str, Dict[int, Any]]]:
+    """:func:`read_label_map` of a config's data block (its validation annotations, else its training ones: the
+    first that exists), None when it names neither."""
+    data = data.resolved()
+    for ann in (data.val_ann, data.train_ann):
+        if ann and os.path.isfile(ann):
+            return read_label_map(ann, data.label_mode)
+    return None
 
 
 class CocoDetection(Dataset):
@@ -164,40 +232,11 @@ class CocoDetection(Dataset):
 
     def _parse_categories(self, categories: List[Any]) -> Dict[int, str]:
         """``{category id: name}``; sets the label maps, ``class_names`` and ``num_classes``."""
-        name = self.ann_file
-        cats: Dict[int, str] = {}
-        for i, c in enumerate(categories):
-            where = _rec("category", i, c)
-            _require_fields(name, where, c, ("id",))
-            if not _is_int(c["id"]):
-                raise DatasetError(f"{name}: {where}: field 'id' must be an integer, got {c['id']!r}")
-            cid = int(c["id"])
-            if cid in cats:
-                raise DatasetError(f"{name}: {where}: duplicate category id {cid}")
-            cname = c.get("name", str(cid))
-            if not isinstance(cname, str):
-                raise DatasetError(f"{name}: {where}: field 'name' must be a string, got {cname!r}")
-            cats[cid] = cname
-        if not cats:
-            raise DatasetError(f"{name}: 'categories' is empty; at least one category is required")
-        self._set_labels(cats)
-        return cats
-
-    def _set_labels(self, cats: Dict[int, str]) -> None:
-        sorted_ids = sorted(cats)
-        if self.label_mode == "category_id":
-            if sorted_ids[0] < 1:
-                raise DatasetError(f"{self.ann_file}: label_mode 'category_id' needs category ids >= 1 (0 is the "
-                                   f"background), got id {sorted_ids[0]}")
-            # Every id up to the largest is a label (unused ones too: a pretrained head predicts them, and
-            # COCOeval ignores categories that are not in the ground truth).
-            self.label_to_cat_id: Dict[int, int] = {i: i for i in range(1, sorted_ids[-1] + 1)}
-            self.class_names: List[str] = [cats.get(i, "") for i in range(1, sorted_ids[-1] + 1)]
-        else:
-            self.label_to_cat_id = {i + 1: cid for i, cid in enumerate(sorted_ids)}
-            self.class_names = [cats[cid] for cid in sorted_ids]
+        cats = parse_categories(self.ann_file, categories)
+        self.label_to_cat_id, self.class_names = label_maps(self.ann_file, cats, self.label_mode)
         self.cat_id_to_label: Dict[int, int] = {cid: lab for lab, cid in self.label_to_cat_id.items() if cid in cats}
         self.num_classes: int = len(self.class_names) + 1
+        return cats
 
     def _parse_images(self, records: List[Any]) -> Dict[int, Dict[str, Any]]:
         """``{image id: record}``; sets ``image_ids`` (file order)."""
@@ -307,6 +346,30 @@ class CocoDetection(Dataset):
                 f"'{self.img_dir}': {listed}"
             )
 
+    def check_images(self, progress: bool = False) -> None:
+        """Open every image's header (no decode): each file must be an image PIL reads, of the size its record
+        gives. Raises a :class:`DatasetError` naming the first bad file, its image id and the field at fault.
+
+        Cheap (the header only: about 0.1 ms an image), so a training run checks its whole data set before it
+        writes anything; a file whose pixel data is cut short or corrupt is only found when it is decoded.
+        ``progress`` shows a bar on sets of more than ``_LARGE_SET`` images.
+        """
+        from tqdm.auto import tqdm
+
+        show = progress and len(self.image_ids) > _LARGE_SET
+        for iid in tqdm(self.image_ids, desc=f"check {os.path.basename(self.ann_file)} images", unit="img",
+                        disable=not show, dynamic_ncols=True):
+            info = self._images[iid]
+            path = os.path.join(self.img_dir, info["file_name"])
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+            except (OSError, Image.DecompressionBombError) as e:  # not an image, unreadable, a decompression bomb
+                raise DatasetError(f"{self.ann_file}: image id {iid}: cannot read image {path}: {e}") from None
+            wrong = _size_mismatch(info, path, size)
+            if wrong:
+                raise DatasetError(f"{self.ann_file}: image id {iid}: {wrong}")
+
     # ---------------------------------------------------------------- accessors
     @property
     def coco(self):
@@ -364,12 +427,9 @@ class CocoDetection(Dataset):
             raise DatasetError(
                 f"{self.ann_file}: image id {info['id']}: cannot read image {path}: {e}"
             ) from None
-        w, h = pil.size
-        if (w, h) != (int(info["width"]), int(info["height"])):
-            raise DatasetError(
-                f"{self.ann_file}: image id {info['id']}: 'width'/'height' are "
-                f"{info['width']}x{info['height']} but {path} is {w}x{h}"
-            )
+        wrong = _size_mismatch(info, path, pil.size)
+        if wrong:
+            raise DatasetError(f"{self.ann_file}: image id {info['id']}: {wrong}")
         arr = np.asarray(pil, dtype=np.uint8)
         image = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
         target = self.get_target(index)

@@ -115,7 +115,8 @@ def _contrasting_colour(local_mean: np.ndarray, rng: np.random.Generator) -> Tup
     return tuple(int(v) for v in c)
 
 
-def _make_image(rng: np.random.Generator, image_size: int) -> Tuple[bytes, int, int, List[Dict[str, Any]]]:
+def _make_image(rng: np.random.Generator, image_size: int,
+                min_size: int = _MIN_SIZE) -> Tuple[bytes, int, int, List[Dict[str, Any]]]:
     """Render one image. Returns (jpeg bytes, width, height, objects[{cls, bbox}])."""
     w = h = int(image_size)
     if rng.random() < 0.6:
@@ -133,11 +134,11 @@ def _make_image(rng: np.random.Generator, image_size: int) -> Tuple[bytes, int, 
     inst = np.zeros((h, w), dtype=np.int16)  # 0 = no object, k = k-th object (1-based)
     objects: List[Dict[str, Any]] = []
     n_obj = int(rng.integers(1, 9))
-    max_side = max(_MIN_SIZE + 1, int(_MAX_FRAC * min(w, h)))
+    max_side = max(min_size + 1, int(_MAX_FRAC * min(w, h)))
     for k in range(1, n_obj + 1):
         cls = int(rng.integers(0, len(SHAPE_CLASSES)))
-        s = int(round(math.exp(rng.uniform(math.log(_MIN_SIZE), math.log(max_side)))))
-        s = min(max(s, _MIN_SIZE), min(w, h))
+        s = int(round(math.exp(rng.uniform(math.log(min_size), math.log(max_side)))))
+        s = min(max(s, min_size), min(w, h))
         x0 = int(rng.integers(0, w - s + 1))
         y0 = int(rng.integers(0, h - s + 1))
         mask = _shape_mask(cls, s, rng)
@@ -186,13 +187,13 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def _make_split(
-    split: str, n: int, seed: int, image_size: int, img_dir: str, pbar
+    split: str, n: int, seed: int, image_size: int, img_dir: str, pbar, min_size: int = _MIN_SIZE
 ) -> Dict[str, Any]:
     images, annotations = [], []
     ann_id = 1
     for i in range(n):
         rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], i])
-        jpeg, w, h, objs = _make_image(rng, image_size)
+        jpeg, w, h, objs = _make_image(rng, image_size, min_size)
         file_name = f"{split}_{i:06d}.jpg"
         _write_atomic(os.path.join(img_dir, file_name), jpeg)
         image_id = i + 1
@@ -235,6 +236,7 @@ def make_synthetic_dataset(
     image_size: int = 256,
     val_images: Optional[int] = None,
     progress: bool = True,
+    min_object_size: int = _MIN_SIZE,
 ) -> Dict[str, Any]:
     """Write a synthetic shapes detection dataset and return its paths and counts.
 
@@ -245,6 +247,7 @@ def make_synthetic_dataset(
         image_size: long image side in px (the short side is 75-100% of it).
         val_images: number of validation images (default ``max(1, num_images // 5)``).
         progress: show a tqdm progress bar.
+        min_object_size: smallest object side in px (default 8; objects range up to 40% of the short side).
 
     Returns:
         dict with ``root``, ``train_ann_file``, ``train_img_dir``, ``val_ann_file``,
@@ -259,8 +262,11 @@ def make_synthetic_dataset(
     val_images = int(val_images)
     if val_images < 0:
         raise ValueError(f"make_synthetic_dataset: val_images must be >= 0, got {val_images}")
-    if int(image_size) < 4 * _MIN_SIZE:
-        raise ValueError(f"make_synthetic_dataset: image_size must be >= {4 * _MIN_SIZE}, got {image_size}")
+    if int(min_object_size) < 1:
+        raise ValueError(f"make_synthetic_dataset: min_object_size must be >= 1, got {min_object_size}")
+    if int(image_size) < 4 * int(min_object_size):
+        raise ValueError(f"make_synthetic_dataset: image_size must be >= 4 x min_object_size = "
+                         f"{4 * int(min_object_size)}, got {image_size}")
 
     root = os.fspath(out_dir)
     ann_dir = os.path.join(root, "annotations")
@@ -276,7 +282,7 @@ def make_synthetic_dataset(
         for split, n in (("train", num_images), ("val", val_images)):
             img_dir = os.path.join(root, "images", split)
             os.makedirs(img_dir, exist_ok=True)
-            data = _make_split(split, n, seed, image_size, img_dir, pbar)
+            data = _make_split(split, n, seed, image_size, img_dir, pbar, int(min_object_size))
             ann_file = os.path.join(ann_dir, f"{split}.json")
             _write_atomic(ann_file, json.dumps(data, separators=(",", ":")).encode("utf-8"))
             out[f"{split}_ann_file"] = ann_file

@@ -21,15 +21,18 @@ Public API
     ``samkd eval``: the config's model on its validation set. The training set is not read.
 
 Metric conventions: values are ``100 * stats[i]`` of the COCO evaluator.  When a
-metric is undefined (e.g. ``APs`` when the evaluated images have no small
-ground-truth object) COCO reports ``-1``; we keep ``-1.0`` (not scaled) so it is
-distinguishable from a genuine 0.  With no detections at all, every metric is
-``0.0`` and the evaluator is not run.
+metric is not measured (e.g. ``APl`` when the evaluated images have no large
+ground-truth object) COCO reports ``-1``; samkd reports ``None`` (``null`` in
+summary.json, ``n/a`` in tables), so it cannot be mistaken for a score.  With no
+detections at all the evaluator is not run: a metric is ``0.0`` where there is
+ground truth to find, ``None`` where there is none.  :func:`measured` reads a
+value of either kind, older files' ``-1.0`` included.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Dict, List, Optional, Union
@@ -39,7 +42,10 @@ import torch
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 __all__ = ["METRIC_NAMES", "build_val_set", "coco_metrics", "detections_to_coco", "evaluate", "evaluate_config",
-           "val_loader"]
+           "format_metric", "measured", "val_loader"]
+
+# The object areas each metric counts (COCOeval's areaRng, bounds included); AP, AP50 and AP75 count all.
+AREA_RANGES = {"APs": (0.0, 32.0**2), "APm": (32.0**2, 96.0**2), "APl": (96.0**2, 1e10)}
 
 _SCORE_DECIMALS = 5
 
@@ -98,16 +104,35 @@ def _to_pycocotools_coco(coco_gt: Any):
     return gt
 
 
-def _zeros() -> Dict[str, float]:
-    return {k: 0.0 for k in METRIC_NAMES}
+def measured(value: Any) -> Optional[float]:
+    """A metric as a number, or None when it was not measured: ``None``, NaN, or COCO's ``-1`` (which
+    the summary.json files of earlier samkd versions hold)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
 
 
-def _stats_to_metrics(stats: Sequence[float]) -> Dict[str, float]:
-    out = {}
-    for name, v in zip(METRIC_NAMES, stats[: len(METRIC_NAMES)]):
-        v = float(v)
-        out[name] = v * 100.0 if v >= 0 else -1.0
+def format_metric(value: Any, spec: str = ".1f") -> str:
+    """A metric (or any number of a summary) for a table: ``n/a`` when it was not measured."""
+    value = measured(value)
+    return "n/a" if value is None else format(value, spec)
+
+
+def _without_detections(gt: Any, eval_ids: Sequence[int]) -> Dict[str, Optional[float]]:
+    """The metrics of no detections: 0 where there is ground truth to find (COCOeval's rule: not crowd, area in
+    the metric's range), None where there is none (COCOeval would report -1)."""
+    anns = gt.loadAnns(gt.getAnnIds(imgIds=list(eval_ids))) if eval_ids else []
+    areas = [float(a["area"]) if "area" in a else float(a["bbox"][2]) * float(a["bbox"][3])
+             for a in anns if not a.get("iscrowd", 0)]
+    out: Dict[str, Optional[float]] = {}
+    for name in METRIC_NAMES:
+        lo, hi = AREA_RANGES.get(name, (0.0, math.inf))
+        out[name] = 0.0 if any(lo <= area <= hi for area in areas) else None
     return out
+
+
+def _stats_to_metrics(stats: Sequence[float]) -> Dict[str, Optional[float]]:
+    return {name: measured(float(v) * 100.0) for name, v in zip(METRIC_NAMES, stats[: len(METRIC_NAMES)])}
 
 
 # --------------------------------------------------------------------------- #
@@ -185,9 +210,9 @@ def coco_metrics(
         verbose: let the evaluator print its summary table.
 
     Returns:
-        ``{name: value}`` for ``METRIC_NAMES``; values in 0-100, ``-1.0`` for an
-        undefined metric (no GT in that area range), all ``0.0`` when there are
-        no detections.
+        ``{name: value}`` for ``METRIC_NAMES``; values in 0-100, ``None`` for a
+        metric not measured (no GT in that area range); with no detections, 0.0
+        where there is GT and ``None`` where there is none.
     """
     if backend not in ("faster", "pycocotools"):
         raise ValueError(f"unknown backend {backend!r}; expected 'faster' or 'pycocotools'")
@@ -195,7 +220,7 @@ def coco_metrics(
     eval_ids = _eval_image_ids(gt, img_ids)
     dets = _clean_detections(detections, eval_ids)
     if not dets or not eval_ids:
-        return _zeros()
+        return _without_detections(gt, eval_ids)
     return _stats_to_metrics(_run_cocoeval(gt, dets, eval_ids, backend, verbose))
 
 
@@ -326,7 +351,7 @@ def evaluate(
         per_image = merged
 
     if not per_image:
-        return _zeros()
+        return {k: None for k in METRIC_NAMES}  # no image evaluated: nothing measured
     img_ids = sorted(per_image)
     detections = [d for i in img_ids for d in per_image[i]]
     return coco_metrics(coco_gt, detections, backend=backend, img_ids=img_ids, verbose=verbose)
@@ -368,6 +393,7 @@ def evaluate_config(cfg, checkpoint: Optional[str] = None) -> Dict[str, float]:
 
     device = resolve_device(cfg.train.device)
     val_set = build_val_set(cfg.data)
+    val_set.check_images(progress=cfg.train.progress)  # a bad file stops it now, not after minutes of scoring
     model = detector_from_config(cfg.model, val_set.num_classes, checkpoint=checkpoint, role="model").to(device)
     return evaluate(model, val_loader(cfg.data, val_set), val_set.coco, val_set.label_to_cat_id, device=device,
                     progress=cfg.train.progress)

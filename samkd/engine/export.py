@@ -4,17 +4,23 @@ For the torchvision families the export is ``student_state_dict.pt`` (``model.st
 ``student.json["torchvision_code"]``: Python that rebuilds the detector with plain torchvision (timm for an
 EfficientNet-Lite backbone) and loads the state dict strictly. That code is the family's build recipe
 (:meth:`samkd.models.families.Family.recipe`) written out: the same recipe built the trained model.
+
+``student.json`` also says what the model's labels are: ``label_to_category_id`` (the dataset's category id of
+each label the detector outputs) and ``class_names`` (label -> name), read from the config's annotation files;
+``samkd predict`` on the exported weights uses them.
 """
 from __future__ import annotations
 
 import json
 import warnings
+from typing import Optional
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..config import Config, ModelConfig
+from ..data import config_label_map
 from ..models.builders import detector_from_config, read_state_dict, recipe_options
 from ..models.families import family
 
@@ -37,10 +43,24 @@ def _export_onnx(model: nn.Module, m: ModelConfig, path: Path) -> None:
                        + "; ".join(errors))
 
 
+def label_map_entries(cfg: Config, num_classes: int) -> dict:
+    """``label_to_category_id`` and ``class_names`` of the student (JSON: keys are the labels, as strings)."""
+    found: Optional[dict] = config_label_map(cfg.data)
+    if found is None:
+        warnings.warn("student.json: the config names no annotation file, so the export cannot say which "
+                      "category each label is (label_to_category_id and class_names are null)")
+        return {"label_to_category_id": None, "class_names": None}
+    labels = sorted(found["label_to_category_id"])
+    if labels and labels[-1] >= num_classes:
+        warnings.warn(f"student.json: the data has labels up to {labels[-1]}, the student {num_classes - 1}: "
+                      "is it the data the student was trained on?")
+    return {key: {str(label): value for label, value in found[key].items()} for key in found}
+
+
 def export_student(cfg: Config, checkpoint, out_dir, onnx: bool = False) -> dict:
     """Write the student of ``cfg`` with the weights of ``checkpoint`` to ``out_dir``: the family's export files
-    (torchvision families: ``student_state_dict.pt``), ``student.json`` (what it is and the code that rebuilds it,
-    ``torchvision_code``) and, with ``onnx``, ``student.onnx``.
+    (torchvision families: ``student_state_dict.pt``), ``student.json`` (what it is, its labels' categories and
+    names, and the code that rebuilds it, ``torchvision_code``) and, with ``onnx``, ``student.onnx``.
 
     Args:
         cfg: experiment config; ``cfg.model`` describes the student.
@@ -62,7 +82,8 @@ def export_student(cfg: Config, checkpoint, out_dir, onnx: bool = False) -> dict
     info = {"arch": m.arch, "backbone": m.backbone, "num_classes": num_classes, "min_size": m.min_size,
             "max_size": m.max_size, "anchor_sizes": m.anchor_sizes,
             "norm_layer": "FrozenBatchNorm2d" if options.get("frozen_bn") else "BatchNorm2d",
-            **m.torchvision_kwargs(), "source_checkpoint": str(checkpoint), "torchvision_code": code}
+            **m.torchvision_kwargs(), **label_map_entries(cfg, num_classes), "source_checkpoint": str(checkpoint),
+            "torchvision_code": code}
     json_path = out / "student.json"
     json_path.write_text(json.dumps(info, indent=2) + "\n")
     written["json"] = str(json_path)

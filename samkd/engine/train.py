@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -39,6 +38,7 @@ from .checkpoint import (capture_rng_state, link_checkpoint, load_checkpoint, pr
 from .device import resolve_device
 from .evaluate import build_val_set, evaluate, val_loader
 from .optim import build_optimizer, lr_factor
+from .rundir import SetAside, set_aside, settle_replaced
 
 _SUMMARY = "summary.json"
 
@@ -60,8 +60,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
-def build_datasets(data: DataConfig) -> tuple[CocoDetection, Optional[CocoDetection]]:
-    """The training set and, when the config names one, the validation set (same categories, checked)."""
+def build_datasets(data: DataConfig, progress: bool = False) -> tuple[CocoDetection, Optional[CocoDetection]]:
+    """The training set and, when the config names one, the validation set (same categories, checked; every
+    image's header read: :meth:`~samkd.data.CocoDetection.check_images`, a progress bar on large sets)."""
     data = data.resolved()
     if not data.train_ann or not data.train_images:
         raise ConfigError("data: set data.root (a `samkd make-data` folder) or data.train_ann and data.train_images")
@@ -72,6 +73,9 @@ def build_datasets(data: DataConfig) -> tuple[CocoDetection, Optional[CocoDetect
         if val_set.label_to_cat_id != train_set.label_to_cat_id:
             raise DatasetError(f"{data.val_ann}: categories {sorted(val_set.cat_id_to_label)} differ from those of "
                                f"{data.train_ann} {sorted(train_set.cat_id_to_label)}: labels would not line up")
+    for dataset in (train_set, val_set):
+        if dataset is not None:
+            dataset.check_images(progress=progress)
     return train_set, val_set
 
 
@@ -205,8 +209,8 @@ class RunLogger:
         if not enabled:
             return
         truncate_csv(out / "train.csv", step)
-        self.history = [{k: (float(v) if k not in ("step", "epoch") else int(v)) for k, v in r.items()}
-                        for r in truncate_csv(out / "eval.csv", step)]
+        self.history = [{k: int(v) if k in ("step", "epoch") else float(v) if v != "" else None  # "": not measured
+                         for k, v in r.items()} for r in truncate_csv(out / "eval.csv", step)]
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -258,6 +262,7 @@ class Run:
     saved_step: int = -1  # step of the newest checkpoint (the one loaded or written)
     step_times: list = field(default_factory=list)
     num_classes: int = 0
+    replaced: Optional[SetAside] = None  # the record --overwrite set aside, until this run can replace it
 
     @property
     def is_main(self) -> bool:
@@ -274,7 +279,7 @@ def setup_data(cfg: Config) -> Run:
     device = resolve_device(cfg.train.device)  # under torchrun: cuda:LOCAL_RANK, now that the group is up
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    train_set, val_set = build_datasets(cfg.data)
+    train_set, val_set = build_datasets(cfg.data, progress=cfg.train.progress and rank == 0)
     loader = build_loader(train_set, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
                           distributed=world > 1, seed=cfg.seed)
     val = None if val_set is None else val_loader(cfg.data, val_set, distributed=world > 1, seed=cfg.seed)
@@ -369,27 +374,57 @@ def restore(run: Run, path: Path, state: dict) -> dict:
     return state["rng"]
 
 
-def prepare_output(run: Run, overwrite: bool, fresh: bool) -> None:
-    """The first writes into output_dir: the previous run's files when overwriting, then config.yaml.
+def settle_interrupted_overwrite(run: Run) -> None:
+    """Before the checks read output_dir: the run an ``--overwrite`` killed before its first checkpoint had set
+    aside is put back (or dropped, when the new run got that far); see :mod:`samkd.engine.rundir`."""
+    if run.is_main:
+        done = settle_replaced(run.out)
+        if done:
+            note(done)
+    if run.world > 1:
+        dist.barrier()  # every rank checks the folder as rank 0 left it
 
-    A fresh start also drops the logs of an interrupted attempt that left no checkpoint (check_fresh_start has
-    made sure nothing else is there), so its rows are not mixed into the new run's.
+
+def prepare_output(run: Run, overwrite: bool, fresh: bool) -> None:
+    """The first writes into output_dir: the previous run set aside when overwriting, then config.yaml.
+
+    The record set aside (``run.replaced``) is dropped when this run has a checkpoint or its summary, and put
+    back if it fails before. A fresh start also drops the logs of an interrupted attempt that left no checkpoint
+    (check_fresh_start has made sure nothing else is there), so its rows are not mixed into the new run's.
     """
     if not run.is_main:
         return
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
-    if fresh:
+    if overwrite:
+        run.replaced = set_aside(out)
+    elif fresh:
         for name in ("train.csv", "eval.csv"):
             (out / name).unlink(missing_ok=True)
-    if overwrite:
-        for name in (_SUMMARY, "train.csv", "eval.csv", "model.pt", "student.pt"):
-            (out / name).unlink(missing_ok=True)
-        for path in [run.ckpt_dir / "last.pt", *run.ckpt_dir.glob("step_*.pt")]:
-            path.unlink(missing_ok=True)
-        shutil.rmtree(out / "tensorboard", ignore_errors=True)
     with writing(out / "config.yaml"):
         dump_config(run.cfg, out / "config.yaml")
+
+
+def drop_replaced(run: Run) -> None:
+    """This run has something to replace the run ``--overwrite`` set aside with: that one goes now."""
+    if run.replaced is not None:
+        run.replaced.drop()
+        run.replaced = None
+
+
+def restore_replaced(run: Run) -> bool:
+    """This run failed before it had a checkpoint: put the run it was replacing back, as it was. Returns whether
+    there was one (and it is back)."""
+    if run.replaced is None:
+        return False
+    aside, run.replaced = run.replaced, None
+    try:
+        aside.restore()
+    except OSError as exc:  # say where the old files are rather than hide the first error
+        note(f"{run.out}: could not restore the run --overwrite was replacing ({exc}); its files are in "
+             f"{aside.folder} (the next `samkd train` in {run.out} tries again)")
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------ train
@@ -482,6 +517,7 @@ def save_training_state(run: Run) -> Optional[Path]:
             save_checkpoint(path, state)
             link_checkpoint(path, run.ckpt_dir / "last.pt")
             prune_checkpoints(run.ckpt_dir, run.cfg.train.keep_checkpoints)
+        drop_replaced(run)
     run.saved_step = run.step
     return path
 
@@ -500,6 +536,7 @@ def finish(run: Run, metrics: dict, history: list[dict]) -> dict:
         with writing(weights):
             save_checkpoint(weights, run.model.student.state_dict())
         write_json(run.out / _SUMMARY, summary)  # last: its presence marks the run finished
+        drop_replaced(run)
     return summary
 
 
@@ -523,6 +560,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
 
 def _train(cfg: Config, resume: Optional[str], overwrite: bool) -> dict:
     run = setup_data(cfg)
+    settle_interrupted_overwrite(run)
     if resume:
         done = read_summary(run.out)
         if done and done.get("steps", -1) >= run.total_steps:
@@ -536,8 +574,37 @@ def _train(cfg: Config, resume: Optional[str], overwrite: bool) -> dict:
     if resume and state is None:  # auto, and no checkpoint that loads: a fresh start
         check_fresh_start(run.out, overwrite, resume)
     rng = restore(run, path, state) if state is not None else None
-    # Everything is checked: from here on output_dir is written.
-    prepare_output(run, overwrite, fresh=state is None)
+    try:  # everything is checked: from here on output_dir is written
+        prepare_output(run, overwrite, fresh=state is None)
+        return train_loop(run, rng)
+    except BaseException as exc:
+        restored = restore_replaced(run)
+        if isinstance(exc, Exception):
+            add_note(exc, what_is_left(run, restored))
+        raise
+
+
+def what_is_left(run: Run, restored: bool) -> str:
+    """What a failed run leaves in output_dir, said after its error."""
+    if restored:
+        return f"the run in {run.out} that --overwrite was replacing is restored, unchanged"
+    if run.saved_step > 0 and run.cfg.train.keep_checkpoints:
+        return f"{run.out} keeps its checkpoint of step {run.saved_step}: --resume auto continues from it"
+    return f"{run.out} has no checkpoint yet: run the command again to start over"
+
+
+def add_note(exc: BaseException, text: str) -> None:
+    """Append ``text`` to the exception's notes (``BaseException.add_note`` of Python 3.11, also on 3.9/3.10):
+    the CLI prints them after the message, on the same line."""
+    if not isinstance(getattr(exc, "__notes__", None), list):
+        exc.__notes__ = []
+    exc.__notes__.append(text)
+
+
+def train_loop(run: Run, rng: Optional[dict]) -> dict:
+    """Train ``run`` (set up, and resumed to its step) to its last step, evaluate and save it; returns its
+    summary. ``rng``: the RNG state of the checkpoint it resumed from."""
+    cfg = run.cfg
     wrap_ddp(run)
     logger = RunLogger(run.out, run.is_main, cfg.train.tensorboard, run.step)
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not (cfg.train.progress and run.is_main),

@@ -7,6 +7,7 @@ its family (``torchvision.models.detection.<Arch>`` for the torchvision ones) th
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -177,12 +178,27 @@ def detector_from_config(m, num_classes: Optional[int] = None, checkpoint: Optio
     """
     fam = family(m.arch)
     path = checkpoint or m.checkpoint
-    state = read_state_dict(path) if path else None
+    # A checkpoint the config names is reported with its key (teacher.checkpoint, model.checkpoint).
+    key = f"{'teacher' if role == 'teacher' else 'model'}.checkpoint" if path and path == m.checkpoint else None
+    with _naming(key):
+        state = read_state_dict(path) if path else None
     classes = _class_count(m, fam, num_classes, state, path)
-    if role is not None and state is None and not m.weights:
-        warnings.warn(f"{role} has neither checkpoint nor weights: it is randomly initialised")
     if state is None:
+        if role is not None and not m.weights:
+            warnings.warn(f"{role} has neither checkpoint nor weights: it is randomly initialised")
         return _build(m.arch, recipe_options(m, classes), m.weights)
     model = _build(m.arch, recipe_options(m, classes, state))
-    load_state_strict(model, state, path, f"a {m.arch}/{m.backbone} detector with {classes} classes")
+    with _naming(key):
+        load_state_strict(model, state, path, f"a {m.arch}/{m.backbone} detector with {classes} classes")
     return model
+
+
+@contextmanager
+def _naming(key: Optional[str]):
+    """Prefix the config key (``teacher.checkpoint``) to the ModelConfigErrors raised inside, when there is one."""
+    try:
+        yield
+    except ModelConfigError as exc:
+        if key is None:
+            raise
+        raise ModelConfigError(f"{key}: {exc}") from exc
