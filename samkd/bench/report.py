@@ -201,7 +201,8 @@ def write_report(out: Path, payload: dict) -> str:
     """``results.md`` (one table per recorded suite) and ``results.png`` from ``results.json``'s content."""
     lines = ["# samkd bench", "",
              "Synthetic-shapes benchmark (`samkd make-data`), every method under the same step budget and the "
-             "same tuning budget (`benchmarks/tuning.md`). Regenerate a table with the command shown under it.", ""]
+             "same tuning budget (`benchmarks/tuning.md`). Regenerate a table with the command shown under it.",
+             "What each loss costs, before and after the speed work, CPU and GPU: [speed.md](speed.md).", ""]
     for name in SUITES:
         if name in payload["suites"]:
             lines += suite_markdown(name, payload["suites"][name]) + [""]
