@@ -59,7 +59,8 @@ STRIDES = (8, 16, 32, 64, 128)
 CHANNELS, CLASSES = 256, 80
 # Dispatched operators that run no kernel: they allocate or describe memory (views are excluded by is_view).
 NO_KERNEL = {"detach", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
-             "alias", "_unsafe_view", "_local_scalar_dense", "set_", "resize_", "_to_copy_noop", "sym_size", "sym_stride", "is_same_size"}
+             "alias", "_unsafe_view", "_local_scalar_dense", "set_", "resize_", "sym_size", "sym_stride",
+             "is_same_size"}
 
 
 def make_taps(image_size: int, batch: int, device: str = "cpu", seed: int = 0, taps_class=Taps) -> tuple[Taps, Taps]:

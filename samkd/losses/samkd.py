@@ -287,6 +287,7 @@ def _segment_counts(is_global: bool, area: int, mask_ratio: float, random_share:
 
 @functools.lru_cache(maxsize=32)
 def mask_plan(layout: MaskLayout, mask_ratio: float, random_share: float, placement: str) -> MaskPlan:
+    """The :class:`MaskPlan` of a layout for these mask options (cached)."""
     counts = [_segment_counts(is_global, area, mask_ratio, random_share, placement)
               for (_, _, is_global), area in zip(layout.segments, layout.grid_areas)]
     first, second = (ranked_slots(layout.cells, tuple(c[i] for c in counts)) for i in (0, 1))
@@ -358,7 +359,8 @@ def level_input_masks(magnitude: Tensor, layout: LevelLayout, pyramid: Sequence[
             noise = draw[_noise_index(masks, plan, n)]
         keep = _keep_cells(scores, noise, masks, plan, placement)
         pixels = keep.index_select(1, masks.upsample_index)
-    return [pixels[:, start:stop].view(n, -1, h, w) for (start, stop), (h, w) in zip(masks.level_slices, layout.sizes)]
+    return [pixels[:, start:stop].view(n, -1, h, w)
+            for (start, stop), (h, w) in zip(masks.level_slices, layout.sizes)]
 
 
 def _keep_cells(scores: Tensor, noise: Optional[Tensor], masks: MaskLayout, plan: MaskPlan,
@@ -630,7 +632,8 @@ class SFDLoss(nn.Module):
 
     def input_masks(self, teacher_feat: Tensor, generator: Optional[torch.Generator] = None) -> list[Tensor]:
         """The masks the student feature of one level is multiplied by, one per scale (the pyramid's, then the
-        global one when ``global_mask``)."""
+        global one when ``global_mask``). ``forward`` computes those of every level at once
+        (:func:`level_input_masks`, tested equal to this per-level computation, random draws included)."""
         masks = hierarchical_masks(teacher_feat, self.pyramid, self.mask_ratio, self.random_share, generator,
                                    self.placement)
         if self.global_mask:
