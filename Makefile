@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH) || $(PIP) install -q "torch>=2.2" "torchvision>=0.17"
-	$(PIP) install -q -e ".[test,tensorboard,onnx,timm]"
+	$(PIP) install -q -e ".[test,tensorboard,onnx,timm,yolo]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -23,7 +23,8 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _cmd_make_data(args) -> int:
     from .data import make_synthetic_dataset
     info = make_synthetic_dataset(args.out, args.images, seed=args.seed, image_size=args.image_size,
-                                  val_images=args.val_images, progress=not args.quiet)
+                                  val_images=args.val_images, progress=not args.quiet,
+                                  min_object_size=args.min_object_size)
     print(json.dumps({k: str(v) for k, v in info.items()}, indent=2))
     return 0
 
@@ -152,6 +153,8 @@ def _add_data_and_runs(add) -> None:
     p.add_argument("--val-images", type=int, default=None, help="validation images (default: images // 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--min-object-size", type=int, default=8,
+                   help="smallest object side in px (8 * image size / 128 keeps 128 px images' task)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_make_data)
 

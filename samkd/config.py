@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelConfigError
 from .ranges import POSITIVE, Range, at_least, between
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "ModelConfig", "TrainConfig", "config_from_dict",
@@ -93,8 +93,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # The defaults are samkd.models.build_detector's (tests/test_cli.py checks that they agree).
-    arch: str = "fcos"  # fcos | retinanet | faster_rcnn (samkd.models.ARCHS)
-    backbone: str = "resnet18"  # resnet18/34/50/101 | mobilenet_v3_large | efficientnet_lite0/1/2
+    arch: str = "fcos"  # fcos | retinanet | faster_rcnn | yolo (samkd.models.ARCHS)
+    # resnet18/34/50/101 | mobilenet_v3_large | efficientnet_lite0/1/2; yolo: the model, yolo11n, yolov8s, ...
+    backbone: str = "resnet18"
     num_classes: Optional[int] = None  # including background; None: from the training set
     min_size: int = 800
     max_size: int = 1333
@@ -246,11 +247,20 @@ def _check_choices(cfg: Config, where: str) -> None:
         m = getattr(cfg, block)
         if m is not None:
             choice(m.arch, ARCHS, f"{block}.arch")
-            choice(m.backbone, family(m.arch).backbones, f"{block}.backbone")
+            try:
+                backbones = family(m.arch).backbones  # YOLO's: the models the installed ultralytics ships
+            except ModelConfigError as exc:  # its optional package is missing
+                raise ConfigError(f"{where}{block}.arch: {exc}") from exc
+            choice(m.backbone, backbones, f"{block}.backbone")
+            wrong = family(m.arch).config_error(m)
+            if wrong:
+                raise ConfigError(f"{where}{block}.{wrong[0]}: {wrong[1]}")
             levels = family(m.arch).num_levels
             if m.anchor_sizes is not None and len(m.anchor_sizes) != levels:
                 raise ConfigError(f"{where}{block}.anchor_sizes: needs one base size per FPN level ({levels} for "
                                   f"{m.arch}), got {len(m.anchor_sizes)}: {m.anchor_sizes}")
+    if cfg.distill is not None and cfg.teacher is not None:
+        _check_pair(cfg.teacher.arch, cfg.model.arch, where)
     choice(cfg.data.label_mode, LABEL_MODES, "data.label_mode")
     choice(cfg.train.optimizer, tuple(OPTIMIZERS), "train.optimizer")
     choice(cfg.train.scheduler, tuple(SCHEDULERS), "train.scheduler")
@@ -260,6 +270,16 @@ def _check_choices(cfg: Config, where: str) -> None:
         _check_losses(cfg.distill.losses, where, choice)
         if cfg.teacher is None:
             raise ConfigError(f"{where}distill needs a 'teacher' block (arch, backbone, checkpoint, ...)")
+
+
+def _check_pair(teacher_arch: str, student_arch: str, where: str) -> None:
+    """A family that cannot be mixed with others (YOLO) teaches, and is taught by, its own family only."""
+    from .models.families import family
+
+    lonely = [f.name for f in (family(teacher_arch), family(student_arch)) if not f.mixes_with_other_families]
+    if teacher_arch != student_arch and lonely:
+        raise ConfigError(f"{where}teacher.arch {teacher_arch!r} and model.arch {student_arch!r}: a {lonely[0]} "
+                          f"detector distils only from and into its own family: set both to {lonely[0]}")
 
 
 def _check_losses(losses: dict, where: str, choice) -> None:

@@ -57,13 +57,17 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
     """Fail early, with both values named, when the two detectors cannot be compared level by level."""
+    s_family, t_family = family_of(student), family_of(teacher)
+    if s_family is not t_family and not (s_family.mixes_with_other_families and t_family.mixes_with_other_families):
+        lonely = t_family if not t_family.mixes_with_other_families else s_family
+        raise DistillConfigError(f"teacher.arch {t_family.name!r} and model.arch {s_family.name!r}: a {lonely.name} "
+                                 "detector distils only from and into its own family")
     for field in _TRANSFORM_FIELDS:
         s, t = getattr(student.transform, field, None), getattr(teacher.transform, field, None)
         if s != t:
             raise DistillConfigError(
                 f"teacher and student must share transform.{field} so their FPN maps align: "
                 f"student {s!r}, teacher {t!r} (set the same min_size/max_size in both model blocks)")
-    s_family, t_family = family_of(student), family_of(teacher)
     if s_family.kind != t_family.kind:
         raise DistillConfigError(f"cannot mix a one-stage and a two-stage detector: student "
                                  f"{type(student).__name__}, teacher {type(teacher).__name__}")
@@ -110,7 +114,7 @@ def copy_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
     return sorted(copied)
 
 
-def _build_named_loss(name: str, params: Optional[Mapping], channels: int, num_levels: int) -> nn.Module:
+def _build_named_loss(name: str, params: Optional[Mapping], channels, num_levels: int) -> nn.Module:
     try:
         return build_loss(name, channels=channels, num_levels=num_levels, **dict(params or {}))
     except (TypeError, ValueError) as exc:  # bad hyper-parameter value: name the config entry
@@ -164,10 +168,13 @@ class Distiller(nn.Module):
                                      "use the same anchor settings")
         # The levels the losses see: all, or the family's (Faster R-CNN: P2-P5, not the RPN-only pool level).
         self.num_levels = t_family.distill_levels or len(t_levels)
-        self.channels = channels = t_levels[0][0]  # the width the losses see (the student is aligned to it)
-        # 1x1 convs bring the student's FPN width to the teacher's (identity when they match).
-        self.align = nn.ModuleList(
-            nn.Conv2d(c, channels, 1) if c != channels else nn.Identity() for c, _ in s_levels[:self.num_levels])
+        # The widths the losses see, level by level: the teacher's (the student is aligned to them). One number
+        # when every level has the same width (torchvision FPNs), one per level otherwise (YOLO necks).
+        widths = [c for c, _ in t_levels[:self.num_levels]]
+        self.channels = channels = widths[0] if len(set(widths)) == 1 else tuple(widths)
+        # 1x1 convs bring each student level to the teacher's width on that level (identity when they match).
+        self.align = nn.ModuleList(nn.Conv2d(c_s, c_t, 1) if c_s != c_t else nn.Identity()
+                                   for (c_s, _), c_t in zip(s_levels[:self.num_levels], widths))
         specs = preset_losses(t_family.name, dict(losses or {}), feature_norm, loss_params)
         self.losses = nn.ModuleDict({name: _build_named_loss(name, params, channels, self.num_levels)
                                      for name, params in specs.items()})

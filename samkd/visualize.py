@@ -5,8 +5,8 @@ Maps are drawn over the resized image the detectors saw (normalisation undone, p
 
 The maps are those the losses see in training: :meth:`samkd.distill.Distiller.compare_on_batch` selects the
 distilled levels, aligns the student to the teacher's width and applies ``distill.feature_norm``. If teacher and
-student FPN widths differ (not the case for samkd's builders, which all use 256 channels), the alignment convs
-are untrained here (a warning says so).
+student FPN widths differ (not for the torchvision families, whose FPNs are all 256 wide; always for a YOLO pair of
+two scales), the alignment convs are untrained here (a warning says so).
 """
 from __future__ import annotations
 

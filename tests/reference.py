@@ -195,10 +195,10 @@ def sfd_by_hand(sfd, s, t, *, ratio, channel_tau, use_channel_attention=True, ta
     """``alpha_sfd sum_l 1/N sum A^C_T (sum_k pi_k G_k(F_S M_k) - F_T)^2`` (no random share).
 
     ``masks_by_hand(level, ft)`` gives the ``M_k`` of every scale of a level (default: the top-attended cells)."""
-    hidden = sfd.generation[0].hidden
     ref = 0.0
     for level, (fs, ft) in enumerate(zip(s.features, t.features)):
         c = fs.shape[1]
+        hidden = max(1, math.floor(sfd.generator_ratio * c + 0.5))  # each level's width: its own generators
         gen = sfd.generation[level]
         pi = torch.softmax(sfd.fusion_logits[level], dim=0)  # over the scales of this level
         fused = 0.0
@@ -263,7 +263,7 @@ def freekd_terms_by_hand(s, t, tokens, levels=3):
         _, bands_s = haar_by_conv(fs, levels)
         _, bands_t = haar_by_conv(ft, levels)
         for j, (bs, bt) in enumerate(zip(bands_s, bands_t)):
-            mask = torch.sigmoid(torch.einsum("tc,nchw->nthw", tokens[level, j], bt.sum(dim=2)))  # (N, T, h, w)
+            mask = torch.sigmoid(torch.einsum("tc,nchw->nthw", tokens[level][j], bt.sum(dim=2)))  # (N, T, h, w)
             masked_s = mask[:, :, None, None] * bs[:, None]  # (N, T, C, 3, h, w)
             masked_t = mask[:, :, None, None] * bt[:, None]
             wave = wave + (masked_s - masked_t).abs().mean()

@@ -185,7 +185,8 @@ def test_cost_profile_runs_on_cpu_at_tiny_size(tmp_path):
     payload = run_costs(out_dir=str(tmp_path), device="cpu", image_size=64, batch_size=1, reps=1,
                         student_backbone="resnet18", teacher_backbone="resnet18", methods=["fitnet", "mgd", "samkd"])
     from samkd.models import ARCHS
-    assert tuple(payload["cost"]) == ARCHS == ("fcos", "retinanet", "faster_rcnn")  # every family by default
+    # every family that builds a resnet18 by default: the torchvision ones (a YOLO model names its whole net)
+    assert tuple(payload["cost"]) == tuple(a for a in ARCHS if a != "yolo") == ("fcos", "retinanet", "faster_rcnn")
     for cost in payload["cost"].values():
         assert set(cost) == {"fitnet", "mgd", "samkd"}
         assert all(c["step_ratio"] > 0 and c["peak_mib"] is None for c in cost.values())
@@ -374,7 +375,7 @@ def test_every_suite_keeps_every_folder():
     digest (computed by the code before the bench became a package)."""
     import hashlib
     names = []
-    for name in ("paper_fcos", "paper_retinanet", "fcos", "retinanet", "faster_rcnn", "pretrained"):
+    for name in ("paper_fcos", "paper_retinanet", "fcos", "retinanet", "faster_rcnn", "pretrained"):  # (not yolo)
         suite = SUITES[name]
         for data_seed in (0, 1, 2):
             names.append(_teacher_folder(suite, data_seed).name)
@@ -449,12 +450,28 @@ def test_paper_suites_refuse_to_run_before_their_tuning_is_recorded(monkeypatch)
 
 
 def test_the_256_px_suite_makes_its_data_and_models_at_256_px_with_objects_scaled_alike():
-    from samkd.bench.suites import min_object_size
-    assert min_object_size(128) == 8 and min_object_size(256) == 16  # 8 px at 128 px: the data of every table
     suite = SUITES["paper_fcos_256"]
-    params = suite.bench_params(BenchParams())
-    assert params.image_size == 256 and BenchParams().image_size == 128
-    assert suite.bench_params(QUICK) == QUICK  # a quick run stays tiny
+    params = suite.params()
+    assert params.image_size == 256 and params.min_object_size == 16 and BenchParams().image_size == 128
+    assert suite.params(quick=True) == QUICK  # a quick run stays tiny
+    assert bench.synthetic_data(WORK, params, 0, write=False) == WORK / "data_s0_256px_600_min16"
     raw = suite.student_raw(params, Path("data"), 0, {"mgd": {}}, "t.pt")
     assert raw["model"]["min_size"] == raw["model"]["max_size"] == 256 == raw["teacher"]["min_size"]
     assert set(suite.methods) <= set(METHODS) and suite.tuning == "paper_fcos"
+
+
+def test_yolo_suite_keeps_its_folders():
+    """The YOLO table's data, teachers and runs (its 256 px budget, ultralytics' rows too): pinned, so that a
+    refactoring does not orphan a measured table. Only configs are built: no ultralytics needed."""
+    suite = SUITES["yolo"]
+    params = suite.params()
+    root = bench.synthetic_data(WORK, params, 2, write=False)
+    assert root == WORK / "data_s2_256px_600_min16"
+    teacher = run_dir(WORK, suite.teacher_run_name(2), suite.teacher_raw(params, root))
+    assert teacher.name == "teacher-yolo-yolo11s-d2-4112d00240"
+    folders = {"student": "yolo-student-d2-s1-4aac1a0d87", "samkd": "yolo-samkd-d2-s1-23cf47d4a5",
+               "ultralytics": "yolo-ultralytics-d2-s1-4627e41ef4",
+               "ultralytics_distill": "yolo-ultralytics_distill-d2-s1-aef1b8c663"}
+    for method, folder in folders.items():
+        raw = suite.run_raw(method, params, root, 1, str(teacher / "model.pt"))
+        assert run_dir(WORK, bench.student_run_name("yolo", method, 2, 1), raw).name == folder

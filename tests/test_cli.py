@@ -43,7 +43,7 @@ def test_make_data_writes_files(tmp_path, capsys):
     ({"train": {"lr_rate": 0.1}}, "train", "unknown key 'lr_rate' (did you mean 'lr'?)"),
     ({"train": {"lr": "fast"}}, "train.lr", "expected a number"),
     ({"train": {"epochs": 1.5}}, "train.epochs", "expected an integer"),
-    ({"model": {"arch": "yolo"}}, "model.arch", "'yolo'"),
+    ({"model": {"arch": "detr"}}, "model.arch", "'detr'"),
     ({"teacher": {"arch": "fcos"}, "distill": {"losses": {"mgd": {"alpha": 1.0}}}}, "distill.losses.mgd",
      "unknown parameter 'alpha'"),
     ({"teacher": {"arch": "fcos"}, "distill": {"losses": {"kd_magic": {}}}}, "distill.losses", "'kd_magic'"),

@@ -14,7 +14,7 @@ from reference import (channel_attention_by_hand, dense_kd_map_by_hand, fgd_by_h
 from torchvision.ops import MultiScaleRoIAlign
 
 from samkd.losses import build_loss, haar_dwt
-from samkd.losses._common import flatten_levels, level_layout
+from samkd.losses._common import flatten_levels, level_layout, width_runs
 from samkd.losses.freekd import to_atlas, wavelet_atlas
 from samkd.losses.samkd import SFDLoss, SLDLoss, level_input_masks, level_sld_weights, sld_weights
 from samkd.models.taps import Taps
@@ -28,12 +28,14 @@ LAYOUTS = {
 }
 
 
-def taps_pair(sizes, n=2, seed=0, boxes=None, frame=(128, 128)):
-    """Student (leaves with grad) and teacher taps with ``C`` channels on levels of ``sizes``."""
+def taps_pair(sizes, n=2, seed=0, boxes=None, frame=(128, 128), widths=None):
+    """Student (leaves with grad) and teacher taps with ``C`` channels (or ``widths[l]``) on levels of ``sizes``."""
     g = torch.Generator().manual_seed(seed)
+    widths = widths or [C] * len(sizes)
 
     def maps(channels, grad):
-        return [torch.randn(n, channels, h, w, generator=g).requires_grad_(grad) for h, w in sizes]
+        return [torch.randn(n, channels if channels == K else width, h, w, generator=g).requires_grad_(grad)
+                for width, (h, w) in zip(widths, sizes)]
 
     boxes = boxes if boxes is not None else [torch.tensor([[8.0, 16.0, 60.0, 70.0], [70.0, 10.0, 120.0, 50.0]]),
                                              torch.zeros(0, 4)][:n]
@@ -291,6 +293,22 @@ def test_per_level_sld_weights_still_equal_the_flat_ones_at_region_one():
                                    flatten_levels(per_level)[:, 0])
 
 
+def dmkd_by_hand(dmkd, s, t, spatial_ratio, channel_ratio):
+    """``weight alpha sum_l 1/N sum (w_s G_s(F_S M_s) + w_c G_c(F_S M_c) - F_T)^2`` with the top-attended masks."""
+    total = 0.0
+    for level, (fs, ft) in enumerate(zip(s.features, t.features)):
+        n, c, h, w = fs.shape
+        keep_s = top_keep_mask_by_hand(spatial_attention_by_hand(ft, 1.0).reshape(n, h * w), spatial_ratio)
+        keep_c = top_keep_mask_by_hand(channel_attention_by_hand(ft, 1.0).reshape(n, c), channel_ratio)
+        w_s, w_c = torch.softmax(dmkd.fusion_logits[level], dim=0)
+        rebuilt = (w_s * generator_by_hand(mgd_block_weights(dmkd.spatial_generation[level]),
+                                           fs * keep_s.reshape(n, 1, h, w))
+                   + w_c * generator_by_hand(mgd_block_weights(dmkd.channel_generation[level]),
+                                             fs * keep_c.reshape(n, c, 1, 1)))
+        total = total + ((rebuilt - ft) ** 2).sum() / n
+    return dmkd.weight * dmkd.alpha_dmkd * total
+
+
 # --------------------------------------------------------------------------------------------------
 # DMKD: every level's masks at once, both generators as one grouped and one fused conv
 # --------------------------------------------------------------------------------------------------
@@ -302,42 +320,38 @@ def test_dmkd_value_and_gradients_equal_the_formula(sizes, spatial_ratio, channe
                                 alpha_dmkd=0.01, weight=1.5), seed=3, scale=0.2)
 
     def reference():
-        total = 0.0
-        for level, (fs, ft) in enumerate(zip(s.features, t.features)):
-            n, c, h, w = fs.shape
-            keep_s = top_keep_mask_by_hand(spatial_attention_by_hand(ft, 1.0).reshape(n, h * w), spatial_ratio)
-            keep_c = top_keep_mask_by_hand(channel_attention_by_hand(ft, 1.0).reshape(n, c), channel_ratio)
-            w_s, w_c = torch.softmax(dmkd.fusion_logits[level], dim=0)
-            rebuilt = (w_s * generator_by_hand(mgd_block_weights(dmkd.spatial_generation[level]),
-                                               fs * keep_s.reshape(n, 1, h, w))
-                       + w_c * generator_by_hand(mgd_block_weights(dmkd.channel_generation[level]),
-                                                 fs * keep_c.reshape(n, c, 1, 1)))
-            total = total + ((rebuilt - ft) ** 2).sum() / n
-        return 1.5 * 0.01 * total
+        return dmkd_by_hand(dmkd, s, t, spatial_ratio, channel_ratio)
 
     leaves = list(s.features) + list(dmkd.parameters())
     assert_same_value_and_grads(lambda: dmkd(s, t)["dmkd"], reference, leaves)
 
 
 @pytest.mark.parametrize("loss_name", ["sfd", "dmkd"])
-def test_fused_generator_path_of_the_gpu_equals_the_per_generator_path(loss_name):
-    """SFD and DMKD run their generators fused on CUDA and one by one elsewhere: the same values and gradients."""
+@pytest.mark.parametrize("widths", [[C] * 5, [8, 16, 16, 4, 4]], ids=["one_width", "runs"])
+def test_fused_generator_path_of_the_gpu_equals_the_per_generator_path(loss_name, widths):
+    """SFD and DMKD run their generators fused on CUDA and one by one elsewhere: the same values and gradients,
+    run of levels of one width by run."""
     sizes = LAYOUTS["fcos_odd"]
-    loss = randomise(build_loss(loss_name, C, len(sizes)), seed=4, scale=0.2)
+    loss = randomise(build_loss(loss_name, widths, len(sizes)), seed=4, scale=0.2)
     g = torch.Generator().manual_seed(5)
+    runs = width_runs([torch.empty(1, c) for c in widths])
     if loss_name == "sfd":
-        inputs = [torch.randn(2, 3, C, h, w, generator=g).requires_grad_(True) for h, w in sizes]
+        inputs = [torch.randn(2, 3, c, h, w, generator=g).requires_grad_(True) for c, (h, w) in zip(widths, sizes)]
         leaves = inputs + list(loss.parameters())
 
         def run(fused):
-            return sum(r.square().sum() for r in loss.rebuild(inputs, loss.fusion_weights(), fused=fused))
+            return sum(r.square().sum() for levels in runs for r in loss.rebuild(
+                inputs[levels.start:levels.stop], loss.fusion_weights(), levels, fused=fused))
     else:
-        inputs = [tuple(torch.randn(2, C, h, w, generator=g).requires_grad_(True) for _ in range(2)) for h, w in sizes]
+        inputs = [tuple(torch.randn(2, c, h, w, generator=g).requires_grad_(True) for _ in range(2))
+                  for c, (h, w) in zip(widths, sizes)]
         leaves = [x for pair in inputs for x in pair] + list(loss.parameters())
 
         def run(fused):
-            return sum(r.square().sum() for r in loss.rebuild(inputs, fused=fused))
+            return sum(r.square().sum() for levels in runs
+                       for r in loss.rebuild(inputs[levels.start:levels.stop], levels, fused=fused))
 
+    assert len(runs) == (1 if len(set(widths)) == 1 else 3)
     assert_same_value_and_grads(lambda: run(True), lambda: run(False), leaves, rtol=1e-5, atol=1e-5)
 
 
@@ -385,3 +399,51 @@ def test_compiled_loss_equals_the_eager_one_with_the_same_masks(name, backend):
         assert (ga is None) == (gb is None)
         if ga is not None:
             torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# One width per level: levels of one width laid flat together, runs of other widths in turn
+# --------------------------------------------------------------------------------------------------
+MIXED = [8, 16, 16, 4, 4]  # runs: [0], [1, 2], [3, 4] on the fcos_odd layout
+
+
+@pytest.mark.parametrize("name", ["fgd", "freekd", "dmkd", "sfd", "sld"])
+def test_runs_of_level_widths_value_and_gradients_equal_the_per_level_formula(name):
+    sizes = LAYOUTS["fcos_odd"]
+    s, t = taps_pair(sizes, seed=17, widths=MIXED, boxes=[MANY_BOXES[1:3], torch.zeros(0, 4)], frame=(128, 96))
+    params = {"sfd": dict(random_share=0.0, mask_ratio=0.4, channel_tau=0.7, alpha_sfd=0.01),
+              "fgd": dict(alpha_fgd=0.3, beta_fgd=0.2, gamma_fgd=0.5, lambda_fgd=0.1),
+              "dmkd": dict(alpha_dmkd=0.01), "freekd": dict(train_tokens=True), "sld": dict(T=1.5, tau_d=0.8)}[name]
+    loss = build_loss(name, MIXED, len(sizes), **params)
+    if name in ("fgd", "dmkd", "sfd"):
+        randomise(loss, seed=6, scale=0.2)
+
+    def reference():
+        if name == "fgd":
+            return fgd_by_hand(loss, s, t, frame=(128, 96))
+        if name == "freekd":
+            wave, mse = freekd_terms_by_hand(s, t, loss.tokens)
+            return 5.0 * wave + 10.0 * mse
+        if name == "sfd":
+            return sfd_by_hand(loss, s, t, ratio=0.4, channel_tau=0.7)
+        if name == "sld":
+            return sld_dense_by_hand(s, t, 1.5, 0.8, 1).float()
+        return dmkd_by_hand(loss, s, t, 0.5, 0.5)
+
+    leaves = list(s.features) + list(s.cls_logits) + [p for p in loss.parameters() if p.requires_grad]
+    assert_same_value_and_grads(lambda: sum(loss(s, t).values()), reference, leaves)
+
+
+@pytest.mark.parametrize("placement", ["top", "sampled"])
+def test_sfd_runs_of_widths_draw_the_random_masks_in_level_order(placement):
+    sizes = LAYOUTS["fcos_odd"]
+    s, t = taps_pair(sizes, seed=18, widths=MIXED)
+    sfd = randomise(SFDLoss(MIXED, len(sizes), placement=placement, global_mask=True, random_share=0.5,
+                            channel_tau=0.6, alpha_sfd=0.01), seed=2, scale=0.2)
+    g = torch.Generator().manual_seed(12)
+    masks = [sfd.input_masks(ft.detach().float(), g) for ft in t.features]
+    leaves = list(s.features) + list(sfd.parameters())
+    assert_same_value_and_grads(
+        lambda: sfd(s, t, generator=torch.Generator().manual_seed(12))["sfd"],
+        lambda: sfd_by_hand(sfd, s, t, ratio=0.5, channel_tau=0.6, masks_by_hand=lambda level, ft: masks[level]),
+        leaves)

@@ -126,28 +126,31 @@ def _synthetic_batch(image_size: int, batch_size: int, device: torch.device) -> 
 
 
 def run_costs(out_dir: str = "benchmarks", device: str = "cpu", image_size: int = 800, batch_size: int = 2,
-              reps: int = 5, archs: Optional[list[str]] = None, student_backbone: str = "resnet50",
-              teacher_backbone: str = "resnet101", channels_last: bool = False, compile: bool = False,
+              reps: int = 5, archs: Optional[list[str]] = None, student_backbone: Optional[str] = None,
+              teacher_backbone: Optional[str] = None, channels_last: bool = False, compile: bool = False,
               teacher_precision: str = "auto", methods: Optional[list[str]] = None,
               compile_losses: bool = False) -> dict:
     """Cost profile on synthetic batches: step ratio, loss share and peak memory of every method per family.
 
     Models are randomly initialised (speed does not depend on the weights); the batch is ``batch_size``
-    random images of ``image_size`` px with a few boxes each. ``archs``: default every family
-    (:data:`samkd.models.ARCHS`). Writes ``gpu.md`` / ``gpu.json`` on CUDA and ``costs_cpu.md`` /
+    random images of ``image_size`` px with a few boxes each. ``student_backbone`` / ``teacher_backbone``: default
+    each family's :attr:`~samkd.models.families.Family.default_pair` (ResNet-50 / ResNet-101, YOLO11n / YOLO11s).
+    ``archs``: default every family that builds ``student_backbone`` (all of them when it is unset; YOLO only
+    when ultralytics is installed). Writes ``gpu.md`` / ``gpu.json`` on CUDA and ``costs_cpu.md`` /
     ``costs_cpu.json`` elsewhere (``..._compiled_losses`` with ``compile_losses``).
     """
-    from ..models import ARCHS, build_detector
+    from ..models import ARCHS, build_detector, family
     check_methods(methods)
     dev = torch.device(device)
     images, targets = _synthetic_batch(image_size, batch_size, dev)
     specs = {m: method_losses(m) for m in METHODS if METHODS[m] is not None and (not methods or m in methods)}
     result = {}
-    for arch in archs or list(ARCHS):
+    for arch in archs or [a for a in ARCHS if family(a).builds_backbone(student_backbone or family(a).default_pair[0])]:
         torch.manual_seed(0)
         common = dict(num_classes=81, min_size=image_size, max_size=image_size)
-        student = build_detector(arch, student_backbone, **common).to(dev)
-        teacher = build_detector(arch, teacher_backbone, **common).to(dev)
+        pair = family(arch).default_pair
+        student = build_detector(arch, student_backbone or pair[0], **common).to(dev)
+        teacher = build_detector(arch, teacher_backbone or pair[1], **common).to(dev)
         for model in (student, teacher):
             if channels_last:
                 model.to(memory_format=torch.channels_last)
@@ -157,7 +160,8 @@ def run_costs(out_dir: str = "benchmarks", device: str = "cpu", image_size: int 
                                      compile_losses)
         print(f"[costs] {arch} done", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "device": str(dev), "image_size": image_size,
-            "batch_size": batch_size, "reps": reps, "student": student_backbone, "teacher": teacher_backbone,
+            "batch_size": batch_size, "reps": reps, "student": student_backbone or "each family's default",
+            "teacher": teacher_backbone or "each family's default",
             "channels_last": channels_last, "compile": compile, "teacher_precision": teacher_precision,
             "compile_losses": compile_losses,
             "command": f"samkd bench --costs --device {device} --image-size {image_size} --batch-size {batch_size}"

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from .methods import ABLATIONS, METHODS, SAMKD_ROWS
+from .methods import ABLATIONS, EXTERNAL_ROWS, METHODS, SAMKD_ROWS
 from .suites import SUITES
 
 
@@ -71,6 +71,9 @@ def aggregate(runs: list[dict], keys: list[tuple[int, int]]) -> dict:
     for (ds, _), r in zip(keys, runs):
         by_data.setdefault(ds, []).append(run_ap(r))
     row["AP_by_data_seed"] = {f"d{ds}": float(np.mean(v)) for ds, v in by_data.items()}
+    theirs = [r["their_metrics"]["metrics/mAP50-95(B)"] for r in runs if "metrics/mAP50-95(B)" in r.get("their_metrics", {})]
+    if theirs:  # rows trained by ultralytics: their own validator's mAP of the same checkpoints, in percent
+        row["their_AP"] = 100 * float(np.mean(theirs))
     return row
 
 
@@ -81,7 +84,7 @@ def lead_verdict(results: dict) -> dict:
     seed); the lead counts as *larger than the seed spread* when it exceeds both rows' std. A negative lead
     means another method is ahead.
     """
-    others = {m: r for m, r in results.items() if m not in SAMKD_ROWS and m != "student"}
+    others = {m: r for m, r in results.items() if m not in SAMKD_ROWS and m not in EXTERNAL_ROWS and m != "student"}
     if "samkd" not in results or not others:
         return {}
     best = max(others, key=lambda m: others[m]["AP"])
@@ -158,7 +161,7 @@ def suite_markdown(name: str, entry: dict) -> list[str]:
         "|---|---|---|" + "---|" * len(data_cols) + "---|---|---|---|---|---|---|"]
     base = results.get("student", {}).get("AP")
     for method, r in results.items():
-        weight = "—" if METHODS[method] is None else f"{meta['weights'].get(ABLATIONS.get(method, method), 1.0):g}"
+        weight = "—" if METHODS.get(method) is None else f"{meta['weights'].get(ABLATIONS.get(method, method), 1.0):g}"
         cells = [f"{r['AP']:.1f} ± {r['AP_std']:.1f}"] + [f"{r['AP_by_data_seed'].get(c, float('nan')):.1f}"
                                                           for c in data_cols]
         cells += [format_metric(r[k]) for k in ("AP50", "AP75", "APs", "APm")]
@@ -169,6 +172,12 @@ def suite_markdown(name: str, entry: dict) -> list[str]:
     text = verdict_text(entry.get("verdict", {}))
     if text:
         lines += ["", text]
+    theirs = [f"{m} {r['their_AP']:.1f}" for m, r in results.items() if r.get("their_AP") is not None]
+    if theirs:
+        lines += ["", "ultralytics' own validator on the same checkpoints (mAP50-95, its letterboxed images): "
+                  + ", ".join(theirs) + "."]
+    if SUITES[name].notes:
+        lines += ["", *SUITES[name].notes]
     if entry.get("cost"):
         lines += ["", *cost_markdown(entry["cost"], meta)]
     return lines

@@ -78,6 +78,9 @@ def cached_run(raw: dict, work: Path, name: str, train: bool = True) -> dict:
 
     A run cut short goes on from its last checkpoint (teachers save one every few hundred steps).
     """
+    if raw.get("trainer"):  # a row trained by another library's trainer (ultralytics), in a subprocess
+        from .external import cached_external_run
+        return cached_external_run(raw, work, name, train)
     out = run_dir(work, name, raw)
     summary_path = out / "summary.json"
     if summary_path.exists():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .methods import METHODS
+from .methods import EXTERNAL_ROWS, METHODS, method_losses
 
 DATA_SEEDS = (0, 2)  # the reported tables' data sets, each with its own teacher
 TUNE_DATA_SEED = 1  # the validation data of the tuning grid (its own teacher)
@@ -30,6 +30,7 @@ class BenchParams:
     """
 
     image_size: int = 128
+    min_object_size: int = 8  # smallest object of the synthetic data (px): 8 * image_size / 128 is the same task
     train_images: int = 600
     val_images: int = 150
     teacher_steps: int = 1000
@@ -58,7 +59,9 @@ class Suite:
     """One table of the benchmark: a detector family (and student backbone), its methods and seeds.
 
     ``anchor_sizes`` and ``detector_kwargs`` are the family's settings for the bench's small images, given to
-    teacher and students alike (``None``: the detector's own defaults, left out of the config).
+    teacher and students alike (``None``: the detector's own defaults, left out of the config). ``budget``: the
+    :class:`BenchParams` fields this suite trains with instead of the defaults (not in ``--quick`` runs; the
+    command line's ``--steps`` etc. still win). ``notes``: markdown lines printed under the suite's table.
     """
 
     arch: str
@@ -77,13 +80,8 @@ class Suite:
     measure_costs: bool = False  # the step and loss cost table under the suite's table (CPU, one real batch)
     tuning: str = "fcos"  # the suite whose tuning grid (on its validation data) chose this suite's weights
     tune_extensions: int = 2  # times its grid is extended x4 on the side of a best weight at an edge
-    image_size: Optional[int] = None  # another image side than the bench's (data made at that size too)
-
-    def bench_params(self, params: BenchParams) -> BenchParams:
-        """``params`` at this suite's image size (unchanged when it has none, or in a quick run)."""
-        if self.image_size is None or params.image_size != BenchParams.image_size:
-            return params
-        return dataclasses.replace(params, image_size=self.image_size)
+    budget: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @property
     def teacher_name(self) -> str:
@@ -94,6 +92,10 @@ class Suite:
         label = {"resnet50": "ResNet-50", "efficientnet_lite0": "EfficientNet-Lite0",
                  "efficientnet_lite2": "EfficientNet-Lite2"}.get(self.teacher_backbone, self.teacher_backbone)
         return label + (" with an ImageNet backbone" if self.teacher_extra.get("backbone_weights") else "")
+
+    def params(self, quick: bool = False, **overrides) -> BenchParams:
+        """This suite's budget: :class:`BenchParams` with :attr:`budget` (not when ``quick``), then ``overrides``."""
+        return BenchParams.of(quick, **{**({} if quick else self.budget), **overrides})
 
     def teacher_steps(self, params: BenchParams) -> int:
         return max(1, round(params.teacher_steps * self.teacher_step_factor))
@@ -129,6 +131,17 @@ class Suite:
             raw["distill"] = {"losses": losses, "feature_norm": "standardize"}
         return raw
 
+    def run_raw(self, method: str, params: BenchParams, data_root: Path, seed: int, teacher_checkpoint: str,
+                weights: Optional[dict] = None) -> dict:
+        """The config of one row's run: samkd's trainer with the row's losses, or (:data:`EXTERNAL_ROWS`)
+        ultralytics' trainer on the same data and budget (:mod:`samkd.bench.external`)."""
+        if method in EXTERNAL_ROWS:
+            from .external import external_raw
+            return external_raw(method, self.model_block(self.student_backbone, params, **self.student_extra),
+                                self.model_block(self.teacher_backbone, params), params, data_root, seed,
+                                teacher_checkpoint)
+        return self.student_raw(params, data_root, seed, method_losses(method, weights), teacher_checkpoint)
+
     def teacher_run_name(self, data_seed: int) -> str:
         return (f"teacher-{self.arch}" + ("" if self.teacher_name == "resnet50" else f"-{self.teacher_name}")
                 + f"-d{data_seed}")
@@ -148,19 +161,15 @@ def train_raw(params: BenchParams, data_root: Path, seed: int, steps: int, batch
                       "progress": False, "tensorboard": False}}
 
 
-def min_object_size(image_size: int) -> int:
-    """The smallest object side of the bench's data: 8 px at 128 px, scaled with the image (objects scaled alike)."""
-    return max(8, round(8 * image_size / 128))
-
-
 def synthetic_data(work: Path, params: BenchParams, data_seed: int, quiet: bool = True, write: bool = True) -> Path:
     """The synthetic-shapes set of ``data_seed`` at the bench's size under ``work`` (written once, if ``write``)."""
     from ..data import make_synthetic_dataset
-    root = work / f"data_s{data_seed}_{params.image_size}px_{params.train_images}"
+    smallest = "" if params.min_object_size == 8 else f"_min{params.min_object_size}"  # 8: the older sets' names
+    root = work / f"data_s{data_seed}_{params.image_size}px_{params.train_images}{smallest}"
     if write and not (root / "annotations/val.json").exists():
         make_synthetic_dataset(root, params.train_images, seed=data_seed, image_size=params.image_size,
                                val_images=params.val_images, progress=not quiet,
-                               min_object_size=min_object_size(params.image_size))
+                               min_object_size=params.min_object_size)
     return root
 
 
@@ -178,6 +187,20 @@ _IMAGENET = {"backbone_weights": "IMAGENET"}
 # evaluated every 2 epochs, so that their validation curve shows the plateau.
 _PAPER = dict(student_backbone="efficientnet_lite0", student_extra=_IMAGENET, teacher_backbone="efficientnet_lite2",
               teacher_extra=_IMAGENET, teacher_step_factor=1.5, teacher_eval_every=2, tuning="paper_fcos")
+# The YOLO table's budget (its calibration: README, "YOLO"): 256 px images with objects of 16 px and up; the
+# YOLO11s teacher trains 300 steps of batch 8 (calibrated: AP 45.8 there, against 8.9 for YOLO11n alone after its
+# 300 steps of batch 4; the 1000 steps of the other families' teachers would cost ~50 more CPU minutes each).
+YOLO_BUDGET = {"image_size": 256, "min_object_size": 16, "teacher_steps": 300}
+
+
+def _yolo_notes() -> tuple[str, ...]:
+    from .external import DIFFERENCES
+    return ("Rows `ultralytics` and `ultralytics_distill`: ultralytics' own trainer (the latter with "
+            "`distill_model` = the same teacher), same images, image size, batch, optimiser, learning rate, weight "
+            "decay, warm-up steps and (whole epochs of) steps; their last checkpoint is evaluated by samkd's COCO "
+            "evaluator. What still differs:", "", *(f"- {d}" for d in DIFFERENCES))
+
+
 SUITES: dict[str, Suite] = {
     "paper_fcos": Suite("fcos", tuple(METHODS), (0, 1), **_PAPER, **_FCOS,
                         title="FCOS, the paper's regime: EfficientNet-Lite2 teacher -> EfficientNet-Lite0 student, "
@@ -190,7 +213,7 @@ SUITES: dict[str, Suite] = {
     # grids are a single cell; at 256 px (objects scaled alike) each map is twice as wide. One data seed, the
     # student, the best rival of the 128 px table, MGD and SAMKD's two forms.
     "paper_fcos_256": Suite("fcos", ("student", "mgd", "dmkd", "samkd_sfd", "samkd"), (0, 1), data_seeds=(0,),
-                            image_size=256, **_PAPER, **_FCOS,
+                            budget={"image_size": 256, "min_object_size": 16}, **_PAPER, **_FCOS,
                             title="FCOS, the paper's regime at 256 px: EfficientNet-Lite2 -> EfficientNet-Lite0"),
     "fcos": Suite("fcos", tuple(METHODS), (0, 1, 2), **_FCOS, measure_costs=True, tune_extensions=0,
                   title="FCOS: ResNet-50 teacher -> ResNet-18 student"),
@@ -207,4 +230,10 @@ SUITES: dict[str, Suite] = {
     "pretrained": Suite("fcos", ("student", "fitnet", "mgd", "cwd", "pkd", "samkd_sfd", "samkd"), (0,),
                         student_backbone="efficientnet_lite0", student_extra=_IMAGENET, **_FCOS,
                         title="FCOS: ResNet-50 teacher -> EfficientNet-Lite0 student with ImageNet weights"),
+    # Ultralytics YOLO11s -> YOLO11n, both from scratch, at 256 px on data whose objects scale with the image
+    # (16 px and up: the 128 px task at twice the resolution, where YOLO's stride-8 P3 level sees them), every
+    # samkd method at its FCOS-tuned weight, plus ultralytics' own trainer with and without its distillation.
+    "yolo": Suite("yolo", (*METHODS, *EXTERNAL_ROWS), (0, 1), teacher_backbone="yolo11s", student_backbone="yolo11n",
+                  budget=YOLO_BUDGET, notes=_yolo_notes(),
+                  title="YOLO (ultralytics): YOLO11s teacher -> YOLO11n student"),
 }

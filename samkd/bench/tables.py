@@ -11,7 +11,7 @@ from .costs import suite_costs
 from .methods import DESIGN_VARIANTS, TUNE_FACTORS, TUNED_METHODS, check_methods, method_losses, suite_weights
 from .report import aggregate, command_line, lead_verdict, load_payload, machine, run_ap, write_report
 from .runner import run_all, students_on_one_teacher, train_teachers, weights_file
-from .suites import DATA_SEEDS, SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, student_run_name
+from .suites import SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, student_run_name
 
 
 def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "fcos",
@@ -28,8 +28,8 @@ def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "fc
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else out / "work"
     overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
-    params = BenchParams.of(quick, **overrides)
     for name in names:
+        params = SUITES[name].params(quick, **overrides)  # the suite's budget (YOLO: 256 px), then the overrides
         command = command_line(quick, name, jobs, seeds=seeds, data_seeds=data_seeds, methods=methods, **overrides)
         entry = run_suite(name, work, params, seeds, data_seeds, methods, jobs, quick=quick, command=command)
         # read the report again only now: a suite run meanwhile by another `samkd bench` keeps its table
@@ -50,7 +50,6 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     :class:`~samkd.bench.runner.MissingRun`) and no cost is measured.
     """
     suite = SUITES[name]
-    params = suite.bench_params(params)
     seeds = tuple(seeds) if seeds else ((0,) if quick else suite.seeds)
     data_seeds = tuple(data_seeds) if data_seeds else ((0,) if quick else suite.data_seeds)
     rows = [m for m in suite.methods if not methods or m in methods]
@@ -60,8 +59,8 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     teachers = train_teachers(params, work, suite, data_seeds, jobs, quick, train)
     plan = [(m, ds, seed) for m in rows for ds in data_seeds for seed in seeds]
     print(f"[bench] {name}: {len(plan)} student runs of {params.steps} steps, {jobs} at a time", flush=True)
-    runs = [(suite.student_raw(params, teachers[ds][0], seed, method_losses(m, weights),
-                               str(weights_file(teachers[ds][1], must_exist=train))),
+    runs = [(suite.run_raw(m, params, teachers[ds][0], seed, str(weights_file(teachers[ds][1], must_exist=train)),
+                           weights),
              student_run_name(name, m, ds, seed)) for m, ds, seed in plan]
     summaries = run_all(runs, work, jobs, train)
     by_row: dict[str, tuple[list, list]] = {m: ([], []) for m in rows}
@@ -155,11 +154,11 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
         raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
     check_methods(methods)
     overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
-    params = BenchParams.of(quick, **overrides)
+    the_suite = SUITES[suite]
+    params = the_suite.params(quick, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else out / "work"
-    the_suite = SUITES[suite]
     tuned = [m for m in TUNED_METHODS if not methods or m in methods]
     grid: dict[str, dict[float, float]] = {m: {} for m in tuned}
     asked = [("student", None)] + [(m, f) for m in tuned for f in TUNE_FACTORS]
@@ -206,7 +205,7 @@ def run_design(out_dir: str = "benchmarks", suite: str = "paper_fcos", quick: bo
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
     overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
-    params = BenchParams.of(quick, **overrides)
+    params = SUITES[suite].params(quick, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else out / "work"

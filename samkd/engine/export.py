@@ -8,6 +8,9 @@ EfficientNet-Lite backbone) and loads the state dict strictly. That code is the 
 ``student.json`` also says what the model's labels are: ``label_to_category_id`` (the dataset's category id of
 each label the detector outputs) and ``class_names`` (label -> name), read from the config's annotation files;
 ``samkd predict`` on the exported weights uses them.
+For YOLO the export is ``student.pt``, a checkpoint ``ultralytics.YOLO`` loads and runs, and
+``student_weights.pt`` (tensors and plain values), which ``student.json["ultralytics_code"]`` rebuilds from the
+model yaml with ultralytics alone. ONNX: ultralytics' own exporter on ``student.pt``.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ import torch.nn as nn
 
 from ..config import Config, ModelConfig
 from ..data import config_label_map
-from ..models.builders import detector_from_config, read_state_dict, recipe_options
+from ..errors import ModelConfigError
+from ..models.builders import detector_from_config, recipe_options
 from ..models.families import family
+from ..visualize import class_names
 
 
 def _export_onnx(model: nn.Module, m: ModelConfig, path: Path) -> None:
@@ -59,8 +64,10 @@ def label_map_entries(cfg: Config, num_classes: int) -> dict:
 
 def export_student(cfg: Config, checkpoint, out_dir, onnx: bool = False) -> dict:
     """Write the student of ``cfg`` with the weights of ``checkpoint`` to ``out_dir``: the family's export files
-    (torchvision families: ``student_state_dict.pt``), ``student.json`` (what it is, its labels' categories and
-    names, and the code that rebuilds it, ``torchvision_code``) and, with ``onnx``, ``student.onnx``.
+    (torchvision families: ``student_state_dict.pt``; YOLO: ``student.pt`` for ultralytics and
+    ``student_weights.pt``), ``student.json`` (what it is, its labels' categories and names, and the code that
+    rebuilds it, ``torchvision_code`` / ``ultralytics_code``) and, with ``onnx``, ``student.onnx`` (not for YOLO:
+    ultralytics exports that).
 
     Args:
         cfg: experiment config; ``cfg.model`` describes the student.
@@ -68,22 +75,25 @@ def export_student(cfg: Config, checkpoint, out_dir, onnx: bool = False) -> dict
         out_dir: output folder (created).
         onnx: also export ONNX (eval mode, one ``(3, min_size, max_size)`` image).
 
-    Returns ``{"state_dict": path, "json": path[, "onnx": path]}`` (str paths; the family's files first).
+    Returns ``{"state_dict": path, "json": path[, "onnx": path]}`` (str paths; the family's files first; YOLO
+    adds ``"ultralytics"``: its student.pt).
     """
     m = cfg.model
-    state = read_state_dict(checkpoint)
-    model = detector_from_config(m, checkpoint=checkpoint).eval()
     fam = family(m.arch)
+    if onnx and fam.onnx_hint:  # refused before anything is written
+        raise ModelConfigError(fam.onnx_hint)
+    model = detector_from_config(m, checkpoint=checkpoint).eval()
+    state = fam.read_checkpoint(checkpoint, m.backbone)
     num_classes = fam.num_classes(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = recipe_options(m, num_classes, state)
-    written, code = fam.export(model, options, out)
+    written, code = fam.export(model, options, out, class_names=class_names(cfg))
     info = {"arch": m.arch, "backbone": m.backbone, "num_classes": num_classes, "min_size": m.min_size,
             "max_size": m.max_size, "anchor_sizes": m.anchor_sizes,
             "norm_layer": "FrozenBatchNorm2d" if options.get("frozen_bn") else "BatchNorm2d",
             **m.torchvision_kwargs(), **label_map_entries(cfg, num_classes), "source_checkpoint": str(checkpoint),
-            "torchvision_code": code}
+            fam.code_key: code}
     json_path = out / "student.json"
     json_path.write_text(json.dumps(info, indent=2) + "\n")
     written["json"] = str(json_path)

@@ -16,13 +16,16 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.models.taps import Taps
+
+# ``channels`` of a loss: the teacher's width on every level, or one width per level (``level_widths``).
+Widths = Union[int, Sequence[int]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +176,20 @@ def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
     return torch.cat([m.flatten(-2) for m in maps], dim=-1)
 
 
+def width_runs(maps: Sequence[Tensor]) -> list[range]:
+    """The levels in runs of consecutive levels of one width (``maps[l].shape[1]``): what can be laid flat together.
+
+    A torchvision FPN is one run of every level; a YOLO neck (64 / 128 / 256 channels) is one run per level. Runs
+    keep the level order, so per-run work done in turn draws its random numbers in the per-level order.
+    """
+    runs, start = [], 0
+    for level in range(1, len(maps) + 1):
+        if level == len(maps) or maps[level].shape[1] != maps[start].shape[1]:
+            runs.append(range(start, level))
+            start = level
+    return runs
+
+
 def unflatten_levels(flat: Tensor, layout: LevelLayout) -> list[Tensor]:
     """Inverse of :func:`flatten_levels`: level ``l``'s ``(..., H_l, W_l)`` map (views)."""
     maps, start = [], 0
@@ -302,18 +319,18 @@ def check_pairs(loss_name: str, attr: str, student: Taps, teacher: Taps) -> None
             )
 
 
-def check_features(loss_name: str, student: Taps, teacher: Taps, channels: int, num_levels: int) -> None:
-    """Student/teacher features match each other, the loss's level count and its channel count."""
+def check_features(loss_name: str, student: Taps, teacher: Taps, channels: Widths, num_levels: int) -> None:
+    """Student/teacher features match each other, the loss's level count and its channel count(s)."""
     check_pairs(loss_name, "features", student, teacher)
     if teacher.num_levels != num_levels:
         raise ValueError(
             f"{loss_name} was built for {num_levels} levels but received {teacher.num_levels} feature levels"
         )
-    for i, t in enumerate(teacher.features):
-        if t.dim() != 4 or t.shape[1] != channels:
+    for i, (t, width) in enumerate(zip(teacher.features, level_widths(channels, num_levels))):
+        if t.dim() != 4 or t.shape[1] != width:
             raise ValueError(
                 f"{loss_name}: features at level {_level_name(teacher, i)} have shape {tuple(t.shape)}, "
-                f"expected (N, {channels}, H, W)"
+                f"expected (N, {width}, H, W)"
             )
 
 
@@ -362,11 +379,31 @@ def check_unit_interval(**values: float) -> None:
             raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
 
 
-def check_layout(channels: int, num_levels: int) -> None:
-    if int(channels) != channels or channels < 1:
-        raise ValueError(f"channels must be a positive integer, got {channels!r}")
-    if int(num_levels) != num_levels or num_levels < 1:
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and int(value) == value and value >= 1
+
+
+def check_layout(channels: Widths, num_levels: int) -> None:
+    """``channels``: one positive width for every level, or a sequence of ``num_levels`` of them."""
+    if not _positive_int(num_levels):
         raise ValueError(f"num_levels must be a positive integer, got {num_levels!r}")
+    if isinstance(channels, Sequence) and not isinstance(channels, str):
+        if len(channels) != num_levels or not all(_positive_int(c) for c in channels):
+            raise ValueError(f"channels must be one positive integer per level ({num_levels}), got {list(channels)!r}")
+    elif not _positive_int(channels):
+        raise ValueError(f"channels must be a positive integer or one per level, got {channels!r}")
+
+
+def level_widths(channels: Widths, num_levels: int) -> tuple[int, ...]:
+    """The width of every level: ``channels`` repeated when it is one number, else as given (one per level).
+
+    Detectors on a torchvision FPN have one width on every level; a YOLO neck widens level by level (yolo11n:
+    64 / 128 / 256), so each level's generators, blocks and tokens are built for its own width.
+    """
+    check_layout(channels, num_levels)
+    if isinstance(channels, Sequence):
+        return tuple(int(c) for c in channels)
+    return (int(channels),) * int(num_levels)
 
 
 def check_weight(weight: float) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    Widths,
     check_features,
     check_layout,
     check_non_negative,
@@ -49,7 +50,8 @@ class CWDLoss(nn.Module):
     """Channel-wise distillation (Shu et al., ICCV 2021).
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels.
         tau: temperature of the spatial softmax of each channel (mmrazor: 1).
         alpha_cwd: loss coefficient (mmrazor: 10 per FPN level; the original code: 5 on levels 0-3).
@@ -58,7 +60,7 @@ class CWDLoss(nn.Module):
     Returns ``{"cwd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, tau: float = 1.0, alpha_cwd: float = 10.0,
+    def __init__(self, channels: Widths, num_levels: int, *, tau: float = 1.0, alpha_cwd: float = 10.0,
                  weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)

@@ -45,9 +45,11 @@ from torch import Tensor, nn
 
 from samkd.losses._common import (
     LevelLayout,
+    Widths,
     channel_attention_of_magnitude,
     check_features,
     check_layout,
+    level_widths,
     check_non_negative,
     check_unit_interval,
     check_weight,
@@ -60,6 +62,7 @@ from samkd.losses._common import (
     segment_top,
     spatial_attention_of_magnitude,
     unflatten_levels,
+    width_runs,
 )
 from samkd.models.taps import Taps
 
@@ -105,7 +108,8 @@ class DMKDLoss(nn.Module):
     """Dual masking generative distillation (reconstruction of Yang et al., ICASSP 2024, from the abstract).
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels; each has a spatial and a channel generator and 2 fusion logits.
         alpha_dmkd: loss coefficient (MGD's 2e-5: same error scale).
         spatial_ratio: fraction of positions masked in the spatial branch (the most attended ones).
@@ -115,7 +119,7 @@ class DMKDLoss(nn.Module):
     Returns ``{"dmkd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, alpha_dmkd: float = 2e-5, spatial_ratio: float = 0.5,
+    def __init__(self, channels: Widths, num_levels: int, *, alpha_dmkd: float = 2e-5, spatial_ratio: float = 0.5,
                  channel_ratio: float = 0.5, weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)
@@ -125,8 +129,9 @@ class DMKDLoss(nn.Module):
         self.channels, self.num_levels = channels, num_levels
         self.alpha_dmkd, self.spatial_ratio, self.channel_ratio = alpha_dmkd, spatial_ratio, channel_ratio
         self.weight = weight
-        self.spatial_generation = nn.ModuleList(make_generator(channels) for _ in range(num_levels))
-        self.channel_generation = nn.ModuleList(make_generator(channels) for _ in range(num_levels))
+        widths = level_widths(channels, num_levels)
+        self.spatial_generation = nn.ModuleList(make_generator(c) for c in widths)
+        self.channel_generation = nn.ModuleList(make_generator(c) for c in widths)
         # (w_s, w_c) = softmax of each row; zeros = both branches weigh 1/2 at the start.
         self.fusion_logits = nn.Parameter(torch.zeros(num_levels, 2))
 
@@ -136,47 +141,58 @@ class DMKDLoss(nn.Module):
 
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
         """Every level's masks at once; per level, both generators as one grouped conv and one fused conv
-        (:meth:`stacked_generators`); one error over all levels."""
+        (:meth:`stacked_generators`); one error over all levels (levels of one width at once, a torchvision FPN's
+        all; runs of other widths in turn)."""
         check_features("DMKDLoss", student, teacher, self.channels, self.num_levels)
-        layout = level_layout(tuple(tuple(t.shape[-2:]) for t in teacher.features), teacher.features[0].device)
-        t_flat = flatten_levels([t.detach().float() for t in teacher.features])  # (N, C, P)
+        errors = [self._run_error(student.features[run.start:run.stop], teacher.features[run.start:run.stop], run)
+                  for run in width_runs(teacher.features)]
+        total = torch.stack(errors).sum() / teacher.features[0].shape[0]
+        return {"dmkd": self.weight * self.alpha_dmkd * total}
+
+    def _run_error(self, student_feats: list[Tensor], teacher_feats: list[Tensor], run: range) -> Tensor:
+        """``sum (R - F_T)^2`` over a run of levels of one width."""
+        layout = level_layout(tuple(tuple(t.shape[-2:]) for t in teacher_feats), teacher_feats[0].device)
+        t_flat = flatten_levels([t.detach().float() for t in teacher_feats])  # (N, C, P)
         keep_s, keep_c = level_dual_keep_masks(t_flat.abs(), layout, self.spatial_ratio, self.channel_ratio)
         # autocast may still run the convs in half precision: inputs and outputs in float32
         masked = [(s.float() * spatial, s.float() * channel[:, :, None, None]) for s, spatial, channel
-                  in zip(student.features, unflatten_levels(keep_s.unsqueeze(1), layout), keep_c.unbind(2))]
-        total = F.mse_loss(flatten_levels(self.rebuild(masked)), t_flat, reduction="sum") / t_flat.shape[0]
-        return {"dmkd": self.weight * self.alpha_dmkd * total}
+                  in zip(student_feats, unflatten_levels(keep_s.unsqueeze(1), layout), keep_c.unbind(2))]
+        return F.mse_loss(flatten_levels(self.rebuild(masked, run)), t_flat, reduction="sum")
 
-    def rebuild(self, masked: list[tuple[Tensor, Tensor]], fused: Optional[bool] = None) -> list[Tensor]:
-        """``R = w_s G_s(F_S M_s) + w_c G_c(F_S M_c)`` of every level from its two masked inputs.
+    def rebuild(self, masked: list[tuple[Tensor, Tensor]], run: Optional[range] = None,
+                fused: Optional[bool] = None) -> list[Tensor]:
+        """``R = w_s G_s(F_S M_s) + w_c G_c(F_S M_c)`` of the levels ``run`` (default all) from their two masked
+        inputs.
 
         On a GPU, launches bound the loss: both generators as one grouped and one fused conv per level
         (:meth:`stacked_generators`). On a CPU the bytes count, and stacking the weights copies every generator
         weight a few times a step: the generators one by one instead. The same values either way. ``fused``:
         force one way (default: fused on CUDA).
         """
-        weights = self.fusion_weights()
+        run = range(self.num_levels) if run is None else run
         if not (masked[0][0].is_cuda if fused is None else fused):
+            weights = self.fusion_weights()[run.start:run.stop]
             return [w_s * g_s(x_s).float() + w_c * g_c(x_c).float() for (x_s, x_c), g_s, g_c, (w_s, w_c)
-                    in zip(masked, self.spatial_generation, self.channel_generation, weights.unbind(0))]
+                    in zip(masked, self.spatial_generation[run.start:run.stop],
+                           self.channel_generation[run.start:run.stop], weights.unbind(0))]
         rebuilt = []
         # unbind, not indexing: its backward stacks the levels' gradients in one op
         for (x_s, x_c), expand_w, expand_b, project_w, project_b in zip(masked, *(
-                w.unbind(0) for w in self.stacked_generators())):
+                w.unbind(0) for w in self.stacked_generators(run))):
             hidden = F.relu(F.conv2d(torch.cat((x_s, x_c), dim=1), expand_w, expand_b, padding=1, groups=2))
             rebuilt.append(F.conv2d(hidden, project_w, project_b, padding=1).float())
         return rebuilt
 
-    def stacked_generators(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Both branches' generators of every level as one grouped conv3x3 (``G_s`` then ``G_c``, ``(L, 2C, C,
-        3, 3)``, biases ``(L, 2C)``) and one dense conv3x3 over both hidden maps with ``w_s``, ``w_c`` folded in
-        (``(L, C, 2C, 3, 3)``, biases ``w_s b_s + w_c b_c``): the project convs are linear in their weights, so
-        ``w_s G_s(x_s) + w_c G_c(x_c)`` is that conv of ``[hidden_s, hidden_c]``."""
-        levels, c = self.num_levels, self.channels
-        pairs = [g for pair in zip(self.spatial_generation, self.channel_generation) for g in pair]
+    def stacked_generators(self, run: range) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Both branches' generators of the levels ``run`` (one width ``C``) as one grouped conv3x3 (``G_s`` then
+        ``G_c``, ``(L, 2C, C, 3, 3)``, biases ``(L, 2C)``) and one dense conv3x3 over both hidden maps with
+        ``w_s``, ``w_c`` folded in (``(L, C, 2C, 3, 3)``, biases ``w_s b_s + w_c b_c``): the project convs are
+        linear in their weights, so ``w_s G_s(x_s) + w_c G_c(x_c)`` is that conv of ``[hidden_s, hidden_c]``."""
+        levels, c = len(run), self.spatial_generation[run.start][0].in_channels
+        pairs = [g for level in run for g in (self.spatial_generation[level], self.channel_generation[level])]
         expand_w = torch.stack([g[0].weight for g in pairs]).view(levels, 2 * c, c, 3, 3)
         expand_b = torch.stack([g[0].bias for g in pairs]).view(levels, 2 * c)
-        weights = self.fusion_weights()
+        weights = self.fusion_weights()[run.start:run.stop]
         project = torch.stack([g[2].weight for g in pairs]).view(levels, 2, c, c, 3, 3) * weights.view(levels, 2, 1,
                                                                                                         1, 1, 1)
         project_b = torch.bmm(weights.unsqueeze(1), torch.stack([g[2].bias for g in pairs]).view(levels, 2, c))

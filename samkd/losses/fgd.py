@@ -46,8 +46,10 @@ from torch import Tensor, nn
 
 from samkd.losses._common import (
     LevelLayout,
+    Widths,
     check_features,
     check_layout,
+    level_widths,
     check_non_negative,
     check_positive,
     check_weight,
@@ -58,6 +60,7 @@ from samkd.losses._common import (
     level_sums,
     per_position,
     unflatten_levels,
+    width_runs,
 )
 from samkd.models.taps import Taps
 
@@ -170,7 +173,8 @@ class FGDLoss(nn.Module):
     """Focal and global distillation (Yang et al., CVPR 2022); see the module docstring for the equations.
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels (one pair of GcBlocks each).
         temp: attention temperature.
         alpha_fgd, beta_fgd: foreground / background focal coefficients.
@@ -184,7 +188,7 @@ class FGDLoss(nn.Module):
     (:class:`~samkd.losses._common.LevelLayout`): a fixed number of operators, whatever the level count.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, temp: float = 0.5, alpha_fgd: float = 1e-3,
+    def __init__(self, channels: Widths, num_levels: int, *, temp: float = 0.5, alpha_fgd: float = 1e-3,
                  beta_fgd: float = 5e-4, gamma_fgd: float = 5e-4, lambda_fgd: float = 5e-6,
                  share_global_block: bool = False, weight: float = 1.0):
         super().__init__()
@@ -196,8 +200,9 @@ class FGDLoss(nn.Module):
         self.temp, self.weight = temp, weight
         self.alpha_fgd, self.beta_fgd, self.gamma_fgd, self.lambda_fgd = alpha_fgd, beta_fgd, gamma_fgd, lambda_fgd
         self.share_global_block = share_global_block
-        self.student_gc = nn.ModuleList(GcBlock(channels) for _ in range(num_levels))
-        self.teacher_gc = None if share_global_block else nn.ModuleList(GcBlock(channels) for _ in range(num_levels))
+        widths = level_widths(channels, num_levels)
+        self.student_gc = nn.ModuleList(GcBlock(c) for c in widths)
+        self.teacher_gc = None if share_global_block else nn.ModuleList(GcBlock(c) for c in widths)
 
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
         check_features("FGDLoss", student, teacher, self.channels, self.num_levels)
@@ -205,14 +210,26 @@ class FGDLoss(nn.Module):
         n = teacher.features[0].shape[0]
         if len(targets) != n:
             raise ValueError(f"FGDLoss needs one target dict per image: got {len(targets)} for a batch of {n}")
-        sizes = tuple(tuple(t.shape[-2:]) for t in teacher.features)
-        layout = level_layout(sizes, teacher.features[0].device)
-        frames = [self._level_frame(teacher, level, shape) for level, shape in enumerate(sizes)]
+        frames = [self._level_frame(teacher, level, t.shape[-2:]) for level, t in enumerate(teacher.features)]
+        boxes = [tgt["boxes"] for tgt in targets]
+        # Levels of one width laid flat together (a torchvision FPN: all of them); runs of other widths in turn.
+        terms = [self._run_terms(student.features[run.start:run.stop], teacher.features[run.start:run.stop],
+                                 run, boxes, frames[run.start:run.stop]) for run in width_runs(teacher.features)]
+        focal, attention, global_term = torch.stack(terms).sum(dim=0)
+        total = focal + self.gamma_fgd * attention + self.lambda_fgd * global_term
+        return {"fgd": self.weight * total / n}
+
+    def _run_terms(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], run: range,
+                   boxes: list[Tensor], frames: Sequence[tuple[int, int]]) -> Tensor:
+        """``(focal, attention, global)`` sums (focal with its coefficients, not yet over ``N``) of a run of
+        levels of one width, all of them at once."""
+        sizes = tuple(tuple(t.shape[-2:]) for t in teacher_feats)
+        layout = level_layout(sizes, teacher_feats[0].device)
         with torch.no_grad():
-            fg, bg = flat_box_masks([tgt["boxes"] for tgt in targets], layout, frames)
+            fg, bg = flat_box_masks(boxes, layout, frames)
             focal_map = self.alpha_fgd * fg + self.beta_fgd * bg  # fg and bg never overlap: alpha M_fg + beta M_bg
         # Student then teacher positions of every level in one (N, C, 2P) tensor: one pass for both attentions.
-        both = flatten_levels([s.float() for s in student.features] + [t.detach().float() for t in teacher.features])
+        both = flatten_levels([s.float() for s in student_feats] + [t.detach().float() for t in teacher_feats])
         s, t = both.tensor_split(2, dim=2)
         s_spatial, t_spatial, s_channel, t_channel = self._attention(both, level_layout(sizes * 2, both.device))
         diff = s - t
@@ -223,11 +240,11 @@ class FGDLoss(nn.Module):
         # Attention imitation: the student's attention maps themselves are trained.
         attention = (s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()
         # R_S(F_S) - R_T(F_T) = (F_S - F_T) + (context_S - context_T): the blocks add one value per channel.
-        teacher_gc = self.student_gc if self.teacher_gc is None else self.teacher_gc
-        context_gap = level_context_terms(self.student_gc, s, layout) - level_context_terms(teacher_gc, t, layout)
+        student_gc = self.student_gc[run.start:run.stop]
+        teacher_gc = student_gc if self.teacher_gc is None else self.teacher_gc[run.start:run.stop]
+        context_gap = level_context_terms(student_gc, s, layout) - level_context_terms(teacher_gc, t, layout)
         global_term = (diff + per_position(context_gap, layout)).pow(2).sum()
-        total = focal + self.gamma_fgd * attention + self.lambda_fgd * global_term
-        return {"fgd": self.weight * total / n}
+        return torch.stack((focal, attention, global_term))
 
     def _attention(self, both: Tensor, pair_layout: LevelLayout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Spatial ``(N, P)`` and channel ``(N, C, L)`` attention of the student and the teacher (teacher's
@@ -236,7 +253,7 @@ class FGDLoss(nn.Module):
         spatial = level_softmax(magnitude.mean(dim=1) / self.temp, pair_layout)
         spatial = spatial * per_position(pair_layout.areas, pair_layout)  # H W softmax_hw, per level
         means = level_sums(magnitude, pair_layout) / pair_layout.areas  # (N, C, 2L): mean_hw |F| per level
-        channel = self.channels * F.softmax(means / self.temp, dim=1)
+        channel = both.shape[1] * F.softmax(means / self.temp, dim=1)  # C softmax_c
         s_spatial, t_spatial = spatial.tensor_split(2, dim=1)
         s_channel, t_channel = channel.tensor_split(2, dim=2)
         return s_spatial, t_spatial.detach(), s_channel, t_channel.detach()

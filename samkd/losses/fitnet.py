@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from samkd.losses._common import check_features, check_layout, check_weight, zero_scalar
+from samkd.losses._common import Widths, check_features, check_layout, check_weight, zero_scalar
 from samkd.models.taps import Taps
 
 
@@ -20,14 +20,15 @@ class FitNetLoss(nn.Module):
     """Per-level MSE between aligned student and teacher features (FitNets, ICLR 2015).
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels.
         weight: multiplies the returned term.
 
     Returns ``{"fitnet": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, weight: float = 1.0):
+    def __init__(self, channels: Widths, num_levels: int, *, weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)
         check_weight(weight)

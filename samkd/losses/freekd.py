@@ -63,11 +63,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    Widths,
     check_features,
     check_layout,
+    level_widths,
     check_non_negative,
     check_weight,
     host_constant,
+    width_runs,
 )
 from samkd.models.taps import Taps
 
@@ -227,7 +230,8 @@ class FreeKDLoss(nn.Module):
     """Frequency-prompted wavelet distillation (Zhang et al., CVPR 2024), released distillation stage.
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels; each has its own tokens per wavelet scale.
         num_tokens: ``T``, masks per (level, scale).
         wavelet_levels: ``J``, Haar levels; the high bands of every scale are distilled.
@@ -235,14 +239,14 @@ class FreeKDLoss(nn.Module):
         mse_weight: coefficient of the companion MSE on the FPN maps (FCOS: 10; RetinaNet: 5; 0 disables it).
         train_tokens: let the tokens learn with the distillation loss (see the module docstring's warning);
             they are frozen by default.
-        token_init_std: std of the tokens' normal initialisation; ``None`` = ``1 / sqrt(channels)``
+        token_init_std: std of the tokens' normal initialisation; ``None`` = ``1 / sqrt(C)`` of each level
             (0 gives masks of exactly 1/2).
         weight: multiplies the returned term.
 
     Returns ``{"freekd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, num_tokens: int = 6, wavelet_levels: int = 3,
+    def __init__(self, channels: Widths, num_levels: int, *, num_tokens: int = 6, wavelet_levels: int = 3,
                  alpha_freekd: float = 5.0, mse_weight: float = 10.0, train_tokens: bool = False,
                  token_init_std: Optional[float] = None, weight: float = 1.0):
         super().__init__()
@@ -255,32 +259,49 @@ class FreeKDLoss(nn.Module):
         self.channels, self.num_levels = channels, num_levels
         self.num_tokens, self.wavelet_levels = int(num_tokens), int(wavelet_levels)
         self.alpha_freekd, self.mse_weight, self.weight = alpha_freekd, mse_weight, weight
-        self.token_init_std = 1.0 / math.sqrt(channels) if token_init_std is None else float(token_init_std)
-        shape = (num_levels, self.wavelet_levels, self.num_tokens, channels)
-        self.tokens = nn.Parameter(torch.randn(shape) * self.token_init_std, requires_grad=bool(train_tokens))
+        widths = level_widths(channels, num_levels)
+        stds = [1.0 / math.sqrt(c) if token_init_std is None else float(token_init_std) for c in widths]
+        self.token_init_std = stds[0] if len(set(stds)) == 1 else tuple(stds)
+        if len(set(widths)) == 1:  # one tensor (num_levels, J, T, C): the layout of checkpoints of one width
+            shape = (num_levels, self.wavelet_levels, self.num_tokens, widths[0])
+            self.tokens = nn.Parameter(torch.randn(shape) * stds[0], requires_grad=bool(train_tokens))
+        else:  # one (J, T, C_l) tensor per level; ``self.tokens[level]`` reads both layouts alike
+            self.tokens = nn.ParameterList(
+                nn.Parameter(torch.randn(self.wavelet_levels, self.num_tokens, c) * std, requires_grad=bool(train_tokens))
+                for c, std in zip(widths, stds))
 
     @property
     def train_tokens(self) -> bool:
-        return self.tokens.requires_grad
+        return any(p.requires_grad for p in self.parameters())
 
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
         check_features("FreeKDLoss", student, teacher, self.channels, self.num_levels)
-        n = student.features[0].shape[0]
-        atlas = wavelet_atlas(tuple(tuple(f.shape[-2:]) for f in teacher.features), self.wavelet_levels,
-                              teacher.features[0].device)
-        # Every level in one canvas per model: one transform per scale for all levels.
-        student_canvas = to_atlas([s.float() for s in student.features], atlas)  # (N, C, H_c, W_c)
-        with torch.no_grad():
-            teacher_canvas = to_atlas([t.detach().float() for t in teacher.features], atlas)
-        gap = student_canvas - teacher_canvas
-        mse = (gap.pow(2).sum(dim=1) * atlas.cell_weights[0].sum(dim=0)).sum() / (n * self.channels)
-        wave = torch.stack(self._wavelet_scales(student_canvas, teacher_canvas, atlas)).sum()
-        return {"freekd": self.weight * (self.alpha_freekd * wave + self.mse_weight * mse)}
+        # Levels of one width share a canvas (a torchvision FPN: all of them); runs of other widths in turn.
+        wave, mse = zip(*(self._run_terms(student.features[run.start:run.stop], teacher.features[run.start:run.stop],
+                                          run) for run in width_runs(teacher.features)))
+        total = self.alpha_freekd * torch.stack(wave).sum() + self.mse_weight * torch.stack(mse).sum()
+        return {"freekd": self.weight * total}
 
-    def _wavelet_scales(self, student: Tensor, teacher: Tensor, atlas: WaveletAtlas) -> list[Tensor]:
+    def _run_terms(self, student_feats: list[Tensor], teacher_feats: list[Tensor], run: range) -> tuple[Tensor, Tensor]:
+        """The wavelet and MSE sums over a run of levels of one width, all in one canvas per model."""
+        n, c = student_feats[0].shape[:2]
+        atlas = wavelet_atlas(tuple(tuple(f.shape[-2:]) for f in teacher_feats), self.wavelet_levels,
+                              teacher_feats[0].device)
+        student_canvas = to_atlas([s.float() for s in student_feats], atlas)  # (N, C, H_c, W_c)
+        with torch.no_grad():
+            teacher_canvas = to_atlas([t.detach().float() for t in teacher_feats], atlas)
+        gap = student_canvas - teacher_canvas
+        mse = (gap.pow(2).sum(dim=1) * atlas.cell_weights[0].sum(dim=0)).sum() / (n * c)
+        # The run's tokens (L_run, J, T, C): a slice of the one-width tensor, or the levels' own tensors stacked.
+        tokens = (self.tokens[run.start:run.stop] if isinstance(self.tokens, nn.Parameter)
+                  else torch.stack([self.tokens[level] for level in run]))
+        return torch.stack(self._wavelet_scales(student_canvas, teacher_canvas, atlas, tokens)).sum(), mse
+
+    def _wavelet_scales(self, student: Tensor, teacher: Tensor, atlas: WaveletAtlas,
+                        all_tokens: Tensor) -> list[Tensor]:
         """``sum_l mean |M^j_l (B^j_S - B^j_T)|`` of every scale ``j``, all levels at once on the canvases."""
         n, c = student.shape[:2]
-        levels, tokens = self.num_levels, self.num_tokens
+        levels, tokens = all_tokens.shape[0], self.num_tokens
         terms = []
         for j in range(self.wavelet_levels):
             student_bands = haar_bands(student)  # (N, C, 4, h, w): LL, LH, HL, HH
@@ -289,7 +310,7 @@ class FreeKDLoss(nn.Module):
             h, w = student_bands.shape[-2:]
             summed = teacher_bands[:, :, 1:].sum(dim=2).reshape(n, c, h * w)  # S_T: the orientations together
             # Every level's tokens against every cell, (N, L T, h w); each cell keeps its own level's masks below.
-            logits = self.tokens[:, j].float().reshape(levels * tokens, c) @ summed
+            logits = all_tokens[:, j].float().reshape(levels * tokens, c) @ summed
             masks = torch.sigmoid(logits).view(n, levels, tokens, h, w).sum(dim=2)  # sum_t M: |M x| = M |x|
             per_cell = (masks * atlas.cell_weights[j + 1]).sum(dim=1)  # (N, h, w): own level's masks / (h_l w_l)
             gap = (student_bands[:, :, 1:] - teacher_bands[:, :, 1:]).abs().sum(dim=(1, 2))  # over c and o
@@ -300,4 +321,8 @@ class FreeKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_tokens={self.num_tokens}, wavelet_levels={self.wavelet_levels}, "
                 f"alpha_freekd={self.alpha_freekd}, mse_weight={self.mse_weight}, "
-                f"train_tokens={self.train_tokens}, token_init_std={self.token_init_std:.4g}, weight={self.weight}")
+                f"train_tokens={self.train_tokens}, token_init_std={self._init_std_text()}, weight={self.weight}")
+
+    def _init_std_text(self) -> str:
+        stds = self.token_init_std if isinstance(self.token_init_std, tuple) else (self.token_init_std,)
+        return "/".join(f"{s:.4g}" for s in stds)

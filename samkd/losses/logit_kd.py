@@ -25,6 +25,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    Widths,
     check_dense_logits,
     check_layout,
     check_non_negative,
@@ -42,7 +43,7 @@ class LogitKDLoss(nn.Module):
     """Temperature-scaled KL between teacher and student classification logits (Hinton et al. 2015).
 
     Args:
-        channels: FPN width (unused, kept for the common interface).
+        channels: FPN width(s) (unused, kept for the common interface).
         num_levels: number of FPN levels (unused beyond bookkeeping: the dense term runs over every
             ``cls_logits`` level).
         T: distillation temperature (both the dense sigmoid and the RoI softmax terms).
@@ -52,7 +53,7 @@ class LogitKDLoss(nn.Module):
     Returns ``{"logit_kd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, T: float = 2.0, roi_weight: float = 1.0,
+    def __init__(self, channels: Widths, num_levels: int, *, T: float = 2.0, roi_weight: float = 1.0,
                  weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)

@@ -22,8 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    Widths,
     check_features,
     check_layout,
+    level_widths,
     check_non_negative,
     check_unit_interval,
     check_weight,
@@ -45,7 +47,8 @@ class MGDLoss(nn.Module):
     """Masked generative distillation (Yang et al., ECCV 2022).
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels, one generator each.
         alpha_mgd: loss coefficient (paper: 2e-5).
         lambda_mgd: probability that a location is masked (paper: 0.65).
@@ -55,7 +58,7 @@ class MGDLoss(nn.Module):
     reproducible. Returns ``{"mgd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, alpha_mgd: float = 2e-5, lambda_mgd: float = 0.65,
+    def __init__(self, channels: Widths, num_levels: int, *, alpha_mgd: float = 2e-5, lambda_mgd: float = 0.65,
                  weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)
@@ -64,7 +67,7 @@ class MGDLoss(nn.Module):
         check_weight(weight)
         self.channels, self.num_levels = channels, num_levels
         self.alpha_mgd, self.lambda_mgd, self.weight = alpha_mgd, lambda_mgd, weight
-        self.generation = nn.ModuleList(make_generator(channels) for _ in range(num_levels))
+        self.generation = nn.ModuleList(make_generator(c) for c in level_widths(channels, num_levels))
 
     def forward(self, student: Taps, teacher: Taps, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
         check_features("MGDLoss", student, teacher, self.channels, self.num_levels)

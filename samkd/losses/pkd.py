@@ -30,6 +30,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    Widths,
     check_features,
     check_layout,
     check_non_negative,
@@ -51,7 +52,8 @@ class PKDLoss(nn.Module):
     """Pearson-correlation feature distillation (Cao et al., NeurIPS 2022).
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels.
         alpha_pkd: loss coefficient (reference configs: 10 for RetinaNet / FCOS, 6 for Faster R-CNN).
         eps: added to each channel's std before dividing by it.
@@ -60,7 +62,7 @@ class PKDLoss(nn.Module):
     Returns ``{"pkd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, alpha_pkd: float = 10.0, eps: float = 1e-6,
+    def __init__(self, channels: Widths, num_levels: int, *, alpha_pkd: float = 10.0, eps: float = 1e-6,
                  weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)

@@ -79,9 +79,11 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from samkd.losses._common import (
     LevelLayout,
+    Widths,
     check_dense_logits,
     check_features,
     check_layout,
+    level_widths,
     check_non_negative,
     check_positive,
     check_unit_interval,
@@ -103,6 +105,7 @@ from samkd.losses._common import (
     uniform_noise,
     unflatten_levels,
     upsample_cells,
+    width_runs,
 )
 from samkd.models.taps import Taps
 
@@ -427,13 +430,15 @@ def sld_weights(teacher_feat: Tensor, student_feat: Tensor, tau_d: float = 1.0, 
 
 def level_sld_weights(teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor], layout: LevelLayout,
                       tau_d: float = 1.0, weighting: str = "softmax") -> Tensor:
-    """:func:`sld_weights` (``region = 1``) of every level at once, laid flat: ``(N, P)``, no gradient."""
+    """:func:`sld_weights` (``region = 1``) of every level at once, laid flat: ``(N, P)``, no gradient. (The
+    discrepancy is taken over each run of levels of one width at once; the rest over all levels.)"""
     if weighting not in SLD_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {', '.join(SLD_WEIGHTINGS)}, got {weighting!r}")
     with torch.no_grad():
-        t = flatten_levels([f.detach().float() for f in teacher_feats])
-        s = flatten_levels([f.detach().float() for f in student_feats])
-        gap = F.mse_loss(t, s, reduction="none").mean(dim=1)  # D = mean_c (F_T - F_S)^2, (N, P)
+        gaps = [F.mse_loss(flatten_levels([f.detach().float() for f in teacher_feats[run.start:run.stop]]),
+                           flatten_levels([f.detach().float() for f in student_feats[run.start:run.stop]]),
+                           reduction="none").mean(dim=1) for run in width_runs(teacher_feats)]
+        gap = torch.cat(gaps, dim=1) if len(gaps) > 1 else gaps[0]  # D = mean_c (F_T - F_S)^2, (N, P)
         gap = gap / per_position((level_sums(gap, layout) / layout.areas).clamp(min=_EPS), layout)
         if weighting == "power":
             powered = gap.pow(1.0 / tau_d)
@@ -544,7 +549,8 @@ class SFDLoss(nn.Module):
     """Spatially hierarchical feature masking distillation (SAMKD's feature term; module docstring, SFD).
 
     Args:
-        channels: teacher FPN width (the student is aligned to it by the caller).
+        channels: teacher FPN width (the student is aligned to it by the caller): one for every level, or
+            one per level.
         num_levels: number of FPN levels.
         pyramid: mask granularities ``k`` (cell side in feature pixels), one generator per (level, k).
         mask_ratio: fraction of grid cells masked at every granularity.
@@ -557,7 +563,7 @@ class SFDLoss(nn.Module):
         alpha_sfd: loss coefficient (MGD's scale: the error is a sum over C*H*W, divided by N). The default
             5e-5 was picked over MGD's 2e-5 on validation data by an earlier tuning of ``alpha_sfd`` alone
             (commit f1e84a1); benchmarks/tuning.md now tunes every method's whole ``weight`` instead.
-        generator_ratio: hidden width of each generator as a fraction of ``channels`` (1.0 = MGD's block).
+        generator_ratio: hidden width of each generator as a fraction of its level's width (1.0 = MGD's block).
         use_channel_attention: weight the error by the teacher's channel attention.
         channel_tau: temperature of that channel attention.
         weight: multiplies the returned term.
@@ -566,7 +572,7 @@ class SFDLoss(nn.Module):
     part of the masks reproducible. Returns ``{"sfd": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, pyramid: Sequence[int] = (4, 2, 1),
+    def __init__(self, channels: Widths, num_levels: int, *, pyramid: Sequence[int] = (4, 2, 1),
                  mask_ratio: float = 0.5, random_share: float = 0.5, alpha_sfd: float = 5e-5,
                  use_channel_attention: bool = True, channel_tau: float = 0.5, generator_ratio: float = 0.5,
                  placement: str = "top", global_mask: bool = False, weight: float = 1.0):
@@ -574,7 +580,6 @@ class SFDLoss(nn.Module):
         check_layout(channels, num_levels)
         self.pyramid = _check_pyramid(pyramid)
         check_positive(generator_ratio=generator_ratio)
-        hidden = max(1, round_half_up(generator_ratio * channels))
         check_unit_interval(mask_ratio=mask_ratio, random_share=random_share)
         check_positive(channel_tau=channel_tau)
         check_non_negative(alpha_sfd=alpha_sfd)
@@ -587,7 +592,8 @@ class SFDLoss(nn.Module):
         self.use_channel_attention, self.channel_tau = use_channel_attention, channel_tau
         self.generator_ratio = generator_ratio
         scales = len(self.pyramid) + self.global_mask  # the global mask is one more scale, fused like the others
-        self.generation = nn.ModuleList(ScaleGenerators(channels, hidden, scales) for _ in range(num_levels))
+        self.generation = nn.ModuleList(ScaleGenerators(c, max(1, round_half_up(generator_ratio * c)), scales)
+                                        for c in level_widths(channels, num_levels))
         # One scale-fusion vector per level; zeros = equal weights at the start.
         self.fusion_logits = nn.Parameter(torch.zeros(num_levels, scales))
 
@@ -597,25 +603,35 @@ class SFDLoss(nn.Module):
 
     def forward(self, student: Taps, teacher: Taps, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
         """Every level at once where shapes allow: the teacher maps laid flat, the masks of all levels and scales
-        from one ranking (:func:`level_input_masks`), one error over all levels; the generators run per level."""
+        from one ranking (:func:`level_input_masks`), one error over all levels; the generators run per level.
+        Levels of one width go together (a torchvision FPN: all of them); runs of other widths in turn, in level
+        order, so the random draws keep the per-level order."""
         check_features("SFDLoss", student, teacher, self.channels, self.num_levels)
         pis = self.fusion_weights()
-        layout = level_layout(tuple(tuple(t.shape[-2:]) for t in teacher.features), teacher.features[0].device)
-        t_flat = flatten_levels([t.detach().float() for t in teacher.features])  # (N, C, P)
+        errors = [self._run_error(student.features[run.start:run.stop], teacher.features[run.start:run.stop], run,
+                                  pis, generator) for run in width_runs(teacher.features)]
+        return {"sfd": self.weight * self.alpha_sfd * torch.stack(errors).sum() / teacher.features[0].shape[0]}
+
+    def _run_error(self, student_feats: list[Tensor], teacher_feats: list[Tensor], run: range, pis: Tensor,
+                   generator: Optional[torch.Generator]) -> Tensor:
+        """``sum A^C_T (F_hat - F_T)^2`` over a run of levels of one width."""
+        layout = level_layout(tuple(tuple(t.shape[-2:]) for t in teacher_feats), teacher_feats[0].device)
+        t_flat = flatten_levels([t.detach().float() for t in teacher_feats])  # (N, C, P)
         magnitude = t_flat.abs()  # shared by the masks' spatial and the error's channel attention
         masks = level_input_masks(magnitude, layout, self.pyramid, self.mask_ratio, self.random_share, generator,
                                   self.placement, self.global_mask)
-        inputs = [s.unsqueeze(1) * m.unsqueeze(2).to(s.dtype) for s, m in zip(student.features, masks)]
-        err = F.mse_loss(flatten_levels(self.rebuild(inputs, pis)), t_flat, reduction="none")  # (F_hat - F_T)^2
-        if self.use_channel_attention:
-            channel = self.channels * F.softmax(level_sums(magnitude, layout) / layout.areas / self.channel_tau, dim=1)
-            total = (level_sums(err, layout) * channel).sum()  # A^C_T is one value per channel and level
-        else:
-            total = err.sum()
-        return {"sfd": self.weight * self.alpha_sfd * total / t_flat.shape[0]}
+        inputs = [s.unsqueeze(1) * m.unsqueeze(2).to(s.dtype) for s, m in zip(student_feats, masks)]
+        err = F.mse_loss(flatten_levels(self.rebuild(inputs, pis, run)), t_flat, reduction="none")  # (F_hat - F_T)^2
+        if not self.use_channel_attention:
+            return err.sum()
+        means = level_sums(magnitude, layout) / layout.areas  # (N, C, L): mean_hw |F_T| per level
+        channel = t_flat.shape[1] * F.softmax(means / self.channel_tau, dim=1)
+        return (level_sums(err, layout) * channel).sum()  # A^C_T is one value per channel and level
 
-    def rebuild(self, inputs: Sequence[Tensor], pis: Tensor, fused: Optional[bool] = None) -> list[Tensor]:
-        """``F_hat = sum_k pi_k G_k(F_S M_k)`` of every level (float32) from its masked inputs ``(N, S, C, H, W)``.
+    def rebuild(self, inputs: Sequence[Tensor], pis: Tensor, run: Optional[range] = None,
+                fused: Optional[bool] = None) -> list[Tensor]:
+        """``F_hat = sum_k pi_k G_k(F_S M_k)`` of the levels ``run`` (default all; ``pis`` of every level), float32,
+        from their masked inputs ``(N, S, C, H, W)``.
 
         On a GPU, launches bound the loss: one fused project conv per level (:meth:`ScaleGenerators.fused`),
         its weights prepared for all levels in one pass. On a CPU the bytes count, and preparing those weights
@@ -623,12 +639,14 @@ class SFDLoss(nn.Module):
         weighted sum instead. The same values either way (tests/test_loss_speed_equivalence.py). ``fused``:
         force one way (default: fused on CUDA).
         """
+        run = range(self.num_levels) if run is None else run
+        generators, pis = self.generation[run.start:run.stop], pis[run.start:run.stop]
         if inputs[0].is_cuda if fused is None else fused:
-            kernels, biases = (w.unbind(0) for w in fused_projections(self.generation, pis))  # unbind: 1 backward op
+            kernels, biases = (w.unbind(0) for w in fused_projections(generators, pis))  # unbind: 1 backward op
             return [gen.fused_with(x, kernel, bias).float()
-                    for gen, x, kernel, bias in zip(self.generation, inputs, kernels, biases)]
+                    for gen, x, kernel, bias in zip(generators, inputs, kernels, biases)]
         return [(pi.view(1, -1, 1, 1, 1) * gen(x).float()).sum(dim=1)
-                for gen, x, pi in zip(self.generation, inputs, pis.unbind(0))]
+                for gen, x, pi in zip(generators, inputs, pis.unbind(0))]
 
     def input_masks(self, teacher_feat: Tensor, generator: Optional[torch.Generator] = None) -> list[Tensor]:
         """The masks the student feature of one level is multiplied by, one per scale (the pyramid's, then the
@@ -651,7 +669,7 @@ class SLDLoss(nn.Module):
     """Adaptive masking logit distillation (SAMKD's logit term; module docstring, SLD).
 
     Args:
-        channels: teacher FPN width.
+        channels: teacher FPN width(s), one for every level or one per level.
         num_levels: number of FPN levels; ``cls_logits`` must have as many, with the features' H, W.
         T: distillation temperature (dense sigmoid and RoI softmax terms).
         tau_d: temperature of the discrepancy softmax (smaller = sharper focus on hard locations).
@@ -668,7 +686,7 @@ class SLDLoss(nn.Module):
     Returns ``{"sld": scalar}``.
     """
 
-    def __init__(self, channels: int, num_levels: int, *, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
+    def __init__(self, channels: Widths, num_levels: int, *, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
                  weighting: str = "softmax", level_weighting: str = "level",
                  beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
                  roi_sampling_ratio: int = 2, weight: float = 1.0):
@@ -776,7 +794,7 @@ class SAMKDLoss(nn.Module):
 
     PARTS = (SFDLoss, SLDLoss)
 
-    def __init__(self, channels: int, num_levels: int, *, use_sfd: bool = True, use_sld: bool = True,
+    def __init__(self, channels: Widths, num_levels: int, *, use_sfd: bool = True, use_sld: bool = True,
                  weight: float = 1.0, **params):
         super().__init__()
         if not (use_sfd or use_sld):

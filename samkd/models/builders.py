@@ -178,10 +178,12 @@ def detector_from_config(m, num_classes: Optional[int] = None, checkpoint: Optio
     """
     fam = family(m.arch)
     path = checkpoint or m.checkpoint
-    # A checkpoint the config names is reported with its key (teacher.checkpoint, model.checkpoint).
+    if path and not Path(path).is_file():  # the field that named it: the config's, or the caller's argument
+        field = "checkpoint" if checkpoint else f"{'teacher' if role == 'teacher' else 'model'}.checkpoint"
+        raise ModelConfigError(f"{field} {path}: file not found (nothing is downloaded: give a local file)")
     key = f"{'teacher' if role == 'teacher' else 'model'}.checkpoint" if path and path == m.checkpoint else None
     with _naming(key):
-        state = read_state_dict(path) if path else None
+        state = fam.read_checkpoint(path, m.backbone) if path else None
     classes = _class_count(m, fam, num_classes, state, path)
     if state is None:
         if role is not None and not m.weights:

@@ -72,6 +72,11 @@ class Family:
         loss_presets: ``{loss: {param: value}}`` published for this family (MGD, FGD, PKD, FreeKD papers). They
             are coefficients for *raw* FPN features and are applied when ``distill.feature_norm: none``; with
             the default ``standardize`` the losses' own defaults (tuned on standardised maps) apply.
+        mixes_with_other_families: a teacher of this family may teach a student of another family of the same
+            ``kind`` (the torchvision ones: same FPN strides and widths); ``False``: only its own family.
+        default_pair: (student, teacher) backbones of the cost profile (``samkd bench --costs``).
+        code_key: the key of ``student.json`` that holds the export's rebuild code.
+        onnx_hint: why ``export-student --onnx`` is refused and what to use instead (``None``: ONNX works).
     """
 
     name: str
@@ -81,6 +86,10 @@ class Family:
     distill_levels: Optional[int] = None
     neck_head_prefixes: tuple[str, ...] = ()
     loss_presets: dict[str, dict] = field(default_factory=dict)
+    mixes_with_other_families: bool = True
+    default_pair: tuple[str, str] = ("resnet50", "resnet101")
+    code_key: str = "torchvision_code"
+    onnx_hint: Optional[str] = None
 
     # ------------------------------------------------------------------ identity
     @property
@@ -101,6 +110,16 @@ class Family:
         """The ``backbone`` names this family builds."""
         return BACKBONES
 
+    def builds_backbone(self, name: str) -> bool:
+        """Whether ``backbone: name`` is one of this family's (``False``, not an error, when an optional
+        package that lists them is missing)."""
+        return name in self.backbones
+
+    def config_error(self, m) -> Optional[tuple[str, str]]:
+        """``(field, why)`` of the first setting of model block ``m`` this family cannot use, else ``None``
+        (checked with the config, so the error names the file and the field before any work)."""
+        return None
+
     # ------------------------------------------------------------------ building
     def recipe(self, backbone: str, num_classes: int, **options) -> Recipe:
         """The recipe that builds this detector (see :func:`samkd.models.build_detector` for ``options``)."""
@@ -109,6 +128,11 @@ class Family:
     def build_options_of_state(self, state: dict) -> dict:
         """Recipe options a trained state dict implies (frozen BatchNorm, head norm, ...) to load strictly."""
         return {}
+
+    def read_checkpoint(self, path, backbone: str) -> dict:
+        """The state dict of this family's detector held by the local file ``path`` (errors name the file)."""
+        from .builders import read_state_dict
+        return read_state_dict(path)
 
     def load_pretrained(self, model: "nn.Module", backbone: str, weights: str) -> None:
         """Load the published detector weights ``weights`` into ``model``."""
@@ -129,9 +153,11 @@ class Family:
             known = ", ".join(p for p in accepted if p not in ("self", "backbone", "num_classes", "kwargs"))
             raise ModelConfigError(f"{self.class_name} takes no argument(s) {', '.join(unknown)}; it accepts: {known}")
 
-    def export(self, model: "nn.Module", options: dict, out: Path) -> tuple[dict[str, str], str]:
+    def export(self, model: "nn.Module", options: dict, out: Path,
+               class_names: Optional[dict] = None) -> tuple[dict[str, str], str]:
         """Write what rebuilds ``model`` without samkd's training code into ``out``: ``(written files, the Python
-        that rebuilds and loads it, as a variable ``model``)``. ``options`` are the recipe's."""
+        that rebuilds and loads it, as a variable ``model``)``. ``options`` are the recipe's; ``class_names``
+        (``{label 1..K: name}``, from the data) go into the export where its format has a place for them."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ a built model
@@ -254,7 +280,8 @@ class TorchvisionFamily(Family):
     def inference_kwargs(self, kwargs: dict) -> dict:
         return {self.renamed_kwargs.get(k, k): v for k, v in kwargs.items()}
 
-    def export(self, model: "nn.Module", options: dict, out: Path) -> tuple[dict[str, str], str]:
+    def export(self, model: "nn.Module", options: dict, out: Path,
+               class_names: Optional[dict] = None) -> tuple[dict[str, str], str]:
         """``student_state_dict.pt`` (tensors only) and the recipe, with random weights, that it loads into."""
         import torch
         path = out / "student_state_dict.pt"
@@ -327,6 +354,131 @@ class TwoStageFamily(TorchvisionFamily):
         return int(state["roi_heads.box_predictor.cls_score.weight"].shape[0])
 
 
+# The settings of a model block that describe torchvision models only.
+_NOT_FOR_YOLO = {"anchor_sizes": "YOLO heads are anchor-free", "weights": "samkd downloads no YOLO weights",
+                 "backbone_weights": "a YOLO yaml builds the whole detector",
+                 "trainable_backbone_layers": "every YOLO layer trains"}
+
+
+@dataclass(frozen=True)
+class YOLOFamily(Family):
+    """Ultralytics YOLO detectors with a plain ``Detect`` head (YOLO11, YOLOv8, YOLO12, ...), wrapped by
+    :class:`samkd.models.yolo.YOLODetector` (:mod:`samkd.models.yolo`; ultralytics is imported only when a model is
+    built). ``backbone`` names the whole model: any yaml the installed package ships (``yolo11n``, ``yolov8s``...).
+
+    The taps: the wrapper's ``backbone`` returns the Detect inputs P3-P5 (widths differ per level and per scale,
+    e.g. yolo11n 64/128/256: the losses get one width per level) and ``head.cv3[i]`` the class logits of level
+    ``i`` (A = 1, K). The image size is ``min_size`` = ``max_size`` (ultralytics' ``imgsz``). A checkpoint may be
+    a ``.pt`` written by ultralytics, samkd's weights file or a samkd state dict. The export is a checkpoint
+    ``ultralytics.YOLO`` loads and a weights-only file rebuilt from the model yaml.
+    """
+
+    kind: str = "dense"
+    num_levels: int = 3  # P3-P5 (yolov8n-p2 and -p6 models have 4, yolov3-tiny 2: the probe reads the real count)
+    mixes_with_other_families: bool = False  # strides 8-32 and per-level widths: no torchvision FPN lines up
+    default_pair: tuple[str, str] = ("yolo11n", "yolo11s")
+    code_key: str = "ultralytics_code"
+    onnx_hint: Optional[str] = ("ONNX export of a YOLO student: load the exported student.pt with ultralytics and "
+                                "use its exporter, YOLO('student.pt').export(format='onnx')")
+
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        from .yolo import available_models
+        return available_models()
+
+    def builds_backbone(self, name: str) -> bool:
+        from .yolo import YOLOUnavailableError
+        try:
+            return name in self.backbones
+        except YOLOUnavailableError:
+            return False
+
+    def config_error(self, m) -> Optional[tuple[str, str]]:
+        for key, why in _NOT_FOR_YOLO.items():
+            if getattr(m, key, None) is not None:
+                return key, f"does not apply to arch yolo ({why}); leave it unset"
+        if m.min_size != m.max_size:
+            return "min_size", (f"must equal max_size for arch yolo: both are the image size (ultralytics' imgsz, "
+                                f"e.g. 640), got {m.min_size} and {m.max_size}")
+        return None
+
+    def recipe(self, backbone: str, num_classes: int, *, min_size: int = 640, max_size: int = 640,
+               backbone_weights: Optional[str] = None, trainable_layers: Optional[int] = None,
+               anchor_sizes: Optional[Sequence[float]] = None, head_norm: Optional[str] = None,
+               frozen_bn: Optional[bool] = None, detector_weights: Optional[str] = None,
+               detector_kwargs: Optional[dict] = None) -> Recipe:
+        given = {"backbone_weights": backbone_weights, "trainable_backbone_layers": trainable_layers,
+                 "anchor_sizes": anchor_sizes, "weights": detector_weights}
+        for key, value in given.items():
+            if value is not None:
+                raise ModelConfigError(f"yolo: {key} {_NOT_FOR_YOLO[key]}: leave it unset")
+        if min_size != max_size:
+            raise ModelConfigError(f"yolo: min_size and max_size are both the image size and must be equal, got "
+                                   f"{min_size} and {max_size}")
+        kwargs = {"num_classes": num_classes, "imgsz": max_size, **(detector_kwargs or {})}
+        return Recipe([("model", Call("samkd.models.yolo:build_yolo", (backbone,), kwargs))])
+
+    def load_pretrained(self, model: "nn.Module", backbone: str, weights: str) -> None:
+        raise ModelConfigError(f"yolo: weights {weights!r}: samkd downloads no YOLO weights; give a local .pt "
+                               "(e.g. ultralytics' yolo11n.pt) as checkpoint")
+
+    def check_detector_kwargs(self, kwargs: dict) -> None:
+        import inspect
+
+        from .yolo import YOLODetector
+        accepted = [p for p in inspect.signature(YOLODetector.__init__).parameters if p not in ("self", "yolo", "imgsz")]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ModelConfigError(f"YOLODetector takes no argument(s) {', '.join(unknown)}; it accepts: "
+                                   f"{', '.join(accepted)}")
+
+    def read_checkpoint(self, path, backbone: str) -> dict:
+        """The detector's state dict (``yolo.model.*``) from any file :func:`samkd.models.yolo.build_yolo` reads:
+        ultralytics' own ``.pt`` (its EMA), samkd's weights file or a samkd state dict / training checkpoint."""
+        from .yolo import load_detection_model
+        yolo = load_detection_model(path, backbone)
+        return {f"yolo.{k}": v for k, v in yolo.state_dict().items()}
+
+    def export(self, model: "nn.Module", options: dict, out: Path,
+               class_names: Optional[dict] = None) -> tuple[dict[str, str], str]:
+        """``student.pt``, which ``ultralytics.YOLO`` loads and predicts with, and ``student_weights.pt`` (tensors
+        and plain values only), rebuilt without samkd from the model yaml by the returned code."""
+        from .yolo import save_ultralytics_checkpoint, save_yolo_weights
+        names = None if not class_names else [class_names.get(k, str(k)) for k in range(1, model.num_classes)]
+        ultralytics_pt = save_ultralytics_checkpoint(model, out / "student.pt", class_names=names)
+        weights = save_yolo_weights(model, out / "student_weights.pt", class_names=names)
+        code = ("import torch\n"
+                "from ultralytics.nn.tasks import DetectionModel\n"
+                f"weights = torch.load({str(weights)!r}, map_location='cpu', weights_only=True)\n"
+                "model = DetectionModel(weights['yaml'], nc=weights['nc'], verbose=False)\n"
+                "model.load_state_dict(weights['state_dict'], strict=True)\n"
+                "model.names = weights['names']\n"
+                "model.eval()\n"
+                f"# or, with ultralytics' predictor: from ultralytics import YOLO; YOLO({str(ultralytics_pt)!r})\n")
+        return {"ultralytics": str(ultralytics_pt), "state_dict": str(weights)}, code
+
+    # ------------------------------------------------------------------ a built model
+    def tap_points(self, model: "nn.Module") -> TapPoints:
+        return TapPoints(model.transform, model.backbone, tuple(model.class_logit_modules))
+
+    def run_heads(self, model: "nn.Module", features, image_sizes, proposals=None) -> None:
+        model.class_logits(features)  # the class branch (cv3) of every level; its hooks collect the logits
+
+    def logit_layout(self, model: "nn.Module") -> tuple[int, int]:
+        return model.logit_layout
+
+    def num_classes(self, model: "nn.Module") -> int:
+        return model.num_classes
+
+    def num_classes_from_state(self, state: dict) -> int:
+        import re
+        pattern = re.compile(r"yolo\.model\.(\d+)\.cv3\.0\.2\.weight")  # the last Detect's class conv: K outputs
+        found = {int(m[1]): v.shape[0] for k, v in state.items() if (m := pattern.fullmatch(k))}
+        if not found:
+            raise KeyError("no YOLO Detect head (yolo.model.<i>.cv3.0.2.weight)")
+        return int(found[max(found)]) + 1
+
+
 FAMILIES: dict[str, Family] = {
     "fcos": DenseFamily(
         name="fcos", detector_class="torchvision.models.detection.fcos:FCOS",
@@ -362,6 +514,8 @@ FAMILIES: dict[str, Family] = {
         torchvision_weights={"resnet50": "fasterrcnn_resnet50_fpn",
                              "mobilenet_v3_large": "fasterrcnn_mobilenet_v3_large_fpn"},
     ),
+    # ultralytics (AGPL-3.0, `pip install "samkd[yolo]"`): imported only when a YOLO model is built
+    "yolo": YOLOFamily(name="yolo", detector_class="samkd.models.yolo:YOLODetector"),
 }
 
 ARCHS = tuple(FAMILIES)
