@@ -94,7 +94,7 @@ def test_bad_teacher_checkpoint_creates_no_output_dir(tmp_path, tiny_data, capsy
     cfg = _cfg(tmp_path / "kd.yaml", tiny_data, out, teacher={"checkpoint": str(tmp_path / "gone.pt")},
                distill={"losses": {"fitnet": {}}})
     err = _err_line(capsys, ["distill", "-c", cfg], 2)
-    assert f"teacher.checkpoint: checkpoint {tmp_path / 'gone.pt'}: file not found" in err and not out.exists()
+    assert f"teacher.checkpoint {tmp_path / 'gone.pt'}: file not found" in err and not out.exists()
 
 
 def test_new_run_over_a_finished_run_needs_overwrite(run_copy, capsys):

@@ -68,7 +68,8 @@ from samkd.models.yolo import build_yolo  # imports torchvision (which sets TORC
 lazy = "ultralytics" not in sys.modules
 torch.set_num_threads(2)
 cv2.setNumThreads(2)
-env, save, np_print = dict(os.environ), torch.save, repr(np.get_printoptions())
+from PIL import Image
+env, save, np_print, pil_open = dict(os.environ), torch.save, repr(np.get_printoptions()), Image.open
 model = build_yolo("yolo11n", num_classes=3, imgsz=64).eval()
 with torch.no_grad():
     model([torch.rand(3, 64, 64)])
@@ -78,7 +79,7 @@ import_ultralytics("ultralytics.utils.checks").check_font("Arial.ttf")
 changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))
 print(json.dumps({"lazy": lazy, "changed": changed, "threads": torch.get_num_threads(), "cv2": cv2.getNumThreads(),
                   "save_restored": torch.save is save, "np_print": repr(np.get_printoptions()) == np_print,
-                  "attempts": attempts}))
+                  "pil_open_restored": Image.open is pil_open, "attempts": attempts}))
 """
 
 
@@ -90,7 +91,7 @@ def test_import_leaves_process_as_it_was_and_stays_offline(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report == {"lazy": True, "changed": [], "threads": 2, "cv2": 2, "save_restored": True, "np_print": True,
-                      "attempts": []}
+                      "pil_open_restored": True, "attempts": []}
     # ultralytics' settings file (and the fonts) land in samkd's cache folder, not in ~/.config/Ultralytics
     settings = tmp_path / "cache" / "samkd" / "ultralytics" / "Ultralytics"
     assert {"settings.json", "Arial.ttf", "Arial.Unicode.ttf"} <= {p.name for p in settings.iterdir()}

@@ -27,7 +27,6 @@ from ..data import config_label_map
 from ..errors import ModelConfigError
 from ..models.builders import detector_from_config, recipe_options
 from ..models.families import family
-from ..visualize import class_names
 
 
 def _export_onnx(model: nn.Module, m: ModelConfig, path: Path) -> None:
@@ -88,7 +87,8 @@ def export_student(cfg: Config, checkpoint, out_dir, onnx: bool = False) -> dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = recipe_options(m, num_classes, state)
-    written, code = fam.export(model, options, out, class_names=class_names(cfg))
+    names = (config_label_map(cfg.data) or {}).get("class_names") or {}
+    written, code = fam.export(model, options, out, class_names=dict(names))
     info = {"arch": m.arch, "backbone": m.backbone, "num_classes": num_classes, "min_size": m.min_size,
             "max_size": m.max_size, "anchor_sizes": m.anchor_sizes,
             "norm_layer": "FrozenBatchNorm2d" if options.get("frozen_bn") else "BatchNorm2d",

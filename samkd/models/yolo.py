@@ -123,7 +123,9 @@ def _import_guard():
     """Put back what importing ultralytics 8.4 changes in the process: environment variables (it sets
     ``OMP_NUM_THREADS=1`` when unset, which makes every later worker process single-threaded, and four logging
     variables), torch's thread count, ``torch.save`` (replaced by a retrying wrapper), OpenCV's thread count
-    (``cv2.setNumThreads(0)``), torch's and numpy's print options and the warning filters it adds.
+    (``cv2.setNumThreads(0)``), torch's and numpy's print options, the warning filters it adds and
+    ``PIL.Image.open`` (replaced by a wrapper that answers a non-image with ``ModuleNotFoundError: pi_heif``
+    instead of PIL's ``UnidentifiedImageError``, which samkd reports as a bad input file).
 
     cv2 is imported first: its own environment variables (Qt plugin paths) belong to cv2 and stay.
     """
@@ -131,7 +133,8 @@ def _import_guard():
         import cv2  # an ultralytics dependency: read its thread count before ultralytics changes it
     except ImportError as exc:
         raise YOLOUnavailableError(f"ultralytics needs OpenCV ({exc}): {INSTALL_HINT}") from exc
-    environ, threads, save = dict(os.environ), torch.get_num_threads(), torch.save
+    from PIL import Image
+    environ, threads, save, pil_open = dict(os.environ), torch.get_num_threads(), torch.save, Image.open
     cv2_threads, numpy_print = cv2.getNumThreads(), np.get_printoptions()
     torch_print = {k: getattr(torch._tensor_str.PRINT_OPTS, k) for k in _TORCH_PRINT_OPTIONS}  # no public getter
     os.environ.update(import_environment(environ))
@@ -143,6 +146,7 @@ def _import_guard():
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         torch.save = save
+        Image.open = pil_open
         cv2.setNumThreads(cv2_threads)
         np.set_printoptions(**numpy_print)
         torch.set_printoptions(**torch_print)
