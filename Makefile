@@ -52,9 +52,15 @@ bench-paper: install
 bench-quick: install
 	$(VENV)/bin/samkd bench --quick --out /tmp/samkd-bench-quick
 
-# The GPU cost profile (a CUDA machine): step ratios, loss shares and peak memory at COCO scale.
+# The GPU cost profile (a CUDA machine; about 8 minutes on an H100, most of it compiling): step ratios, loss
+# shares and peak memory at COCO scale (gpu.md), FCOS again with the losses compiled (gpu_compiled_losses.md), and
+# every loss's kernel count and time, eager and SAMKD compiled (profile_gpu.md). benchmarks/speed.md reads them.
 bench-gpu: install
 	$(VENV)/bin/samkd bench --costs --device cuda --image-size 800 --out benchmarks
+	$(VENV)/bin/samkd bench --costs --device cuda --image-size 800 --archs fcos --methods fitnet mgd samkd \
+		--compile-losses --out benchmarks
+	PYTHONPATH=. $(PY) benchmarks/profile_losses.py --device cuda --sizes 800x2 --reps 10 --compile samkd \
+		--json benchmarks/profile_gpu.json | tee benchmarks/profile_gpu.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -56,7 +56,8 @@ from samkd.bench import (SUITES, BenchParams, cached_run, kd_to_task_loss, machi
 from samkd.bench.report import run_ap  # noqa: E402
 from samkd.engine.evaluate import format_metric  # noqa: E402
 from samkd.losses import LOSSES, LogitKDLoss, SLDLoss  # noqa: E402
-from samkd.losses._common import check_dense_logits, check_features, dense_kd_map  # noqa: E402
+from samkd.losses._common import (check_dense_logits, check_features, dense_kd_map, flatten_levels,  # noqa: E402
+                                  level_layout)
 from samkd.losses.samkd import sld_weights  # noqa: E402
 
 DIAG_VERSION = 1  # bump when a diagnostic changes: cached diagnostics of older versions are recomputed
@@ -135,14 +136,14 @@ class StudySLDLoss(SLDLoss):
         check_dense_logits("StudySLDLoss", student, teacher)
         self._check_logits_match_features(teacher)
         a, k = teacher.num_anchors, teacher.num_logit_classes
-        weight_maps = []
-        for fs, ft, zt in zip(student.features, teacher.features, teacher.cls_logits):
-            w = sld_weights(ft, fs, self.tau_d, self.region, self.weighting)
-            if self.skip != "none":
-                masks = teacher_error_masks(zt, student.targets, teacher.batch_shape, a, k, self.fp_thresh)
-                w = w * (~masks["errors" if self.skip == "teacher_errors" else "fp"])[:, None].to(w.dtype)
-            weight_maps.append(w)
-        return {"sld": self.weight * self.beta_sld * self._dense_term(student, teacher, weight_maps)}
+        layout = level_layout(tuple(tuple(f.shape[-2:]) for f in teacher.features), teacher.features[0].device)
+        weights = self._weights(student, teacher, layout)  # (N, P): SLD's W of every level, laid flat
+        if self.skip != "none":
+            key = "errors" if self.skip == "teacher_errors" else "fp"
+            kept = [~teacher_error_masks(zt, student.targets, teacher.batch_shape, a, k, self.fp_thresh)[key]
+                    for zt in teacher.cls_logits]  # (N, H_l, W_l) each
+            weights = weights * flatten_levels(kept).to(weights.dtype)
+        return {"sld": self.weight * self.beta_sld * self._dense_term(student, teacher, weights, layout)}
 
 
 STUDY_LOSS = "sld_study"

@@ -87,7 +87,8 @@ def _cmd_bench(args) -> int:
     if args.costs:
         run_costs(out_dir=args.out, device=args.device, image_size=args.image_size or 800,
                   batch_size=args.batch_size or 2, reps=args.reps, archs=args.archs,
-                  channels_last=args.channels_last, compile=args.compile, methods=args.methods)
+                  channels_last=args.channels_last, compile=args.compile, methods=args.methods,
+                  compile_losses=args.compile_losses)
         return 0
     common = dict(out_dir=args.out, quick=args.quick, work_dir=args.work_dir, steps=args.steps,
                   teacher_steps=args.teacher_steps, jobs=args.jobs, batch_size=args.batch_size,
@@ -239,6 +240,7 @@ def _add_bench(add) -> None:
     p.add_argument("--archs", nargs="+", default=None, choices=ARCHS, help="--costs: detector families (default: all)")
     p.add_argument("--channels-last", action="store_true", help="--costs: channels_last memory format")
     p.add_argument("--compile", action="store_true", help="--costs: torch.compile both backbones")
+    p.add_argument("--compile-losses", action="store_true", help="--costs: torch.compile the losses")
     p.set_defaults(func=_cmd_bench)
 
 

@@ -154,6 +154,9 @@ class DistillConfig:
     # dtype of the teacher's forward: auto (bfloat16 autocast on CUDA, float16 where bf16 is unsupported; float32 on
     # CPU) | float32 | bfloat16 | float16. The losses compute in float32.
     teacher_precision: str = "auto"
+    # torch.compile every distillation loss (opt-in; the first steps compile them, again for new feature sizes):
+    # fuses the losses' many small kernels, which bound them on a GPU. The same values as eager (same masks).
+    compile_losses: bool = False
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .errors import DistillConfigError
 from .losses import build_loss, loss_params
+from .losses.compile import compile_loss
 from .losses._common import standardize_over
 from .models.adapter import TapAdapter
 from .models.families import family_of, preset_losses
@@ -136,6 +137,8 @@ class Distiller(nn.Module):
             on raw features). Logits are never changed.
         teacher_precision: dtype of the teacher's forward (:data:`TEACHER_PRECISIONS`; ``"auto"``: bfloat16
             autocast on CUDA, float32 on CPU).
+        compile_losses: ``torch.compile`` every loss (:func:`samkd.losses.compile.compile_loss`): opt-in, the
+            first steps compile; same values, parameters and state-dict keys as eager.
 
     ``forward(images, targets, epoch)`` in train mode returns the detector's own losses plus one
     ``distill/<term>`` entry per distillation term. Terms whose loss has ``weight == 0`` are not computed at all,
@@ -145,7 +148,7 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, losses: Mapping[str, Mapping] | None = None,
                  init_student_from_teacher: bool = False, stop_distill_at: Optional[int] = None,
-                 feature_norm: str = "standardize", teacher_precision: str = "auto"):
+                 feature_norm: str = "standardize", teacher_precision: str = "auto", compile_losses: bool = False):
         super().__init__()
         if feature_norm not in FEATURE_NORMS:
             raise DistillConfigError(f"feature_norm must be one of {', '.join(FEATURE_NORMS)}, got {feature_norm!r}")
@@ -175,6 +178,9 @@ class Distiller(nn.Module):
         specs = preset_losses(t_family.name, dict(losses or {}), feature_norm, loss_params)
         self.losses = nn.ModuleDict({name: _build_named_loss(name, params, channels, self.num_levels)
                                      for name, params in specs.items()})
+        if compile_losses:
+            for loss in self.losses.values():
+                compile_loss(loss)
         self.stop_distill_at = stop_distill_at
         self.copied_from_teacher = copy_neck_and_head(student, teacher) if init_student_from_teacher else []
         self.student_taps = TapAdapter(student)

@@ -200,7 +200,7 @@ def sfd_by_hand(sfd, s, t, *, ratio, channel_tau, use_channel_attention=True, ta
         c = fs.shape[1]
         hidden = max(1, math.floor(sfd.generator_ratio * c + 0.5))  # each level's width: its own generators
         gen = sfd.generation[level]
-        pi = torch.softmax(sfd.fusion_logits[level].detach(), dim=0)  # over the scales of this level
+        pi = torch.softmax(sfd.fusion_logits[level], dim=0)  # over the scales of this level
         fused = 0.0
         masks = (masks_by_hand(level, ft) if masks_by_hand else
                  [sfd_keep_mask_by_hand(ft, k, ratio, tau) for k in sfd.pyramid])

@@ -339,7 +339,7 @@ def test_config_defaults_are_those_of_the_builder_and_the_distiller():
     for name in ("arch", "backbone", "min_size", "max_size"):
         assert getattr(ModelConfig(), name) == builder[name].default, name
     distiller = inspect.signature(Distiller.__init__).parameters
-    for name in ("feature_norm", "teacher_precision"):
+    for name in ("feature_norm", "teacher_precision", "compile_losses"):
         assert getattr(DistillConfig(), name) == distiller[name].default, name
 
 

@@ -65,17 +65,20 @@ def _loss_time(distiller, images, targets) -> float:
 
 
 def measure_costs(student, teacher, images, targets, methods: dict[str, dict], reps: int,
-                  teacher_precision: str = "auto") -> dict:
+                  teacher_precision: str = "auto", compile_losses: bool = False) -> dict:
     """Step and loss costs of each method on one batch, interleaved in this process.
 
     Returns ``{method: {"step_ratio", "distill_step_s", "student_step_s", "loss_s", "loss_share",
     "loss_vs_mgd", "peak_mib", "student_peak_mib"}}`` (medians over ``reps``; a first, warm-up round is dropped).
+    ``compile_losses``: the losses compiled (``distill.compile_losses``); the first step, which compiles them,
+    is reported apart as ``compile_s`` (its time minus a median step).
     """
     from ..distill import Distiller
     device = next(student.parameters()).device
     out = {}
     for method, spec in methods.items():
-        distiller = Distiller(student, teacher, losses=spec, teacher_precision=teacher_precision).to(device).train()
+        distiller = Distiller(student, teacher, losses=spec, teacher_precision=teacher_precision,
+                              compile_losses=compile_losses).to(device).train()
         times: dict[str, list[float]] = {"student": [], "distill": [], "loss": []}
         for _ in range(reps + 1):
             times["student"].append(timed_step(student, lambda: student(images, targets)))
@@ -88,6 +91,8 @@ def measure_costs(student, teacher, images, targets, methods: dict[str, dict], r
         out[method] = {"distill_step_s": med["distill"], "student_step_s": med["student"],
                        "step_ratio": med["distill"] / med["student"], "loss_s": med["loss"],
                        "loss_share": med["loss"] / med["distill"], "peak_mib": peak, "student_peak_mib": student_peak}
+        if compile_losses:
+            out[method]["compile_s"] = times["distill"][0] - med["distill"]
     if "mgd" in out:
         for c in out.values():
             c["loss_vs_mgd"] = c["loss_s"] / out["mgd"]["loss_s"]
@@ -123,7 +128,8 @@ def _synthetic_batch(image_size: int, batch_size: int, device: torch.device) -> 
 def run_costs(out_dir: str = "benchmarks", device: str = "cpu", image_size: int = 800, batch_size: int = 2,
               reps: int = 5, archs: Optional[list[str]] = None, student_backbone: Optional[str] = None,
               teacher_backbone: Optional[str] = None, channels_last: bool = False, compile: bool = False,
-              teacher_precision: str = "auto", methods: Optional[list[str]] = None) -> dict:
+              teacher_precision: str = "auto", methods: Optional[list[str]] = None,
+              compile_losses: bool = False) -> dict:
     """Cost profile on synthetic batches: step ratio, loss share and peak memory of every method per family.
 
     Models are randomly initialised (speed does not depend on the weights); the batch is ``batch_size``
@@ -131,7 +137,7 @@ def run_costs(out_dir: str = "benchmarks", device: str = "cpu", image_size: int 
     each family's :attr:`~samkd.models.families.Family.default_pair` (ResNet-50 / ResNet-101, YOLO11n / YOLO11s).
     ``archs``: default every family that builds ``student_backbone`` (all of them when it is unset; YOLO only
     when ultralytics is installed). Writes ``gpu.md`` / ``gpu.json`` on CUDA and ``costs_cpu.md`` /
-    ``costs_cpu.json`` elsewhere.
+    ``costs_cpu.json`` elsewhere (``..._compiled_losses`` with ``compile_losses``).
     """
     from ..models import ARCHS, build_detector, family
     check_methods(methods)
@@ -150,15 +156,19 @@ def run_costs(out_dir: str = "benchmarks", device: str = "cpu", image_size: int 
                 model.to(memory_format=torch.channels_last)
             if compile:
                 model.backbone.compile()
-        result[arch] = measure_costs(student.train(), teacher, images, targets, specs, reps, teacher_precision)
+        result[arch] = measure_costs(student.train(), teacher, images, targets, specs, reps, teacher_precision,
+                                     compile_losses)
         print(f"[costs] {arch} done", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "device": str(dev), "image_size": image_size,
             "batch_size": batch_size, "reps": reps, "student": student_backbone or "each family's default",
             "teacher": teacher_backbone or "each family's default",
             "channels_last": channels_last, "compile": compile, "teacher_precision": teacher_precision,
+            "compile_losses": compile_losses,
             "command": f"samkd bench --costs --device {device} --image-size {image_size} --batch-size {batch_size}"
-                       + (" --channels-last" if channels_last else "") + (" --compile" if compile else "")}
-    return _write_costs(Path(out_dir), "gpu" if dev.type == "cuda" else f"costs_{dev.type}", meta, result)
+                       + (" --channels-last" if channels_last else "") + (" --compile" if compile else "")
+                       + (" --compile-losses" if compile_losses else "")}
+    stem = ("gpu" if dev.type == "cuda" else f"costs_{dev.type}") + ("_compiled_losses" if compile_losses else "")
+    return _write_costs(Path(out_dir), stem, meta, result)
 
 
 def _write_costs(out: Path, stem: str, meta: dict, result: dict) -> dict:

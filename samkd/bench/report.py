@@ -196,6 +196,10 @@ def cost_markdown(cost: dict, meta: dict) -> list[str]:
         peak = (f" {c['peak_mib']:.0f} ({c['student_peak_mib']:.0f}) |" if c.get("peak_mib") else "")
         lines.append(f"| {m} | {c['step_ratio']:.2f} | {c['loss_s']:.4f} | {c.get('loss_vs_mgd', float('nan')):.2f}x | "
                      f"{100 * c['loss_share']:.1f}% |" + peak)
+    compiled = {m: c["compile_s"] for m, c in cost.items() if "compile_s" in c}
+    if compiled:
+        lines += ["", "Losses compiled (`distill.compile_losses`); compile time, the first step minus a median one: "
+                  + ", ".join(f"{m} {s:.1f} s" for m, s in compiled.items()) + "."]
     goals = cost_goals(cost)
     if goals:
         lines += ["", "Speed goals:", ""] + [f"- {'PASS' if ok else 'MISS'}: {g} — {d}" for g, (ok, d) in goals.items()]
@@ -206,7 +210,8 @@ def write_report(out: Path, payload: dict) -> str:
     """``results.md`` (one table per recorded suite) and ``results.png`` from ``results.json``'s content."""
     lines = ["# samkd bench", "",
              "Synthetic-shapes benchmark (`samkd make-data`), every method under the same step budget and the "
-             "same tuning budget (`benchmarks/tuning.md`). Regenerate a table with the command shown under it.", ""]
+             "same tuning budget (`benchmarks/tuning.md`). Regenerate a table with the command shown under it.",
+             "What each loss costs, before and after the speed work, CPU and GPU: [speed.md](speed.md).", ""]
     for name in SUITES:
         if name in payload["suites"]:
             lines += suite_markdown(name, payload["suites"][name]) + [""]

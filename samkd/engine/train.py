@@ -115,7 +115,7 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     return Distiller(student, teacher, losses=cfg.distill.losses,
                      init_student_from_teacher=cfg.distill.init_student_from_teacher,
                      stop_distill_at=cfg.distill.stop_distill_at, feature_norm=cfg.distill.feature_norm,
-                     teacher_precision=cfg.distill.teacher_precision)
+                     teacher_precision=cfg.distill.teacher_precision, compile_losses=cfg.distill.compile_losses)
 
 
 def weights_name(cfg: Config) -> str:

@@ -12,7 +12,10 @@ Notation used throughout the package: ``F_S``, ``F_T`` are student / teacher FPN
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -30,16 +33,31 @@ Widths = Union[int, Sequence[int]]
 # --------------------------------------------------------------------------------------------------
 def spatial_attention(feat: Tensor, tau: float) -> Tensor:
     """``H W softmax(mean_c |F| / tau)`` over positions: ``(N, C, H, W) -> (N, 1, H, W)``, mean 1 per image."""
-    n, _, h, w = feat.shape
-    saliency = feat.abs().mean(dim=1).reshape(n, h * w)
-    return (h * w * F.softmax(saliency / tau, dim=1)).reshape(n, 1, h, w)
+    return spatial_attention_of_magnitude(feat.abs(), tau)
 
 
 def channel_attention(feat: Tensor, tau: float) -> Tensor:
     """``C softmax(mean_hw |F| / tau)`` over channels: ``(N, C, H, W) -> (N, C, 1, 1)``, mean 1 per image."""
-    n, c = feat.shape[:2]
-    saliency = feat.abs().mean(dim=(2, 3))
-    return (c * F.softmax(saliency / tau, dim=1)).reshape(n, c, 1, 1)
+    return channel_attention_of_magnitude(feat.abs(), tau)
+
+
+def _tempered(x: Tensor, tau: float) -> Tensor:
+    return x if tau == 1.0 else x / tau  # x / 1.0 == x exactly: skip the kernel
+
+
+def spatial_attention_of_magnitude(magnitude: Tensor, tau: float) -> Tensor:
+    """:func:`spatial_attention` of a map whose ``|F|`` is already computed (a caller that needs ``|F|`` for both
+    attentions takes it once)."""
+    n, _, h, w = magnitude.shape
+    saliency = magnitude.mean(dim=1).reshape(n, h * w)
+    return (h * w * F.softmax(_tempered(saliency, tau), dim=1)).reshape(n, 1, h, w)
+
+
+def channel_attention_of_magnitude(magnitude: Tensor, tau: float) -> Tensor:
+    """:func:`channel_attention` of a map whose ``|F|`` is already computed."""
+    n, c = magnitude.shape[:2]
+    saliency = magnitude.mean(dim=(2, 3))
+    return (c * F.softmax(_tempered(saliency, tau), dim=1)).reshape(n, c, 1, 1)
 
 
 def make_generator(channels: int, hidden: Optional[int] = None) -> nn.Sequential:
@@ -95,6 +113,128 @@ def dense_kd_map(student: Tensor, teacher: Tensor, num_anchors: int, num_classes
     s = dense_logits_by_class(student, num_anchors, num_classes)
     t = dense_logits_by_class(teacher, num_anchors, num_classes)
     return bernoulli_kd(s, t, T).sum(dim=2).mean(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# All FPN levels in one call
+# --------------------------------------------------------------------------------------------------
+def host_constant(tensor: Tensor, device: torch.device) -> Tensor:
+    """A tensor built on the host, moved to ``device`` without waiting: through pinned memory on CUDA (a copy from
+    pageable memory waits for every kernel already queued, which stalls a launch-bound step). Inside
+    ``torch.compile`` the copy is left to the compiler (a graph constant)."""
+    if torch.device(device).type != "cuda" or torch.compiler.is_compiling():
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True, eq=False)
+class LevelLayout:
+    """The positions of every FPN level side by side, so that one operator serves all levels.
+
+    *Flat*: the levels' ``H_l W_l`` positions one after the other, ``P = sum_l H_l W_l`` (:func:`flatten_levels`);
+    elementwise work runs on it once instead of once per level. *Padded*: one row of ``P_max = max_l H_l W_l``
+    per level, for reductions within a level that are no sum (softmax). Sums within a level are one matmul
+    with ``one_hot``. Built once per set of sizes and device (:func:`level_layout`): no host-to-device copy
+    per step, which on a GPU would wait for the queued kernels.
+    """
+
+    sizes: tuple[tuple[int, int], ...]
+    owner: Tensor  # (P,) long: the level of each flat position
+    one_hot: Tensor  # (P, L) float: 1 where position p belongs to level l
+    areas: Tensor  # (L,) float: H_l W_l
+    rows: Tensor  # (P,) float: each position's row within its level
+    cols: Tensor  # (P,) float: each position's column within its level
+    flat_index: Tensor  # (P,) long: each flat position's index in the padded (L * P_max) layout
+
+    @property
+    def row(self) -> int:
+        """``P_max``: the length of a padded row."""
+        return max(h * w for h, w in self.sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def level_layout(sizes: tuple[tuple[int, int], ...], device: torch.device) -> LevelLayout:
+    """The :class:`LevelLayout` of levels of these ``(H, W)`` sizes (cached per sizes and device)."""
+    areas = [h * w for h, w in sizes]
+    row = max(areas)
+    with torch.inference_mode(False), torch.no_grad():  # cached across calls: must not be an inference tensor
+        owner = torch.cat([torch.full((a,), level, dtype=torch.long) for level, a in enumerate(areas)])
+        positions = torch.cat([torch.arange(a) for a in areas])
+        widths = torch.tensor([w for _, w in sizes])[owner]
+        layout = LevelLayout(
+            sizes=tuple(sizes), owner=owner, one_hot=F.one_hot(owner, len(sizes)).float(),
+            areas=torch.tensor(areas, dtype=torch.float32), rows=(positions // widths).float(),
+            cols=(positions % widths).float(), flat_index=owner * row + positions,
+        )
+        moved = {name: host_constant(getattr(layout, name), device)
+                 for name in ("owner", "one_hot", "areas", "rows", "cols", "flat_index")}
+    return dataclasses.replace(layout, **moved)
+
+
+def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
+    """``(..., H_l, W_l)`` maps of every level -> ``(..., P)``, the levels one after the other."""
+    return torch.cat([m.flatten(-2) for m in maps], dim=-1)
+
+
+def width_runs(maps: Sequence[Tensor]) -> list[range]:
+    """The levels in runs of consecutive levels of one width (``maps[l].shape[1]``): what can be laid flat together.
+
+    A torchvision FPN is one run of every level; a YOLO neck (64 / 128 / 256 channels) is one run per level. Runs
+    keep the level order, so per-run work done in turn draws its random numbers in the per-level order.
+    """
+    runs, start = [], 0
+    for level in range(1, len(maps) + 1):
+        if level == len(maps) or maps[level].shape[1] != maps[start].shape[1]:
+            runs.append(range(start, level))
+            start = level
+    return runs
+
+
+def unflatten_levels(flat: Tensor, layout: LevelLayout) -> list[Tensor]:
+    """Inverse of :func:`flatten_levels`: level ``l``'s ``(..., H_l, W_l)`` map (views)."""
+    maps, start = [], 0
+    for h, w in layout.sizes:
+        maps.append(flat[..., start : start + h * w].unflatten(-1, (h, w)))
+        start += h * w
+    return maps
+
+
+def level_softmax(flat: Tensor, layout: LevelLayout) -> Tensor:
+    """Softmax over each level's own positions of a ``(B, P)`` tensor, all levels at once (padded rows)."""
+    b = flat.shape[0]
+    padded = flat.new_full((b, len(layout.sizes) * layout.row), float("-inf"))
+    padded = padded.index_copy(1, layout.flat_index, flat)  # -inf past a level's positions: exp gives 0 there
+    weights = F.softmax(padded.view(b, len(layout.sizes), layout.row), dim=2)
+    return weights.view(b, -1).index_select(1, layout.flat_index)
+
+
+def level_sums(flat: Tensor, layout: LevelLayout) -> Tensor:
+    """``(..., P) -> (..., L)``: the sum over each level's positions (one matmul)."""
+    return flat @ layout.one_hot
+
+
+def per_position(per_level: Tensor, layout: LevelLayout) -> Tensor:
+    """``(..., L) -> (..., P)``: each position gets its level's value."""
+    return per_level.index_select(-1, layout.owner)
+
+
+def segment_top(keys: Tensor, layout: LevelLayout, slots: Tensor) -> Tensor:
+    """``(N, P)`` float, 1 on the positions of each level whose keys rank in ``slots`` (:func:`ranked_slots`).
+
+    All levels at once: one sort by key, then a stable sort by level puts every level's positions in key order
+    (largest first), where ``slots`` says which are picked. Equal keys are ranked arbitrarily, as by ``topk``.
+    """
+    order = keys.argsort(dim=1, descending=True)
+    order = order.gather(1, layout.owner[order].argsort(dim=1, stable=True))
+    return torch.zeros_like(keys).scatter_(1, order, slots.to(keys.dtype).expand_as(keys))
+
+
+@functools.lru_cache(maxsize=64)
+def ranked_slots(layout: LevelLayout, counts: tuple[int, ...]) -> Tensor:
+    """``(P,)`` bool: the first ``counts[l]`` places of level ``l`` once each level is sorted (cached)."""
+    local = layout.flat_index - layout.owner * layout.row  # each position's index within its level
+    with torch.inference_mode(False):
+        return local < host_constant(torch.tensor(counts), local.device)[layout.owner]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,21 +37,30 @@ Design choices:
 """
 from __future__ import annotations
 
+import functools
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkd.losses._common import (
+    LevelLayout,
     Widths,
-    channel_attention,
     check_features,
     check_layout,
     level_widths,
     check_non_negative,
     check_positive,
     check_weight,
-    spatial_attention,
-    zero_scalar,
+    flatten_levels,
+    host_constant,
+    level_layout,
+    level_softmax,
+    level_sums,
+    per_position,
+    unflatten_levels,
+    width_runs,
 )
 from samkd.models.taps import Taps
 
@@ -82,33 +91,81 @@ class GcBlock(nn.Module):
         return feat + self.channel_add(context.reshape(n, c, 1, 1))
 
 
+def level_context_terms(blocks: Sequence[GcBlock], flat: Tensor, layout: LevelLayout) -> Tensor:
+    """What each level's GcBlock adds to every position of its level, all levels at once: ``(N, C, L)``.
+
+    ``flat``: ``(N, C, P)`` maps of every level (:func:`flatten_levels`). Equal to running ``blocks[l]`` on
+    level ``l`` and taking ``R(F) - F`` (constant over the level's positions); the blocks' weights are stacked
+    so that each layer is one batched product for all levels.
+    """
+    n, c, _ = flat.shape
+    key = torch.stack([b.context_logits.weight.view(c) for b in blocks])  # (L, C)
+    key_bias = torch.stack([b.context_logits.bias for b in blocks])  # (L, 1)
+    logits = ((key @ flat + key_bias) * layout.one_hot.T).sum(dim=1)  # (N, P): each position's own level's key
+    pooling = level_softmax(logits, layout)  # softmax_j over each level's positions
+    context = flat @ (pooling.unsqueeze(2) * layout.one_hot)  # (N, C, L): sum_j softmax_j F_j per level
+    expand, norm, _, project = zip(*(b.channel_add for b in blocks))
+    hidden = (torch.einsum("ncl,lhc->nlh", context, torch.stack([m.weight.flatten(1) for m in expand]))
+              + torch.stack([m.bias for m in expand]))  # (N, L, C')
+    hidden = F.layer_norm(hidden, hidden.shape[-1:], eps=norm[0].eps)
+    hidden = F.relu(hidden * torch.stack([m.weight.flatten() for m in norm]) + torch.stack([m.bias.flatten()
+                                                                                          for m in norm]))
+    out = torch.einsum("nlh,lch->ncl", hidden, torch.stack([m.weight.flatten(1) for m in project]))
+    return out + torch.stack([m.bias for m in project]).T
+
+
 def box_masks(boxes_per_image: list[Tensor], level_shape: tuple[int, int], batch_shape: tuple[int, int],
               device: torch.device) -> tuple[Tensor, Tensor]:
-    """Foreground and normalised background masks ``(N, 1, H, W)`` of one level.
+    """``M_fg``, ``M_bg`` of one level, each ``(N, 1, H, W)``.
 
     ``boxes_per_image[i]`` are ``xyxy`` boxes in the padded ``batch_shape`` frame.
     """
-    h, w = level_shape
-    scale_y, scale_x = h / batch_shape[0], w / batch_shape[1]
-    rows = torch.arange(h, device=device, dtype=torch.float32)
-    cols = torch.arange(w, device=device, dtype=torch.float32)
-    fg = torch.zeros(len(boxes_per_image), 1, h, w, device=device)
-    for i, boxes in enumerate(boxes_per_image):
-        if boxes.numel() == 0:
-            continue
-        b = boxes.detach().to(device=device, dtype=torch.float32)
-        # Cell j spans [j, j+1): it overlaps [x1, x2) when floor(x1) <= j < ceil(x2); keep >= 1 cell.
-        x0 = (b[:, 0] * scale_x).floor().clamp(0, w - 1)
-        y0 = (b[:, 1] * scale_y).floor().clamp(0, h - 1)
-        x1 = torch.maximum((b[:, 2] * scale_x).ceil().clamp(max=w), x0 + 1)
-        y1 = torch.maximum((b[:, 3] * scale_y).ceil().clamp(max=h), y0 + 1)
-        in_x = (cols >= x0[:, None]) & (cols < x1[:, None])  # (B, W)
-        in_y = (rows >= y0[:, None]) & (rows < y1[:, None])  # (B, H)
-        inside = in_y[:, :, None] & in_x[:, None, :]  # (B, H, W)
-        area = ((x1 - x0) * (y1 - y0))[:, None, None]
-        fg[i, 0] = (inside.float() / area).amax(dim=0)
+    layout = level_layout((tuple(level_shape),), torch.device(device))
+    fg, bg = flat_box_masks(boxes_per_image, layout, [tuple(batch_shape)])
+    return unflatten_levels(fg.unsqueeze(1), layout)[0], unflatten_levels(bg.unsqueeze(1), layout)[0]
+
+
+def padded_boxes(boxes_per_image: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """All images' boxes as one ``(N, B, 4)`` float32 tensor (``B`` = most boxes of an image; zeros past an
+    image's own) and which of them are real, ``(N, B)`` (built on the device: no host-to-device copy)."""
+    boxes = [b.detach().to(device=device, dtype=torch.float32).reshape(-1, 4) for b in boxes_per_image]
+    real = [torch.ones(len(b), dtype=torch.bool, device=device) for b in boxes]
+    pad = torch.nn.utils.rnn.pad_sequence
+    return pad(boxes, batch_first=True), pad(real, batch_first=True, padding_value=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _level_geometry(sizes: tuple[tuple[int, int], ...], frames: tuple[tuple[int, int], ...],
+                    device: torch.device) -> Tensor:
+    """``(L, 4, 1, 1)``: each level's ``H, W, H / frame_H, W / frame_W`` (cached: no copy per step)."""
+    rows = [[h, w, h / fh, w / fw] for (h, w), (fh, fw) in zip(sizes, frames)]
+    with torch.inference_mode(False):
+        return host_constant(torch.tensor(rows, dtype=torch.float32), device).view(len(sizes), 4, 1, 1)
+
+
+def flat_box_masks(boxes_per_image: list[Tensor], layout: LevelLayout,
+                   frames: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """``M_fg`` and ``M_bg`` of every level at once, ``(N, P)`` each (``frames[l]``: the frame the boxes live in,
+    seen from level ``l``). Vectorised over images, boxes and levels: no loop, no host-to-device copy."""
+    device = layout.owner.device
+    boxes, real = padded_boxes(boxes_per_image, device)
+    n, num_boxes = real.shape
+    if num_boxes == 0:
+        fg = torch.zeros(n, layout.owner.shape[0], device=device)
+    else:
+        h, w, scale_y, scale_x = _level_geometry(layout.sizes, tuple(map(tuple, frames)), device).unbind(1)
+        # Cell j spans [j, j+1): it overlaps [x1, x2) when floor(x1) <= j < ceil(x2); keep >= 1 cell. (L, N, B)
+        x0 = (boxes[..., 0] * scale_x).floor().clamp(min=torch.zeros_like(w), max=w - 1)
+        y0 = (boxes[..., 1] * scale_y).floor().clamp(min=torch.zeros_like(h), max=h - 1)
+        x1 = torch.maximum((boxes[..., 2] * scale_x).ceil().clamp(max=w), x0 + 1)
+        y1 = torch.maximum((boxes[..., 3] * scale_y).ceil().clamp(max=h), y0 + 1)
+        value = real / ((x1 - x0) * (y1 - y0))  # 1 / (cells the box covers); 0 for padding boxes
+        at = per_position(torch.stack((x0, x1, y0, y1, value), dim=-1).movedim(0, -1), layout)  # (N, B, 5, P)
+        cols, rows = layout.cols, layout.rows
+        inside = (cols >= at[:, :, 0]) & (cols < at[:, :, 1]) & (rows >= at[:, :, 2]) & (rows < at[:, :, 3])
+        fg = (inside * at[:, :, 4]).amax(dim=1)  # (N, P): the largest 1 / area among the boxes over each cell
     bg = (fg == 0).float()
-    bg = bg / bg.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)  # all-foreground image: bg stays 0
+    bg = bg / per_position(level_sums(bg, layout).clamp(min=1.0), layout)  # all-foreground level: bg stays 0
     return fg, bg
 
 
@@ -127,7 +184,8 @@ class FGDLoss(nn.Module):
         weight: multiplies the returned term.
 
     Needs ``teacher.targets`` (``"boxes"``) and ``teacher.batch_shape`` (falls back to ``strides``).
-    Returns ``{"fgd": scalar}``.
+    Returns ``{"fgd": scalar}``. Every level is computed at once on the levels' positions laid side by side
+    (:class:`~samkd.losses._common.LevelLayout`): a fixed number of operators, whatever the level count.
     """
 
     def __init__(self, channels: Widths, num_levels: int, *, temp: float = 0.5, alpha_fgd: float = 1e-3,
@@ -149,18 +207,56 @@ class FGDLoss(nn.Module):
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
         check_features("FGDLoss", student, teacher, self.channels, self.num_levels)
         targets = teacher.targets or student.targets
-        if len(targets) != teacher.features[0].shape[0]:
-            raise ValueError(
-                f"FGDLoss needs one target dict per image: got {len(targets)} for a batch of "
-                f"{teacher.features[0].shape[0]}"
-            )
+        n = teacher.features[0].shape[0]
+        if len(targets) != n:
+            raise ValueError(f"FGDLoss needs one target dict per image: got {len(targets)} for a batch of {n}")
+        frames = [self._level_frame(teacher, level, t.shape[-2:]) for level, t in enumerate(teacher.features)]
         boxes = [tgt["boxes"] for tgt in targets]
-        total = zero_scalar(student, teacher)
-        for level, (s, t) in enumerate(zip(student.features, teacher.features)):
-            frame = self._level_frame(teacher, level, s.shape[-2:])
-            fg, bg = box_masks(boxes, tuple(s.shape[-2:]), frame, s.device)
-            total = total + self._level_loss(level, s.float(), t.detach().float(), fg, bg)
-        return {"fgd": self.weight * total}
+        # Levels of one width laid flat together (a torchvision FPN: all of them); runs of other widths in turn.
+        terms = [self._run_terms(student.features[run.start:run.stop], teacher.features[run.start:run.stop],
+                                 run, boxes, frames[run.start:run.stop]) for run in width_runs(teacher.features)]
+        focal, attention, global_term = torch.stack(terms).sum(dim=0)
+        total = focal + self.gamma_fgd * attention + self.lambda_fgd * global_term
+        return {"fgd": self.weight * total / n}
+
+    def _run_terms(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], run: range,
+                   boxes: list[Tensor], frames: Sequence[tuple[int, int]]) -> Tensor:
+        """``(focal, attention, global)`` sums (focal with its coefficients, not yet over ``N``) of a run of
+        levels of one width, all of them at once."""
+        sizes = tuple(tuple(t.shape[-2:]) for t in teacher_feats)
+        layout = level_layout(sizes, teacher_feats[0].device)
+        with torch.no_grad():
+            fg, bg = flat_box_masks(boxes, layout, frames)
+            focal_map = self.alpha_fgd * fg + self.beta_fgd * bg  # fg and bg never overlap: alpha M_fg + beta M_bg
+        # Student then teacher positions of every level in one (N, C, 2P) tensor: one pass for both attentions.
+        both = flatten_levels([s.float() for s in student_feats] + [t.detach().float() for t in teacher_feats])
+        s, t = both.tensor_split(2, dim=2)
+        s_spatial, t_spatial, s_channel, t_channel = self._attention(both, level_layout(sizes * 2, both.device))
+        diff = s - t
+
+        # Focal term: squared error weighted by the teacher's attention and alpha M_fg + beta M_bg, summed per
+        # level first so that the channel attention (one value per channel and level) multiplies (N, C, L) only.
+        focal = (level_sums(diff.pow(2) * (t_spatial * focal_map).unsqueeze(1), layout) * t_channel).sum()
+        # Attention imitation: the student's attention maps themselves are trained.
+        attention = (s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()
+        # R_S(F_S) - R_T(F_T) = (F_S - F_T) + (context_S - context_T): the blocks add one value per channel.
+        student_gc = self.student_gc[run.start:run.stop]
+        teacher_gc = student_gc if self.teacher_gc is None else self.teacher_gc[run.start:run.stop]
+        context_gap = level_context_terms(student_gc, s, layout) - level_context_terms(teacher_gc, t, layout)
+        global_term = (diff + per_position(context_gap, layout)).pow(2).sum()
+        return torch.stack((focal, attention, global_term))
+
+    def _attention(self, both: Tensor, pair_layout: LevelLayout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Spatial ``(N, P)`` and channel ``(N, C, L)`` attention of the student and the teacher (teacher's
+        detached) from their side-by-side ``(N, C, 2P)`` maps."""
+        magnitude = both.abs()
+        spatial = level_softmax(magnitude.mean(dim=1) / self.temp, pair_layout)
+        spatial = spatial * per_position(pair_layout.areas, pair_layout)  # H W softmax_hw, per level
+        means = level_sums(magnitude, pair_layout) / pair_layout.areas  # (N, C, 2L): mean_hw |F| per level
+        channel = both.shape[1] * F.softmax(means / self.temp, dim=1)  # C softmax_c
+        s_spatial, t_spatial = spatial.tensor_split(2, dim=1)
+        s_channel, t_channel = channel.tensor_split(2, dim=2)
+        return s_spatial, t_spatial.detach(), s_channel, t_channel.detach()
 
     @staticmethod
     def _level_frame(taps: Taps, level: int, level_shape: torch.Size) -> tuple[int, int]:
@@ -171,22 +267,6 @@ class FGDLoss(nn.Module):
             stride = taps.strides[level]
             return level_shape[0] * stride, level_shape[1] * stride
         raise ValueError("FGDLoss needs Taps.batch_shape or Taps.strides to place the boxes on each level")
-
-    def _level_loss(self, level: int, s: Tensor, t: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
-        n = s.shape[0]
-        s_spatial, s_channel = spatial_attention(s, self.temp), channel_attention(s, self.temp)
-        t_spatial, t_channel = spatial_attention(t, self.temp), channel_attention(t, self.temp)
-
-        # Focal term: squared error weighted by the teacher's attention, split into fg / bg.
-        weighted_err = (s - t).pow(2) * t_spatial * t_channel
-        focal = (self.alpha_fgd * (weighted_err * fg).sum() + self.beta_fgd * (weighted_err * bg).sum()) / n
-
-        # Attention imitation: the student's attention maps themselves are trained.
-        attention = self.gamma_fgd * ((s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()) / n
-
-        teacher_gc = self.student_gc[level] if self.teacher_gc is None else self.teacher_gc[level]
-        global_term = self.lambda_fgd * (self.student_gc[level](s) - teacher_gc(t)).pow(2).sum() / n
-        return focal + attention + global_term
 
     def extra_repr(self) -> str:
         return (f"temp={self.temp}, alpha_fgd={self.alpha_fgd}, beta_fgd={self.beta_fgd}, "

@@ -53,7 +53,9 @@ FPN maps (FCOS: wavelet 5 + MSE 10, the defaults; RetinaNet: 1 + 5), hence ``mse
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -67,7 +69,8 @@ from samkd.losses._common import (
     level_widths,
     check_non_negative,
     check_weight,
-    zero_scalar,
+    host_constant,
+    width_runs,
 )
 from samkd.models.taps import Taps
 
@@ -78,7 +81,31 @@ from samkd.models.taps import Taps
 def _pad_to_even(x: Tensor) -> Tensor:
     """One zero row / column at the bottom / right when H / W is odd (pytorch_wavelets' ``mode='zero'``)."""
     h, w = x.shape[-2:]
-    return F.pad(x, (0, w % 2, 0, h % 2))
+    return F.pad(x, (0, w % 2, 0, h % 2)) if h % 2 or w % 2 else x
+
+
+# Rows: the LL, LH, HL, HH filters over a 2 x 2 block [[a, b], [c, d]] (module docstring).
+_HAAR_FILTERS = ((1.0, 1.0, 1.0, 1.0), (1.0, 1.0, -1.0, -1.0), (1.0, -1.0, 1.0, -1.0), (1.0, -1.0, -1.0, 1.0))
+
+
+@functools.lru_cache(maxsize=16)
+def _haar_filters(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The four Haar filters ``(4, 2, 2)`` (cached per dtype and device: no host-to-device copy per call)."""
+    with torch.inference_mode(False), torch.no_grad():  # cached across calls: must not be an inference tensor
+        return host_constant(0.5 * torch.tensor(_HAAR_FILTERS, dtype=dtype), device).view(4, 2, 2)
+
+
+def haar_bands(x: Tensor) -> Tensor:
+    """One Haar level, all four bands at once: ``(N, C, H, W) -> (N, C, 4, H', W')``, ``H' = ceil(H / 2)``.
+
+    Band order ``(LL, LH, HL, HH)``; odd sizes are zero-padded first. Each 2 x 2 block is multiplied by the
+    ``4 x 4`` filter matrix in one contraction (a transposing copy and a batched matmul: faster than a stride-2
+    convolution with one input channel, and the same products and sums).
+    """
+    x = _pad_to_even(x)
+    n, c, h, w = x.shape
+    blocks = x.view(n, c, h // 2, 2, w // 2, 2)  # (n, c, row, a, col, b): block (row, col), its cell (a, b)
+    return torch.einsum("kab,nchawb->nckhw", _haar_filters(x.dtype, x.device), blocks)
 
 
 def haar_step(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,12 +113,8 @@ def haar_step(x: Tensor) -> tuple[Tensor, Tensor]:
 
     The orientations of ``highs`` are ``(LH, HL, HH)``, see the module docstring.
     """
-    x = _pad_to_even(x)
-    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2 x 2 block
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
-    low = (a + b + c + d) / 2
-    highs = torch.stack(((a + b - c - d) / 2, (a - b + c - d) / 2, (a - b - c + d) / 2), dim=2)
-    return low, highs
+    bands = haar_bands(x)
+    return bands[:, :, 0], bands[:, :, 1:]
 
 
 def haar_dwt(x: Tensor, levels: int) -> tuple[Tensor, list[Tensor]]:
@@ -110,22 +133,88 @@ def haar_dwt(x: Tensor, levels: int) -> tuple[Tensor, list[Tensor]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Frequency masks
+# All FPN levels in one canvas
 # --------------------------------------------------------------------------------------------------
-def frequency_masks(teacher_band: Tensor, tokens: Tensor) -> Tensor:
-    """``sigmoid(P S_T)``: one mask per token, ``(N, C, 3, H, W), (T, C) -> (N, T, H, W)``."""
-    n, c, _, h, w = teacher_band.shape
-    summed = teacher_band.sum(dim=2).reshape(n, c, h * w)  # the three orientations together
-    return torch.sigmoid(tokens @ summed).reshape(n, -1, h, w)
+@dataclass(frozen=True)
+class WaveletAtlas:
+    """Where every FPN level sits in one zero-filled canvas, so that one Haar transform per scale serves all levels.
+
+    Each level gets a slot whose height and width are rounded up to a multiple of ``2^J`` and whose corner lies
+    on that grid, so the 2 x 2 blocks of every scale ``j <= J`` never straddle two levels, and the zeros after a
+    level are exactly the zero rows / columns the transform pads an odd-sized level with: the bands of a level,
+    read in its slot, equal the bands of the level alone. The slots are stacked in columns: the first (largest)
+    level alone, the others under each other in further columns no taller than the first.
+
+    ``cell_weights[j]`` ``(L, H_c / 2^j, W_c / 2^j)``: ``1 / (h_lj w_lj)`` on level ``l``'s own cells at scale ``j``
+    (``h_lj = ceil(h_l / 2^j)``), 0 elsewhere; a per-level mean over ``h, w`` is a weighted sum with it.
+    """
+
+    columns: tuple[tuple[int, ...], ...]  # level indices of each column, top to bottom
+    slots: tuple[tuple[int, int], ...]  # (height, width) of each level's slot
+    column_widths: tuple[int, ...]
+    height: int
+    cell_weights: tuple[Tensor, ...]  # scales 0 (the maps themselves) .. J
 
 
-def masked_band_l1(student_band: Tensor, teacher_band: Tensor, tokens: Tensor) -> Tensor:
-    """``mean_{n,t,c,o,h,w} |M (B_S - B_T)|`` of one scale, without building the ``T`` masked copies."""
-    mask = frequency_masks(teacher_band, tokens)  # (N, T, H, W)
-    gap = (student_band - teacher_band).abs().sum(dim=(1, 2))  # (N, H, W), summed over c and o
-    # sigmoid > 0, so |M x| = M |x|: summing the masks over t first is exact.
-    c, orientations = teacher_band.shape[1:3]
-    return (mask.sum(dim=1) * gap).sum() / (mask.numel() * c * orientations)
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _pack_columns(slots: list[tuple[int, int]]) -> tuple[tuple[tuple[int, ...], ...], int]:
+    """Columns of level indices (the first level alone) and the canvas height."""
+    height = slots[0][0]
+    columns, current, used = [(0,)], [], 0
+    for level in range(1, len(slots)):
+        if current and used + slots[level][0] > height:
+            columns.append(tuple(current))
+            current, used = [], 0
+        current.append(level)
+        used += slots[level][0]
+    if current:
+        columns.append(tuple(current))
+    return tuple(columns), max(height, *(sum(slots[l][0] for l in col) for col in columns))
+
+
+@functools.lru_cache(maxsize=32)
+def wavelet_atlas(sizes: tuple[tuple[int, int], ...], scales: int, device: torch.device) -> WaveletAtlas:
+    """The :class:`WaveletAtlas` of levels of these ``(H, W)`` sizes for ``scales`` Haar levels (cached)."""
+    grid = 2 ** scales
+    slots = [(_round_up(h, grid), _round_up(w, grid)) for h, w in sizes]
+    columns, height = _pack_columns(slots)
+    widths = tuple(max(slots[l][1] for l in col) for col in columns)
+    weights = torch.zeros(scales + 1, len(sizes), height, sum(widths))  # scale j in the top-left corner
+    x = 0
+    for col, col_width in zip(columns, widths):
+        y = 0
+        for level in col:
+            h, w = sizes[level]
+            for j in range(scales + 1):
+                step = 2 ** j
+                hj, wj = -(-h // step), -(-w // step)
+                weights[j, level, y // step : y // step + hj, x // step : x // step + wj] = 1.0 / (hj * wj)
+            y += slots[level][0]
+        x += col_width
+    with torch.inference_mode(False):  # cached across calls: must not be an inference tensor
+        cell_weights = tuple(host_constant(weights[j, :, : height >> j, : sum(widths) >> j].contiguous(), device)
+                             for j in range(scales + 1))
+    return WaveletAtlas(columns, tuple(slots), widths, height, cell_weights)
+
+
+def to_atlas(maps: list[Tensor], atlas: WaveletAtlas) -> Tensor:
+    """``(B, C, H_l, W_l)`` maps -> the ``(B, C, H_c, W_c)`` canvas (zero padding and concatenation: their
+    backward is a slice, no copy of the canvas gradient per level)."""
+    columns = []
+    for col, col_width in zip(atlas.columns, atlas.column_widths):
+        parts = [_pad(maps[l], atlas.slots[l][0], col_width) for l in col]
+        column = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        columns.append(_pad(column, atlas.height, col_width))
+    return torch.cat(columns, dim=3) if len(columns) > 1 else columns[0]
+
+
+def _pad(x: Tensor, height: int, width: int) -> Tensor:
+    """Zeros at the bottom / right up to ``height x width`` (no copy when nothing is added)."""
+    h, w = x.shape[-2:]
+    return x if (h, w) == (height, width) else F.pad(x, (0, width - w, 0, height - h))
 
 
 def _check_positive_int(**values: int) -> None:
@@ -185,20 +274,49 @@ class FreeKDLoss(nn.Module):
     def train_tokens(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
-    def wavelet_term(self, student_feat: Tensor, teacher_feat: Tensor, level: int) -> Tensor:
-        """``sum_j mean |M^j (B^j_S - B^j_T)|`` of one FPN level."""
-        _, student_bands = haar_dwt(student_feat.float(), self.wavelet_levels)
-        _, teacher_bands = haar_dwt(teacher_feat.detach().float(), self.wavelet_levels)
-        tokens = self.tokens[level].float()
-        return sum(masked_band_l1(bs, bt, tokens[j]) for j, (bs, bt) in enumerate(zip(student_bands, teacher_bands)))
-
     def forward(self, student: Taps, teacher: Taps) -> dict[str, Tensor]:
         check_features("FreeKDLoss", student, teacher, self.channels, self.num_levels)
-        wave = mse = zero_scalar(student, teacher)
-        for level, (s, t) in enumerate(zip(student.features, teacher.features)):
-            wave = wave + self.wavelet_term(s, t, level)
-            mse = mse + (s.float() - t.detach().float()).pow(2).mean()
-        return {"freekd": self.weight * (self.alpha_freekd * wave + self.mse_weight * mse)}
+        # Levels of one width share a canvas (a torchvision FPN: all of them); runs of other widths in turn.
+        wave, mse = zip(*(self._run_terms(student.features[run.start:run.stop], teacher.features[run.start:run.stop],
+                                          run) for run in width_runs(teacher.features)))
+        total = self.alpha_freekd * torch.stack(wave).sum() + self.mse_weight * torch.stack(mse).sum()
+        return {"freekd": self.weight * total}
+
+    def _run_terms(self, student_feats: list[Tensor], teacher_feats: list[Tensor], run: range) -> tuple[Tensor, Tensor]:
+        """The wavelet and MSE sums over a run of levels of one width, all in one canvas per model."""
+        n, c = student_feats[0].shape[:2]
+        atlas = wavelet_atlas(tuple(tuple(f.shape[-2:]) for f in teacher_feats), self.wavelet_levels,
+                              teacher_feats[0].device)
+        student_canvas = to_atlas([s.float() for s in student_feats], atlas)  # (N, C, H_c, W_c)
+        with torch.no_grad():
+            teacher_canvas = to_atlas([t.detach().float() for t in teacher_feats], atlas)
+        gap = student_canvas - teacher_canvas
+        mse = (gap.pow(2).sum(dim=1) * atlas.cell_weights[0].sum(dim=0)).sum() / (n * c)
+        # The run's tokens (L_run, J, T, C): a slice of the one-width tensor, or the levels' own tensors stacked.
+        tokens = (self.tokens[run.start:run.stop] if isinstance(self.tokens, nn.Parameter)
+                  else torch.stack([self.tokens[level] for level in run]))
+        return torch.stack(self._wavelet_scales(student_canvas, teacher_canvas, atlas, tokens)).sum(), mse
+
+    def _wavelet_scales(self, student: Tensor, teacher: Tensor, atlas: WaveletAtlas,
+                        all_tokens: Tensor) -> list[Tensor]:
+        """``sum_l mean |M^j_l (B^j_S - B^j_T)|`` of every scale ``j``, all levels at once on the canvases."""
+        n, c = student.shape[:2]
+        levels, tokens = all_tokens.shape[0], self.num_tokens
+        terms = []
+        for j in range(self.wavelet_levels):
+            student_bands = haar_bands(student)  # (N, C, 4, h, w): LL, LH, HL, HH
+            with torch.no_grad():
+                teacher_bands = haar_bands(teacher)
+            h, w = student_bands.shape[-2:]
+            summed = teacher_bands[:, :, 1:].sum(dim=2).reshape(n, c, h * w)  # S_T: the orientations together
+            # Every level's tokens against every cell, (N, L T, h w); each cell keeps its own level's masks below.
+            logits = all_tokens[:, j].float().reshape(levels * tokens, c) @ summed
+            masks = torch.sigmoid(logits).view(n, levels, tokens, h, w).sum(dim=2)  # sum_t M: |M x| = M |x|
+            per_cell = (masks * atlas.cell_weights[j + 1]).sum(dim=1)  # (N, h, w): own level's masks / (h_l w_l)
+            gap = (student_bands[:, :, 1:] - teacher_bands[:, :, 1:]).abs().sum(dim=(1, 2))  # over c and o
+            terms.append((per_cell * gap).sum() / (n * tokens * c * 3))
+            student, teacher = student_bands[:, :, 0], teacher_bands[:, :, 0]
+        return terms
 
     def extra_repr(self) -> str:
         return (f"num_tokens={self.num_tokens}, wavelet_levels={self.wavelet_levels}, "

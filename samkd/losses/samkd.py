@@ -66,7 +66,10 @@ times ``beta_sld``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import itertools
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -75,8 +78,8 @@ from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from samkd.losses._common import (
+    LevelLayout,
     Widths,
-    channel_attention,
     check_dense_logits,
     check_features,
     check_layout,
@@ -86,14 +89,23 @@ from samkd.losses._common import (
     check_unit_interval,
     check_weight,
     dense_kd_map,
+    flatten_levels,
+    host_constant,
+    level_layout,
+    level_softmax,
+    level_sums,
     masked_count,
+    per_position,
+    ranked_slots,
     roi_logit_pair,
     round_half_up,
+    segment_top,
     softmax_kd,
     spatial_attention,
     uniform_noise,
+    unflatten_levels,
     upsample_cells,
-    zero_scalar,
+    width_runs,
 )
 from samkd.models.taps import Taps
 
@@ -192,6 +204,191 @@ def global_keep_mask(teacher_feat: Tensor, mask_ratio: float, generator: Optiona
 
 
 # --------------------------------------------------------------------------------------------------
+# SFD: the masks of every level and scale at once
+# --------------------------------------------------------------------------------------------------
+_MASK_TAU = 0.5  # the masks' attention temperature (teacher_spatial_attention's default)
+
+
+@dataclass(frozen=True, eq=False)
+class MaskLayout:
+    """The mask grids of every (level, scale) side by side, as *segments* of one flat vector of cells.
+
+    Order: the ``k = 1`` grids of all levels (the levels' own positions, in :class:`LevelLayout` order), then
+    the other pyramid scales (scale by scale, level by level), then the global-mask grids. ``cells`` is a
+    :class:`LevelLayout` whose "levels" are these segments, so that a softmax or a count within each grid is
+    one call. ``upsample_index`` ``(sum_l S H_l W_l,)``: for each level, scale (``pyramid`` order, then the
+    global one) and pixel, the cell that covers it; one gather spreads every grid back to the pixels.
+    """
+
+    segments: tuple[tuple[int, int, bool], ...]  # (level, k, global)
+    grid_areas: tuple[int, ...]
+    draw_order: tuple[int, ...]  # segment indices in the order the per-level reference draws their noise
+    cells: LevelLayout
+    is_global: Tensor  # (Q,) bool: the cell belongs to a global-mask grid
+    upsample_index: Tensor
+    level_slices: tuple[tuple[int, int], ...]  # each level's (start, stop) in the gathered pixels
+
+
+def _segment_order(num_levels: int, pyramid: Sequence[int], global_mask: bool) -> list[tuple[int, int, bool]]:
+    order = [(level, 1, False) for level in range(num_levels)] if 1 in pyramid else []
+    order += [(level, k, False) for k in pyramid if k != 1 for level in range(num_levels)]
+    return order + ([(level, 1, True) for level in range(num_levels)] if global_mask else [])
+
+
+@functools.lru_cache(maxsize=32)
+def mask_layout(sizes: tuple[tuple[int, int], ...], pyramid: tuple[int, ...], global_mask: bool,
+                device: torch.device) -> MaskLayout:
+    """The :class:`MaskLayout` of levels of these sizes (cached per sizes, scales and device)."""
+    segments = _segment_order(len(sizes), pyramid, global_mask)
+    grids = [(-(-sizes[level][0] // k), -(-sizes[level][1] // k)) for level, k, _ in segments]
+    offsets = list(itertools.accumulate((h * w for h, w in grids), initial=0))
+    where = {segment: i for i, segment in enumerate(segments)}
+    per_level = [(k, False) for k in pyramid] + ([(1, True)] if global_mask else [])  # the generators' order
+    pieces, slices, draw_order = [], [], []
+    for level, (h, w) in enumerate(sizes):
+        slices.append((sum(len(p) for p in pieces), sum(len(p) for p in pieces) + len(per_level) * h * w))
+        for k, is_global in per_level:
+            i = where[(level, k, is_global)]
+            draw_order.append(i)
+            rows, cols = torch.arange(h) // k, torch.arange(w) // k
+            pieces.append((offsets[i] + rows[:, None] * grids[i][1] + cols[None, :]).flatten())
+    cells = level_layout(tuple(grids), device)
+    with torch.inference_mode(False):  # cached across calls: must not be an inference tensor
+        is_global = host_constant(torch.tensor([g for _, _, g in segments]), device)[cells.owner]
+        index = host_constant(torch.cat(pieces), device)
+    return MaskLayout(tuple(segments), tuple(h * w for h, w in grids), tuple(draw_order), cells, is_global, index,
+                      tuple(slices))
+
+
+@dataclass(frozen=True, eq=False)
+class MaskPlan:
+    """How many cells each grid masks, for one :class:`MaskLayout` and one set of mask options.
+
+    ``first`` / ``second`` ``(Q,)`` bool: the cells that, once each grid is sorted (by attention, or by
+    ``log A + Gumbel`` for ``sampled``, in the first stage; by noise among the rest in the second), are the
+    masked ones. ``draw_cells``: per segment, the cells it draws noise for (0: :func:`grid_keep_mask` would
+    draw nothing for it).
+    """
+
+    first: Tensor
+    second: Tensor
+    has_second: bool
+    draw_cells: tuple[int, ...]
+
+
+def _segment_counts(is_global: bool, area: int, mask_ratio: float, random_share: float,
+                    placement: str) -> tuple[int, int, int]:
+    """``(first-stage count, second-stage count, cells drawn)`` of one grid, as :func:`grid_keep_mask` has them."""
+    masked = masked_count(mask_ratio, area)
+    if is_global or placement == "top":  # the global mask: grid_keep_mask with random_share = 1
+        top = 0 if is_global else round_half_up((1.0 - random_share) * masked)
+        return top, masked - top, area if masked - top > 0 else 0
+    if placement == "sampled":
+        return masked, 0, area if masked > 0 else 0
+    return 0, 0, 0  # soft: nothing masked
+
+
+@functools.lru_cache(maxsize=32)
+def mask_plan(layout: MaskLayout, mask_ratio: float, random_share: float, placement: str) -> MaskPlan:
+    """The :class:`MaskPlan` of a layout for these mask options (cached)."""
+    counts = [_segment_counts(is_global, area, mask_ratio, random_share, placement)
+              for (_, _, is_global), area in zip(layout.segments, layout.grid_areas)]
+    first, second = (ranked_slots(layout.cells, tuple(c[i] for c in counts)) for i in (0, 1))
+    return MaskPlan(first, second, any(c[1] for c in counts), tuple(c[2] for c in counts))
+
+
+@functools.lru_cache(maxsize=32)
+def _noise_index(layout: MaskLayout, plan: MaskPlan, n: int) -> Tensor:
+    """``(N, Q)``: where each cell's noise sits in one flat draw made in the reference's order, ``(n, cells)``
+    row-major per drawing grid (cells of grids that draw nothing point at element 0, never used)."""
+    starts, offset = [0] * len(layout.segments), 0
+    for i in layout.draw_order:
+        starts[i] = offset
+        offset += n * plan.draw_cells[i]
+    cells = layout.cells
+    local = cells.flat_index - cells.owner * cells.row
+    device = local.device
+    with torch.inference_mode(False):
+        start = host_constant(torch.tensor(starts), device)[cells.owner]
+        width = host_constant(torch.tensor(plan.draw_cells), device)[cells.owner]
+        index = start + torch.arange(n, device=device)[:, None] * width + local
+        return torch.where(width > 0, index, torch.zeros_like(index))
+
+
+def _pooled_scores(magnitude: Tensor, layout: LevelLayout, pyramid: Sequence[int]) -> Tensor:
+    """``mean_c maxpool_k |F_T|`` of every pyramid grid, ``(N, Q_pyramid)`` in :class:`MaskLayout` order."""
+    parts = [magnitude.mean(dim=1)] if 1 in pyramid else []  # k = 1: the levels' own positions
+    coarse = [k for k in pyramid if k != 1]
+    if coarse:
+        pooled = [_pooled_magnitudes(level_map, coarse) for level_map in unflatten_levels(magnitude, layout)]
+        parts.append(torch.cat([pooled[level][k].flatten(2) for k in coarse for level in range(len(pooled))],
+                               dim=2).mean(dim=1))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _pooled_magnitudes(magnitude: Tensor, scales: Sequence[int]) -> dict[int, Tensor]:
+    """``maxpool_k(|F|)`` for every ``k`` in ``scales``, each pooled from the coarsest map already pooled whose
+    side divides ``k``: nested ``ceil_mode`` max-pools over the same cells give exactly the direct one."""
+    pooled = {1: magnitude}
+    for k in sorted(set(scales)):
+        if k not in pooled:
+            base = max(j for j in pooled if k % j == 0)
+            pooled[k] = F.max_pool2d(pooled[base], kernel_size=k // base, stride=k // base, ceil_mode=True)
+    return pooled
+
+
+def level_input_masks(magnitude: Tensor, layout: LevelLayout, pyramid: Sequence[int], mask_ratio: float,
+                      random_share: float, generator: Optional[torch.Generator] = None, placement: str = "top",
+                      global_mask: bool = False) -> list[Tensor]:
+    """Every level's input masks at once: level ``l``'s ``(N, S, H_l, W_l)`` (views), from ``|F_T|`` of all
+    levels laid flat, ``(N, C, P)`` (:func:`~samkd.losses._common.flatten_levels`).
+
+    Equal to stacking :meth:`SFDLoss.input_masks` level by level (the same cells; with the same ``generator``
+    on the CPU, the same random draws, made at once in the same order). Grids are ranked by ``mean_c P_k``:
+    the softmax of :func:`teacher_spatial_attention` keeps that ranking; it is computed only for the
+    ``sampled`` keys and the ``soft`` masks that use its values.
+    """
+    check_placement(placement)
+    n = magnitude.shape[0]
+    masks = mask_layout(layout.sizes, tuple(pyramid), bool(global_mask), magnitude.device)
+    plan = mask_plan(masks, mask_ratio, random_share, placement)
+    with torch.no_grad():
+        scores = _pooled_scores(magnitude, layout, pyramid)
+        if global_mask:
+            scores = F.pad(scores, (0, masks.cells.owner.shape[0] - scores.shape[1]))  # the global grids: no ranking
+        noise = None
+        if any(plan.draw_cells):
+            draw = uniform_noise((n * sum(plan.draw_cells),), magnitude, generator)
+            noise = draw[_noise_index(masks, plan, n)]
+        keep = _keep_cells(scores, noise, masks, plan, placement)
+        pixels = keep.index_select(1, masks.upsample_index)
+    return [pixels[:, start:stop].view(n, -1, h, w)
+            for (start, stop), (h, w) in zip(masks.level_slices, layout.sizes)]
+
+
+def _keep_cells(scores: Tensor, noise: Optional[Tensor], masks: MaskLayout, plan: MaskPlan,
+                placement: str) -> Tensor:
+    """``(N, Q)``: each grid cell's mask value (keep-mask 0/1, or the attention for ``soft``)."""
+    cells = masks.cells
+    if placement in ("sampled", "soft"):
+        attention = level_softmax(scores / _MASK_TAU, cells) * per_position(cells.areas, cells)
+    if placement == "sampled" and noise is not None:
+        keys = attention.clamp(min=_EPS).log() - (-noise.clamp(min=_EPS, max=1.0 - 1e-7).log()).log()
+        masked = segment_top(keys, cells, plan.first)  # log A + Gumbel: a draw proportional to A
+    elif placement == "top":
+        masked = segment_top(scores, cells, plan.first)
+    else:
+        masked = torch.zeros_like(scores)
+    if plan.has_second:
+        # Uniform subset of the still-visible cells: the largest noise among them (masked cells get -1).
+        masked = masked + segment_top(noise.masked_fill(masked > 0, -1.0), cells, plan.second)
+    keep = 1.0 - masked
+    if placement == "soft":  # the pyramid's grids carry the attention itself; the global grids stay binary
+        keep = torch.where(masks.is_global, keep, attention)
+    return keep
+
+
+# --------------------------------------------------------------------------------------------------
 # SLD: weights
 # --------------------------------------------------------------------------------------------------
 def region_average(x: Tensor, region: int) -> Tensor:
@@ -229,6 +426,25 @@ def sld_weights(teacher_feat: Tensor, student_feat: Tensor, tau_d: float = 1.0, 
             # no discrepancy at all (identical maps): uniform weights, as the softmax gives
             return torch.where(mean > _EPS, powered / mean.clamp(min=_EPS), torch.ones_like(powered))
         return (h * w * F.softmax(gap.reshape(n, h * w) / tau_d, dim=1)).reshape(n, 1, h, w)
+
+
+def level_sld_weights(teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor], layout: LevelLayout,
+                      tau_d: float = 1.0, weighting: str = "softmax") -> Tensor:
+    """:func:`sld_weights` (``region = 1``) of every level at once, laid flat: ``(N, P)``, no gradient. (The
+    discrepancy is taken over each run of levels of one width at once; the rest over all levels.)"""
+    if weighting not in SLD_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(SLD_WEIGHTINGS)}, got {weighting!r}")
+    with torch.no_grad():
+        gaps = [F.mse_loss(flatten_levels([f.detach().float() for f in teacher_feats[run.start:run.stop]]),
+                           flatten_levels([f.detach().float() for f in student_feats[run.start:run.stop]]),
+                           reduction="none").mean(dim=1) for run in width_runs(teacher_feats)]
+        gap = torch.cat(gaps, dim=1) if len(gaps) > 1 else gaps[0]  # D = mean_c (F_T - F_S)^2, (N, P)
+        gap = gap / per_position((level_sums(gap, layout) / layout.areas).clamp(min=_EPS), layout)
+        if weighting == "power":
+            powered = gap.pow(1.0 / tau_d)
+            mean = per_position(level_sums(powered, layout) / layout.areas, layout)
+            return torch.where(mean > _EPS, powered / mean.clamp(min=_EPS), torch.ones_like(powered))
+        return per_position(layout.areas, layout) * level_softmax(gap / tau_d, layout)
 
 
 def roi_weights(weight_maps: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
@@ -279,6 +495,23 @@ class ScaleGenerators(nn.Module):
         out = self.project(F.relu(self.expand(masked.reshape(n, s * c, h, w))))
         return out.reshape(n, s, c, h, w)
 
+    def fused(self, masked: Tensor, scale_weights: Tensor) -> Tensor:
+        """``sum_k scale_weights[k] G_k(masked[:, k])``: ``(N, S, C, H, W), (S,) -> (N, C, H, W)``.
+
+        The project conv is linear in its weight, so the weighted sum of the ``S`` projections is *one* dense
+        conv over all scales' hidden maps with scale ``k``'s filters times ``scale_weights[k]``
+        (:func:`fused_projections`): the same FLOPs as the grouped project, without its ``S`` times larger
+        output and the weighted sum over it (and their backward).
+        """
+        (kernel,), (bias,) = fused_projections([self], scale_weights.unsqueeze(0))
+        return self.fused_with(masked, kernel, bias)
+
+    def fused_with(self, masked: Tensor, kernel: Tensor, bias: Tensor) -> Tensor:
+        """:meth:`fused` with the fused project weights already computed (for every level at once)."""
+        n, s, c, h, w = masked.shape
+        hidden = F.relu(self.expand(masked.reshape(n, s * c, h, w)))
+        return F.conv2d(hidden, kernel, bias, padding=self.project.padding)
+
     def per_scale(self, masked: Tensor) -> Tensor:
         """The same reconstruction, one scale at a time with that scale's slices of the weights (reference)."""
         outputs = []
@@ -298,6 +531,18 @@ class ScaleGenerators(nn.Module):
                     parts = [state_dict.pop(f"{prefix}{i}.{index}.{kind}") for i in range(self.num_scales)]
                     state_dict[f"{prefix}{name}.{kind}"] = torch.cat(parts, dim=0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def fused_projections(generators: Sequence[ScaleGenerators], scale_weights: Tensor) -> tuple[Tensor, Tensor]:
+    """The fused project conv of each level (:meth:`ScaleGenerators.fused`), all levels in one pass:
+    ``(L, C, S hidden, 3, 3)`` kernels (scale ``k``'s filters times ``scale_weights[l, k]``, output channel ``c``
+    reading every scale's hidden maps) and ``(L, C)`` biases ``sum_k scale_weights[l, k] b_{l,k}``."""
+    levels, s = scale_weights.shape
+    c, hidden, size = generators[0].channels, generators[0].hidden, generators[0].project.kernel_size
+    weights = torch.stack([g.project.weight for g in generators]).view(levels, s, c, hidden, *size)
+    kernels = (weights * scale_weights.view(levels, s, 1, 1, 1, 1)).transpose(1, 2)
+    biases = torch.stack([g.project.bias for g in generators]).view(levels, s, c)
+    return kernels.reshape(levels, c, s * hidden, *size), torch.bmm(scale_weights.unsqueeze(1), biases)[:, 0]
 
 
 class SFDLoss(nn.Module):
@@ -357,23 +602,56 @@ class SFDLoss(nn.Module):
         return F.softmax(self.fusion_logits, dim=1)
 
     def forward(self, student: Taps, teacher: Taps, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        """Every level at once where shapes allow: the teacher maps laid flat, the masks of all levels and scales
+        from one ranking (:func:`level_input_masks`), one error over all levels; the generators run per level.
+        Levels of one width go together (a torchvision FPN: all of them); runs of other widths in turn, in level
+        order, so the random draws keep the per-level order."""
         check_features("SFDLoss", student, teacher, self.channels, self.num_levels)
         pis = self.fusion_weights()
-        total = zero_scalar(student, teacher)
-        for level, (s, t) in enumerate(zip(student.features, teacher.features)):
-            t = t.detach().float()
-            keep = torch.stack(self.input_masks(t, generator), dim=1)  # (N, S, 1, H, W)
-            rebuilt = self.generation[level](s.unsqueeze(1) * keep.to(s.dtype)).float()  # (N, S, C, H, W)
-            fused = (pis[level].view(1, -1, 1, 1, 1) * rebuilt).sum(dim=1)
-            err = (fused - t).pow(2)
-            if self.use_channel_attention:
-                err = err * channel_attention(t, self.channel_tau)
-            total = total + err.sum() / s.shape[0]
-        return {"sfd": self.weight * self.alpha_sfd * total}
+        errors = [self._run_error(student.features[run.start:run.stop], teacher.features[run.start:run.stop], run,
+                                  pis, generator) for run in width_runs(teacher.features)]
+        return {"sfd": self.weight * self.alpha_sfd * torch.stack(errors).sum() / teacher.features[0].shape[0]}
+
+    def _run_error(self, student_feats: list[Tensor], teacher_feats: list[Tensor], run: range, pis: Tensor,
+                   generator: Optional[torch.Generator]) -> Tensor:
+        """``sum A^C_T (F_hat - F_T)^2`` over a run of levels of one width."""
+        layout = level_layout(tuple(tuple(t.shape[-2:]) for t in teacher_feats), teacher_feats[0].device)
+        t_flat = flatten_levels([t.detach().float() for t in teacher_feats])  # (N, C, P)
+        magnitude = t_flat.abs()  # shared by the masks' spatial and the error's channel attention
+        masks = level_input_masks(magnitude, layout, self.pyramid, self.mask_ratio, self.random_share, generator,
+                                  self.placement, self.global_mask)
+        inputs = [s.unsqueeze(1) * m.unsqueeze(2).to(s.dtype) for s, m in zip(student_feats, masks)]
+        err = F.mse_loss(flatten_levels(self.rebuild(inputs, pis, run)), t_flat, reduction="none")  # (F_hat - F_T)^2
+        if not self.use_channel_attention:
+            return err.sum()
+        means = level_sums(magnitude, layout) / layout.areas  # (N, C, L): mean_hw |F_T| per level
+        channel = t_flat.shape[1] * F.softmax(means / self.channel_tau, dim=1)
+        return (level_sums(err, layout) * channel).sum()  # A^C_T is one value per channel and level
+
+    def rebuild(self, inputs: Sequence[Tensor], pis: Tensor, run: Optional[range] = None,
+                fused: Optional[bool] = None) -> list[Tensor]:
+        """``F_hat = sum_k pi_k G_k(F_S M_k)`` of the levels ``run`` (default all; ``pis`` of every level), float32,
+        from their masked inputs ``(N, S, C, H, W)``.
+
+        On a GPU, launches bound the loss: one fused project conv per level (:meth:`ScaleGenerators.fused`),
+        its weights prepared for all levels in one pass. On a CPU the bytes count, and preparing those weights
+        copies every project weight three times a step (+20% of SFD's time at 128 px): the grouped convs and a
+        weighted sum instead. The same values either way (tests/test_loss_speed_equivalence.py). ``fused``:
+        force one way (default: fused on CUDA).
+        """
+        run = range(self.num_levels) if run is None else run
+        generators, pis = self.generation[run.start:run.stop], pis[run.start:run.stop]
+        if inputs[0].is_cuda if fused is None else fused:
+            kernels, biases = (w.unbind(0) for w in fused_projections(generators, pis))  # unbind: 1 backward op
+            return [gen.fused_with(x, kernel, bias).float()
+                    for gen, x, kernel, bias in zip(generators, inputs, kernels, biases)]
+        return [(pi.view(1, -1, 1, 1, 1) * gen(x).float()).sum(dim=1)
+                for gen, x, pi in zip(generators, inputs, pis.unbind(0))]
 
     def input_masks(self, teacher_feat: Tensor, generator: Optional[torch.Generator] = None) -> list[Tensor]:
         """The masks the student feature of one level is multiplied by, one per scale (the pyramid's, then the
-        global one when ``global_mask``)."""
+        global one when ``global_mask``). ``forward`` computes those of every level at once
+        (:func:`level_input_masks`, tested equal to this per-level computation, random draws included)."""
         masks = hierarchical_masks(teacher_feat, self.pyramid, self.mask_ratio, self.random_share, generator,
                                    self.placement)
         if self.global_mask:
@@ -435,28 +713,33 @@ class SLDLoss(nn.Module):
         check_features("SLDLoss", student, teacher, self.channels, self.num_levels)
         check_dense_logits("SLDLoss", student, teacher)
         self._check_logits_match_features(teacher)
-        weight_maps = [
-            sld_weights(t, s, self.tau_d, self.region, self.weighting) for s, t in zip(student.features, teacher.features)
-        ]
-        total = self._dense_term(student, teacher, weight_maps)
+        layout = level_layout(tuple(tuple(f.shape[-2:]) for f in teacher.features), teacher.features[0].device)
+        weights = self._weights(student, teacher, layout)  # (N, P): every level's W, laid flat
+        total = self._dense_term(student, teacher, weights, layout)
         rois = roi_logit_pair("SLDLoss", student, teacher)
         if rois is not None and rois[0].shape[0] > 0:
+            weight_maps = unflatten_levels(weights.unsqueeze(1), layout)
             total = total + self.roi_weight * self._roi_term(student, teacher, weight_maps, *rois)
         return {"sld": self.weight * self.beta_sld * total}
 
-    def _dense_term(self, student: Taps, teacher: Taps, weight_maps: list[Tensor]) -> Tensor:
+    def _weights(self, student: Taps, teacher: Taps, layout: LevelLayout) -> Tensor:
+        if self.region == 1:
+            return level_sld_weights(teacher.features, student.features, layout, self.tau_d, self.weighting)
+        maps = [sld_weights(t, s, self.tau_d, self.region, self.weighting)
+                for s, t in zip(student.features, teacher.features)]
+        return flatten_levels(maps)[:, 0]
+
+    def _dense_term(self, student: Taps, teacher: Taps, weights: Tensor, layout: LevelLayout) -> Tensor:
         """``level``: ``sum_l mean_{n,h,w} W_l kd_l``; ``location``: ``L sum_l sum_{n,h,w} W_l kd_l / sum_l N H_l W_l``
-        (every location of every level weighs the same; the same total as ``level`` for a uniform ``W kd``)."""
-        a, k = teacher.num_anchors, teacher.num_logit_classes
-        sums = [(w[:, 0] * dense_kd_map(s, t, a, k, self.T)).sum()
-                for w, s, t in zip(weight_maps, student.cls_logits, teacher.cls_logits)]
-        counts = [w[:, 0].numel() for w in weight_maps]
-        total = zero_scalar(student, teacher)
+        (every location of every level weighs the same; the same total as ``level`` for a uniform ``W kd``).
+        One Bernoulli KD over every level's locations laid flat."""
+        n = weights.shape[0]
+        s = flatten_levels(student.cls_logits).unsqueeze(-1)  # (N, A K, P, 1): the KD map's "H, W" = P, 1
+        t = flatten_levels(teacher.cls_logits).unsqueeze(-1)
+        kd = dense_kd_map(s, t, teacher.num_anchors, teacher.num_logit_classes, self.T)[..., 0]  # (N, P)
         if self.level_weighting == "location":
-            return total + len(sums) * sum(sums) / sum(counts)
-        for level_sum, count in zip(sums, counts):
-            total = total + level_sum / count
-        return total
+            return len(layout.sizes) * (weights * kd).sum() / (n * kd.shape[1])
+        return (weights / per_position(layout.areas, layout) * kd).sum() / n  # each level's mean over n, h, w
 
     def _roi_term(self, student: Taps, teacher: Taps, weight_maps: list[Tensor], s_roi: Tensor,
                   t_roi: Tensor) -> Tensor:
