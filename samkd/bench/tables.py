@@ -14,6 +14,18 @@ from .runner import run_all, students_on_one_teacher, train_teachers, weights_fi
 from .suites import SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, student_run_name
 
 
+def _check_suite(name: str, also: str = "") -> None:
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}{also}")
+
+
+def _folders(out_dir: str, work_dir: Optional[str]) -> tuple[Path, Path]:
+    """``out`` (created) and the run cache ``work`` (default ``<out>/work``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, Path(work_dir) if work_dir else out / "work"
+
+
 def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "fcos",
               seeds: Optional[list[int]] = None, data_seeds: Optional[list[int]] = None,
               work_dir: Optional[str] = None, steps: Optional[int] = None, teacher_steps: Optional[int] = None,
@@ -21,12 +33,9 @@ def run_bench(out_dir: str = "benchmarks", quick: bool = False, suite: str = "fc
     """Run one suite (or ``"all"``), merge it into ``<out>/results.json`` and rewrite results.md / results.png."""
     names = list(SUITES) if suite == "all" else [suite]
     for name in names:
-        if name not in SUITES:
-            raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)} or all")
+        _check_suite(name, " or all")
     check_methods(methods)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(work_dir) if work_dir else out / "work"
+    out, work = _folders(out_dir, work_dir)
     overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
     for name in names:
         params = SUITES[name].params(quick, **overrides)  # the suite's budget (YOLO: 256 px), then the overrides
@@ -86,7 +95,7 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
 def _tuning_markdown(suite_name: str, params: BenchParams, grid: dict, best: dict, student_ap: float,
                      teacher_ap: float, command: str) -> str:
     suite = SUITES[suite_name]
-    factors = sorted({float(f) for row in grid.values() for f in row})
+    factors = sorted({f for row in grid.values() for f in row})
     extended = (f" A method whose best factor was at an edge of its grid got the next factor (x4) on that side, at "
                 f"most {suite.tune_extensions} times, the same rule for every method; — : not run."
                 if suite.tune_extensions else "")
@@ -105,8 +114,7 @@ def _tuning_markdown(suite_name: str, params: BenchParams, grid: dict, best: dic
              "| method | " + " | ".join(f"x{f:g}" for f in factors) + " | chosen |",
              "|---|" + "---|" * len(factors) + "---|"]
     for m, row in grid.items():
-        cells = [("—" if f"{f:g}" not in row else
-                  f"**{row[f'{f:g}']:.1f}**" if f == best[m] else f"{row[f'{f:g}']:.1f}") for f in factors]
+        cells = [("—" if f not in row else f"**{row[f]:.1f}**" if f == best[m] else f"{row[f]:.1f}") for f in factors]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | x{best[m]:g} |")
     return "\n".join(lines) + "\n"
 
@@ -150,15 +158,12 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
     training seed :data:`TUNE_SEED`. Each method runs at :data:`TUNE_FACTORS` times its default weight; then,
     in rounds, every method whose best factor is at an edge of its grid gets the next factor (:func:`extend_grid`).
     """
-    if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+    _check_suite(suite)
     check_methods(methods)
     overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
     the_suite = SUITES[suite]
     params = the_suite.params(quick, **overrides)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(work_dir) if work_dir else out / "work"
+    out, work = _folders(out_dir, work_dir)
     tuned = [m for m in TUNED_METHODS if not methods or m in methods]
     grid: dict[str, dict[float, float]] = {m: {} for m in tuned}
     asked = [("student", None)] + [(m, f) for m in tuned for f in TUNE_FACTORS]
@@ -181,7 +186,7 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
     teacher_ap = run_ap(teacher)
     command = command_line(quick, None if suite == "fcos" else suite, jobs, tune=True, methods=methods, **overrides)
     md, js = _tuning_files(out, suite)
-    md.write_text(_tuning_markdown(suite, params, recorded, best, ap[("student", None)], teacher_ap, command))
+    md.write_text(_tuning_markdown(suite, params, grid, best, ap[("student", None)], teacher_ap, command))
     payload = {"suite": suite, "data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "factors": list(TUNE_FACTORS),
                "extensions": the_suite.tune_extensions, "student_AP": ap[("student", None)], "grid": recorded,
                "best": best, "teacher_AP": teacher_ap}
@@ -202,13 +207,10 @@ def run_design(out_dir: str = "benchmarks", suite: str = "paper_fcos", quick: bo
                jobs: int = 1, batch_size: Optional[int] = None, train: bool = True) -> dict:
     """SAMKD's open design choices (:data:`DESIGN_VARIANTS`), one run each at SAMKD's default weight on the
     validation data of ``suite`` (the tuning's data seed and training seed); writes design_<suite>.md/json."""
-    if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+    _check_suite(suite)
     overrides = dict(steps=steps, teacher_steps=teacher_steps, batch_size=batch_size)
     params = SUITES[suite].params(quick, **overrides)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(work_dir) if work_dir else out / "work"
+    out, work = _folders(out_dir, work_dir)
     names = {design_run_name(v, suite): v for v in DESIGN_VARIANTS}
     names[tuning_run_name("student", None, suite)] = "student"
     variants = {name: (None if v == "student" else {"samkd": dict(DESIGN_VARIANTS[v])}) for name, v in names.items()}
