@@ -71,6 +71,50 @@ def test_another_suite_merges_into_the_same_report(quick_bench):
     assert SUITES["fcos"].title in md and SUITES["retinanet"].title in md
 
 
+def test_records_outlive_the_run_folders_and_spare_the_teacher(quick_bench, tmp_path, monkeypatch, capsys):
+    """A fresh clone has the committed records but no run folders: it rebuilds the table without training."""
+    import shutil
+
+    import samkd.engine.train
+    for summary in (quick_bench / "work" / "runs").glob("*/summary.json"):  # every finished run left its record
+        record = quick_bench / "work" / "records" / f"{summary.parent.name}.json"
+        kept = json.loads(record.read_text())
+        assert kept.pop("kd_to_task") == bench.kd_to_task_loss(summary.parent / "train.csv")  # the column's input
+        assert kept == json.loads(summary.read_text())
+    monkeypatch.chdir(tmp_path)
+    work = Path("work")  # relative, as the repository's benchmarks/work: the run configs name no machine's path
+    params = SUITES["retinanet"].params(quick=True)
+    before = samkd.bench.tables.run_suite("retinanet", work, params, methods=["student", "samkd"], quick=True)
+    name = SUITES["retinanet"].teacher_run_name(0)
+    teacher_raw = SUITES["retinanet"].teacher_raw(params, bench.synthetic_data(work, params, 0, write=False))
+    teacher_folder = run_dir(work, name, teacher_raw)
+    shutil.copytree(teacher_folder, tmp_path / "kept_teacher")
+    for folder in work.iterdir():  # the machine is gone: only the records are left
+        if folder.name != "records":
+            shutil.rmtree(folder)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(samkd.engine.train, "train", no_training)
+    after = samkd.bench.tables.run_suite("retinanet", work, params, methods=["student", "samkd"], quick=True)
+    assert after["results"] == before["results"] and after["meta"]["teacher_AP"] == before["meta"]["teacher_AP"]
+    assert [p.name for p in work.iterdir()] == ["records"]  # no data, no run folder written
+    with pytest.raises(bench.MissingRun):  # a student left to train needs the teacher's weights: a record won't do
+        cached_run(teacher_raw, work, name, train=False, need_weights=True)
+
+    # a teacher trained again whose AP differs keeps the first record, and says so
+    shutil.copytree(tmp_path / "kept_teacher", teacher_folder)
+    record = bench.record_file(work, teacher_folder)
+    first = json.loads(record.read_text())
+    first["metrics"]["AP"] += 5.0
+    record.write_text(json.dumps(first))
+    capsys.readouterr()
+    cached_run(teacher_raw, work, name)
+    assert "trained again reached AP" in capsys.readouterr().out
+    assert json.loads(record.read_text()) == first
+
+
 def test_a_suite_finished_meanwhile_by_another_bench_keeps_its_table(quick_bench, tmp_path, monkeypatch):
     out = tmp_path / "report"
     fcos = json.loads((quick_bench / "results.json").read_text())["suites"]["fcos"]
@@ -289,14 +333,12 @@ def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, 
     from samkd.config import config_from_dict
     from samkd.losses import loss_params
 
-    teacher_dir = tmp_path / "teacher"
-    teacher_dir.mkdir()
-    (teacher_dir / "model.pt").write_bytes(b"")
     trained = []
 
-    def fake_teachers(p, work, suite, data_seeds, jobs, quiet=True, train=True):
+    def fake_teachers(p, work, suite, data_seeds, jobs, quiet=True, train=True, need_weights=()):
         assert isinstance(p, BenchParams) and isinstance(suite, bench.Suite) and len(data_seeds) == 1
-        return {ds: (tmp_path / "data", {"output_dir": str(teacher_dir)}) for ds in data_seeds}
+        assert tuple(need_weights) == tuple(data_seeds)  # nothing recorded: the teacher must be on disk
+        return {ds: (tmp_path / "data", {"output_dir": str(tmp_path / "teacher")}) for ds in data_seeds}
 
     def fake_run_all(runs, work, jobs, train=True):
         for raw, name in runs:
@@ -315,7 +357,9 @@ def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, 
     variants = module.VARIANTS
     assert len(trained) == len(variants) and capsys.readouterr().out.count("AP 1.0") == len(variants)
     assert [raw["distill"]["losses"] for raw in trained] == list(variants.values())
-    assert all(raw["teacher"]["checkpoint"] == str(teacher_dir / "model.pt") for raw in trained)
+    (checkpoint,) = {raw["teacher"]["checkpoint"] for raw in trained}  # the teacher's run folder in the cache
+    assert Path(checkpoint).name == "model.pt" and Path(checkpoint).parent.parent == tmp_path / "runs"
+    assert Path(checkpoint).parent.name.startswith("teacher-")
     four_x = [spec["samkd"]["alpha_sfd"] for name, spec in variants.items() if "alpha4x" in name]
     assert loss_params("samkd")["alpha_sfd"] == 5e-5  # the default the scripts multiply
     assert four_x and all(a == pytest.approx(2e-4) for a in four_x)

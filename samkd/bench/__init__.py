@@ -20,7 +20,9 @@ Protocol (every method gets the same treatment):
 
 Every run is cached under ``work_dir`` keyed by a hash of its config (with every loss parameter resolved to
 its value; :func:`cache_key`), so an interrupted bench picks up where it stopped, and ``--jobs N`` trains N runs
-at once, one process each with an equal share of the cores (:func:`samkd.engine.parallel.parallel_map`).
+at once, one process each with an equal share of the cores (:func:`samkd.engine.parallel.parallel_map`). A
+finished run's summary is also kept in ``<work_dir>/records`` (committed for ``benchmarks/work``): a fresh clone
+reads the recorded runs and trains only the missing ones, a teacher only if a student still needs it.
 
 Modules: :mod:`~samkd.bench.methods` (rows, tuned weights), :mod:`~samkd.bench.suites` (tables, budget, run
 configs), :mod:`~samkd.bench.runner` (the cache), :mod:`~samkd.bench.costs`, :mod:`~samkd.bench.report`,
@@ -30,7 +32,8 @@ from .costs import measure_costs, run_costs
 from .methods import (ABLATIONS, DESIGN_VARIANTS, METHODS, PAPER_TUNED_WEIGHTS, SAMKD_ROWS, TUNE_FACTORS, TUNED_METHODS, TUNED_WEIGHTS, check_methods,
                       method_losses, suite_weights)
 from .report import cost_goals, kd_to_task_loss, lead_verdict, machine, suite_markdown
-from .runner import MissingRun, cache_key, cached_run, run_all, run_dir, students_on_one_teacher, train_teachers, weights_file
+from .runner import (MissingRun, cache_key, cached_run, finished, record_file, run_all, run_dir, students_on_one_teacher,
+                     teacher_checkpoint, train_teachers, weights_file)
 from .suites import (DATA_SEEDS, QUICK, SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, Suite, student_run_name,
                      synthetic_data)
 from .tables import design_run_name, extend_grid, run_bench, run_design, run_suite, run_tuning, tuning_run_name
@@ -38,7 +41,7 @@ from .tables import design_run_name, extend_grid, run_bench, run_design, run_sui
 __all__ = ["ABLATIONS", "DESIGN_VARIANTS", "PAPER_TUNED_WEIGHTS", "design_run_name", "extend_grid", "run_design",
            "suite_weights", "DATA_SEEDS", "METHODS", "QUICK", "SAMKD_ROWS", "SUITES", "TUNE_DATA_SEED", "TUNE_FACTORS",
            "TUNE_SEED", "TUNED_METHODS", "TUNED_WEIGHTS", "BenchParams", "MissingRun", "Suite", "cache_key",
-           "cached_run", "check_methods", "cost_goals", "kd_to_task_loss", "lead_verdict", "machine", "measure_costs",
+           "cached_run", "check_methods", "finished", "record_file", "teacher_checkpoint", "cost_goals", "kd_to_task_loss", "lead_verdict", "machine", "measure_costs",
            "method_losses", "run_all", "run_bench", "run_costs", "run_dir", "run_suite", "run_tuning",
            "student_run_name", "students_on_one_teacher", "suite_markdown", "synthetic_data", "train_teachers",
            "tuning_run_name", "weights_file"]

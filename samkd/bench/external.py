@@ -184,15 +184,11 @@ def _evaluate_last(raw: dict, last: Path) -> dict:
     return evaluate_config(cfg, checkpoint=str(last))
 
 
-def cached_external_run(raw: dict, work: Path, name: str, train: bool = True) -> dict:
-    """The summary of ultralytics row ``name``: from the cache, else trained now (``train``) and evaluated."""
+def train_external_run(raw: dict, out: Path) -> dict:
+    """Train ultralytics row ``raw`` into run folder ``out`` (their trainer, in a subprocess), evaluate its last
+    checkpoint with samkd's evaluator and return the summary (the bench's cache, :func:`~samkd.bench.runner.
+    cached_run`, calls this only for a run it has no result of)."""
     from ..engine.train import write_json
-    from .runner import MissingRun, run_dir
-    out = run_dir(work, name, raw)
-    if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
-    if not train:
-        raise MissingRun(f"{out}: run {name!r} is not in the bench cache (and training was not asked for)")
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "train", ignore_errors=True)  # an interrupted attempt's files: their trainer appends to them
     args = {**raw["args"], "data": str(yolo_dataset(Path(raw["data"]["root"]))), "project": str(out), "name": "train"}
@@ -226,5 +222,5 @@ def train_in_this_process(job_file: str) -> None:
     yolo(job["model"]).train(**job["args"])
 
 
-__all__ = ["DIFFERENCES", "ROWS", "TRAINER", "cached_external_run", "external_raw", "train_in_this_process",
+__all__ = ["DIFFERENCES", "ROWS", "TRAINER", "external_raw", "train_external_run", "train_in_this_process",
            "trainer_args", "yolo_dataset"]

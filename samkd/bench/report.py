@@ -63,7 +63,8 @@ def aggregate(runs: list[dict], keys: list[tuple[int, int]]) -> dict:
         row[k + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     row["s_per_step"] = float(np.nanmean([r.get("s_per_step") or np.nan for r in runs]))
     row["runs"] = len(runs)
-    ratios = [kd_to_task_loss(Path(r["output_dir"]) / "train.csv") for r in runs if r.get("output_dir")]
+    ratios = [r["kd_to_task"] if "kd_to_task" in r else kd_to_task_loss(Path(r["output_dir"]) / "train.csv")
+              for r in runs if "kd_to_task" in r or r.get("output_dir")]  # bench runs carry it (their records)
     ratios = [x for x in ratios if x is not None]
     row["kd_to_task"] = float(np.mean(ratios)) if ratios else None
     row["per_run_AP"] = {f"d{ds}/s{seed}": run_ap(r) for (ds, seed), r in zip(keys, runs)}

@@ -3,6 +3,11 @@
 The key hashes what decides a run's result (:func:`cache_key`), so a bench that was cut short, or another
 script that asks for the same run, finds it instead of training it again; ``train=False`` reads the cache
 only (a missing run is an error, :class:`MissingRun`).
+
+Every finished run also leaves its summary in ``<work>/records/<name>-<key>.json`` (:func:`record_file`): a few
+kB, kept in git for the repository's own bench (``benchmarks/work/records``). The run folders (weights, ~50 MB
+each) do not outlive the machine; the records do, so a bench on a fresh clone reads every recorded run and
+trains only what is missing, and a teacher is trained again only when a student that needs its weights is.
 """
 from __future__ import annotations
 
@@ -10,10 +15,11 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 from ..engine.parallel import parallel_map
-from .report import run_ap
+from ..engine.train import write_json
+from .report import kd_to_task_loss, run_ap
 from .suites import BenchParams, Suite, synthetic_data
 
 # What only decides what is left on disk, not the result: left out of a run's cache key.
@@ -73,48 +79,99 @@ def weights_file(summary: dict, must_exist: bool = True) -> Path:
     raise FileNotFoundError(f"{out}: no model.pt or student.pt (did the run finish?)")
 
 
-def cached_run(raw: dict, work: Path, name: str, train: bool = True) -> dict:
-    """The summary of run ``name``: read from the cache, else trained (``train``) or :class:`MissingRun`.
+def record_file(work: Path, out: Path) -> Path:
+    """The kept summary of run folder ``out``: ``<work>/records/<folder name>.json``."""
+    return Path(work) / "records" / f"{Path(out).name}.json"
 
-    A run cut short goes on from its last checkpoint (teachers save one every few hundred steps).
-    """
-    if raw.get("trainer"):  # a row trained by another library's trainer (ultralytics), in a subprocess
-        from .external import cached_external_run
-        return cached_external_run(raw, work, name, train)
+
+def finished(raw: dict, name: str, work: Path) -> bool:
+    """Whether run ``name`` has a result: its folder's summary or its record."""
     out = run_dir(work, name, raw)
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    if not train:
+    return (out / "summary.json").is_file() or record_file(work, out).is_file()
+
+
+def cached_run(raw: dict, work: Path, name: str, train: bool = True, need_weights: bool = False) -> dict:
+    """The summary of run ``name``: read from its folder or its record, else trained (``train``) or
+    :class:`MissingRun`.
+
+    ``need_weights``: the caller needs the run's weights on disk (a teacher with students left to train), so a
+    record alone does not do. A run cut short goes on from its last checkpoint (teachers save one every few
+    hundred steps).
+    """
+    out = run_dir(work, name, raw)
+    record = record_file(work, out)
+    if (out / "summary.json").is_file():
+        summary = _with_loss_ratio(json.loads((out / "summary.json").read_text()), out)
+    elif record.is_file() and not need_weights:
+        return json.loads(record.read_text())
+    elif not train:
         raise MissingRun(f"{out}: run {name!r} is not in the bench cache (and training was not asked for)")
-    from ..config import config_from_dict
-    from ..engine.train import train as train_run
-    cfg = config_from_dict({**raw, "output_dir": str(out)}, source=f"bench:{name}")
-    # "auto": on from the newest checkpoint (a teacher's, TEACHER_CHECKPOINT_STEPS), else a fresh start
-    return train_run(cfg, resume="auto")
+    elif raw.get("trainer"):  # a row trained by another library's trainer (ultralytics), in a subprocess
+        from .external import train_external_run
+        summary = train_external_run(raw, out)
+    else:
+        from ..config import config_from_dict
+        from ..engine.train import train as train_run
+        cfg = config_from_dict({**raw, "output_dir": str(out)}, source=f"bench:{name}")
+        # "auto": on from the newest checkpoint (a teacher's, TEACHER_CHECKPOINT_STEPS), else a fresh start
+        summary = train_run(cfg, resume="auto")
+    summary = _with_loss_ratio(summary, out)
+    _keep_record(record, summary, name)
+    return summary
+
+
+def _with_loss_ratio(summary: dict, out: Path) -> dict:
+    """The summary with ``kd_to_task`` (the table's KD / task loss column), read from the run's train.csv while the
+    folder is there: the record keeps it, the folder may be gone when the table is built."""
+    return {**summary, "kd_to_task": kd_to_task_loss(out / "train.csv")}
+
+
+def _keep_record(record: Path, summary: dict, name: str) -> None:
+    """Write a run's record once. A run trained again (a teacher whose weights were gone) keeps the first record;
+    if its AP differs, say so: the students recorded earlier learned from the earlier weights."""
+    if not record.is_file():
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_json(record, summary)
+        return
+    first = run_ap(json.loads(record.read_text()))
+    if abs(first - run_ap(summary)) > 1e-6:
+        print(f"[bench] warning: {name} trained again reached AP {run_ap(summary):.2f}, its record {first:.2f}; "
+              f"the record is kept ({record}), the students recorded before learned from the first weights",
+              flush=True)
 
 
 def _cached_run_logged(args: tuple) -> dict:
-    raw, work, name, train = args
+    raw, work, name, train, need_weights = args
     t0 = time.perf_counter()
-    summary = cached_run(raw, work, name, train)
+    summary = cached_run(raw, work, name, train, need_weights)
     print(f"[bench] done {name}: AP {run_ap(summary):.2f} "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return summary
 
 
-def run_all(runs: list[tuple[dict, str]], work: Path, jobs: int, train: bool = True) -> list[dict]:
-    """:func:`cached_run` of every ``(raw, name)``, ``jobs`` at a time (one process each); summaries in order."""
-    return parallel_map(_cached_run_logged, [(raw, work, name, train) for raw, name in runs], jobs)
+def run_all(runs: list[tuple[dict, str]], work: Path, jobs: int, train: bool = True,
+            need_weights: Collection[str] = ()) -> list[dict]:
+    """:func:`cached_run` of every ``(raw, name)``, ``jobs`` at a time (one process each); summaries in order.
+    ``need_weights``: the names of the runs whose weights must be on disk (not only their record)."""
+    items = [(raw, work, name, train, name in need_weights) for raw, name in runs]
+    return parallel_map(_cached_run_logged, items, jobs)
+
+
+def teacher_checkpoint(params: BenchParams, work: Path, suite: Suite, data_seed: int) -> str:
+    """Where the suite's teacher for ``data_seed`` leaves its weights: known before it is trained (the students'
+    configs name it, so their cache keys do not depend on whether the teacher is on disk)."""
+    raw = suite.teacher_raw(params, synthetic_data(work, params, data_seed, write=False))
+    return str(run_dir(work, suite.teacher_run_name(data_seed), raw) / "model.pt")
 
 
 def train_teachers(params: BenchParams, work: Path, suite: Suite, data_seeds, jobs: int, quiet: bool = True,
-                   train: bool = True) -> dict[int, tuple[Path, dict]]:
-    """``{data seed: (data root, teacher summary)}`` of the suite, training the missing teachers (``train=False``:
-    reading them from the cache, and writing no data either)."""
-    roots = {ds: synthetic_data(work, params, ds, quiet, write=train) for ds in data_seeds}
+                   train: bool = True, need_weights: Collection[int] = ()) -> dict[int, tuple[Path, dict]]:
+    """``{data seed: (data root, teacher summary)}`` of the suite. The teachers of ``need_weights`` (data seeds
+    with students left to train) are trained if their weights are not on disk, and their data written; the
+    others are read from the cache or their records (``train=False``: every one, nothing written)."""
+    roots = {ds: synthetic_data(work, params, ds, quiet, write=train and ds in need_weights) for ds in data_seeds}
     runs = [(suite.teacher_raw(params, roots[ds]), suite.teacher_run_name(ds)) for ds in data_seeds]
-    summaries = run_all(runs, work, jobs, train)
+    summaries = run_all(runs, work, jobs, train, {suite.teacher_run_name(ds) for ds in need_weights})
     return {ds: (roots[ds], s) for ds, s in zip(data_seeds, summaries)}
 
 
@@ -124,8 +181,11 @@ def students_on_one_teacher(params: BenchParams, work: Path, suite: Suite, data_
     """One student per ``{run name: losses}`` (``None``: the student alone) on the suite's teacher for
     ``data_seed``, training seed ``seed`` (the tuning grid, the diagnostics). Returns the teacher's summary and
     ``{run name: (run config, summary)}``."""
-    ((root, teacher),) = train_teachers(params, work, suite, (data_seed,), jobs, quiet, train).values()
-    checkpoint = str(weights_file(teacher, must_exist=train))
+    root = synthetic_data(work, params, data_seed, write=False)
+    checkpoint = teacher_checkpoint(params, work, suite, data_seed)
     runs = [(suite.student_raw(params, root, seed, losses, checkpoint), name) for name, losses in variants.items()]
+    missing = not all(finished(raw, name, work) for raw, name in runs)
+    ((_, teacher),) = train_teachers(params, work, suite, (data_seed,), jobs, quiet, train,
+                                     (data_seed,) if missing else ()).values()
     summaries = run_all(runs, work, jobs, train)
     return teacher, {name: (raw, summary) for (raw, name), summary in zip(runs, summaries)}

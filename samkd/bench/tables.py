@@ -10,8 +10,8 @@ from typing import Optional
 from .costs import suite_costs
 from .methods import DESIGN_VARIANTS, TUNE_FACTORS, TUNED_METHODS, check_methods, method_losses, suite_weights
 from .report import aggregate, command_line, lead_verdict, load_payload, machine, run_ap, write_report
-from .runner import run_all, students_on_one_teacher, train_teachers, weights_file
-from .suites import SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, student_run_name
+from .runner import finished, run_all, students_on_one_teacher, teacher_checkpoint, train_teachers, weights_file
+from .suites import SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, student_run_name, synthetic_data
 
 
 def _check_suite(name: str, also: str = "") -> None:
@@ -65,12 +65,17 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     weights = suite_weights(suite.tuning)
     print(f"[bench] {name}: teachers ({suite.arch}-{suite.teacher_name}) for data seeds {list(data_seeds)}",
           flush=True)
-    teachers = train_teachers(params, work, suite, data_seeds, jobs, quick, train)
     plan = [(m, ds, seed) for m in rows for ds in data_seeds for seed in seeds]
-    print(f"[bench] {name}: {len(plan)} student runs of {params.steps} steps, {jobs} at a time", flush=True)
-    runs = [(suite.run_raw(m, params, teachers[ds][0], seed, str(weights_file(teachers[ds][1], must_exist=train)),
-                           weights),
-             student_run_name(name, m, ds, seed)) for m, ds, seed in plan]
+    roots = {ds: synthetic_data(work, params, ds, write=False) for ds in data_seeds}
+    checkpoints = {ds: teacher_checkpoint(params, work, suite, ds) for ds in data_seeds}
+    runs = [(suite.run_raw(m, params, roots[ds], seed, checkpoints[ds], weights), student_run_name(name, m, ds, seed))
+            for m, ds, seed in plan]
+    # a teacher is needed on disk only for the students not done yet (and for the cost table)
+    missing = [(m, ds, seed) for (m, ds, seed), run in zip(plan, runs) if not finished(*run, work)]
+    need = {ds for _, ds, _ in missing} | ({data_seeds[0]} if suite.measure_costs and train else set())
+    teachers = train_teachers(params, work, suite, data_seeds, jobs, quick, train, need)
+    print(f"[bench] {name}: {len(plan)} student runs of {params.steps} steps ({len(missing)} left to train), "
+          f"{jobs} at a time", flush=True)
     summaries = run_all(runs, work, jobs, train)
     by_row: dict[str, tuple[list, list]] = {m: ([], []) for m in rows}
     for (m, ds, seed), summary in zip(plan, summaries):
