@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import samkd.bench.methods
+import samkd.bench.report
 import samkd.bench.runner
 import samkd.bench.suites
 import samkd.bench.tables
@@ -78,9 +79,10 @@ def test_records_outlive_the_run_folders_and_spare_the_teacher(quick_bench, tmp_
     import samkd.engine.train
     for summary in (quick_bench / "work" / "runs").glob("*/summary.json"):  # every finished run left its record
         record = quick_bench / "work" / "records" / f"{summary.parent.name}.json"
-        kept = json.loads(record.read_text())
+        kept, original = json.loads(record.read_text()), json.loads(summary.read_text())
         assert kept.pop("kd_to_task") == bench.kd_to_task_loss(summary.parent / "train.csv")  # the column's input
-        assert kept == json.loads(summary.read_text())
+        assert set(kept) - set(original) <= {"weights_sha1", "teacher_sha1"}
+        assert {k: kept[k] for k in original} == original
     monkeypatch.chdir(tmp_path)
     work = Path("work")  # relative, as the repository's benchmarks/work: the run configs name no machine's path
     params = SUITES["retinanet"].params(quick=True)
@@ -103,16 +105,36 @@ def test_records_outlive_the_run_folders_and_spare_the_teacher(quick_bench, tmp_
     with pytest.raises(bench.MissingRun):  # a student left to train needs the teacher's weights: a record won't do
         cached_run(teacher_raw, work, name, train=False, need_weights=True)
 
-    # a teacher trained again whose AP differs keeps the first record, and says so
-    shutil.copytree(tmp_path / "kept_teacher", teacher_folder)
+    # the students' records name the teacher weights they learned from (sha1 of its model.pt)
+    import hashlib
+    sha = hashlib.sha1((tmp_path / "kept_teacher" / "model.pt").read_bytes()).hexdigest()[:12]
     record = bench.record_file(work, teacher_folder)
+    assert json.loads(record.read_text())["weights_sha1"] == sha
+    assert {json.loads(r.read_text()).get("teacher_sha1") for r in (work / "records").glob("retinanet-samkd-*")} == {sha}
+
+    # a teacher trained again (other weights) keeps the first record, adds the new training to it, and says so
+    shutil.copytree(tmp_path / "kept_teacher", teacher_folder)
     first = json.loads(record.read_text())
-    first["metrics"]["AP"] += 5.0
+    first["weights_sha1"], first["metrics"]["AP"] = "0123456789ab", 77.0
     record.write_text(json.dumps(first))
     capsys.readouterr()
-    cached_run(teacher_raw, work, name)
-    assert "trained again reached AP" in capsys.readouterr().out
-    assert json.loads(record.read_text()) == first
+    summary = cached_run(teacher_raw, work, name)
+    assert "was trained again" in capsys.readouterr().out
+    assert json.loads(record.read_text()) == {**first, "trained_again": [{"AP": summary["metrics"]["AP"],
+                                                                          "weights_sha1": sha}]}
+    cached_run(teacher_raw, work, name)  # read again: nothing more to add
+    assert len(json.loads(record.read_text())["trained_again"]) == 1
+
+
+def test_a_table_says_when_its_students_learned_from_two_trainings_of_a_teacher():
+    plan = [("mgd", 0, 0), ("mgd", 0, 1), ("mgd", 2, 0), ("student", 2, 1)]
+    summaries = [{"teacher_sha1": "aaa"}, {"teacher_sha1": "bbb"}, {"teacher_sha1": "ccc"}, {}]
+    trainings = samkd.bench.tables._teacher_trainings(plan, summaries)
+    assert trainings == {"0": 2}  # data seed 2: one training (the student alone learned from none)
+    meta = {"teacher_AP": {"0": 60.0, "2": 58.0}, "teacher_trainings": trainings}
+    lines = samkd.bench.report._teacher_warnings(meta, {"student": {"AP_by_data_seed": {"d0": 30.0, "d2": 59.0}}})
+    assert len(lines) == 2 and "data-seed-2 teacher (AP 58.0) is no better" in lines[0]
+    assert "data-seed-0 students learned from 2 trainings of their teacher" in lines[1]
 
 
 def test_a_suite_finished_meanwhile_by_another_bench_keeps_its_table(quick_bench, tmp_path, monkeypatch):

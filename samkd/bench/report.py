@@ -143,12 +143,16 @@ def _suite_header(name: str, meta: dict, warnings: list[str]) -> list[str]:
             "over the detection loss in the second half of training (mean of the runs)."]
 
 
-def _weak_teacher_warnings(meta: dict, results: dict) -> list[str]:
-    """A line per data seed whose teacher is no better than the student alone."""
+def _teacher_warnings(meta: dict, results: dict) -> list[str]:
+    """A line per data seed whose teacher is no better than the student alone, or whose students learned from
+    more than one training of it."""
     alone = results.get("student", {}).get("AP_by_data_seed", {})
-    return [f"**Warning:** the data-seed-{ds} teacher (AP {ap:.1f}) is no better than the student alone "
-            f"(AP {alone[f'd{ds}']:.1f}): distilling from it cannot show a gain.  "
-            for ds, ap in meta["teacher_AP"].items() if f"d{ds}" in alone and ap <= alone[f"d{ds}"]]
+    return ([f"**Warning:** the data-seed-{ds} teacher (AP {ap:.1f}) is no better than the student alone "
+             f"(AP {alone[f'd{ds}']:.1f}): distilling from it cannot show a gain.  "
+             for ds, ap in meta["teacher_AP"].items() if f"d{ds}" in alone and ap <= alone[f"d{ds}"]]
+            + [f"**Note:** the data-seed-{ds} students learned from {n} trainings of their teacher (it was trained "
+               f"again in a later sitting; CPU training is not bit-reproducible: each training's AP is in its record "
+               f"under benchmarks/work/records).  " for ds, n in meta.get("teacher_trainings", {}).items()])
 
 
 def suite_markdown(name: str, entry: dict) -> list[str]:
@@ -156,7 +160,7 @@ def suite_markdown(name: str, entry: dict) -> list[str]:
     from ..engine.evaluate import format_metric
     meta, results = entry["meta"], entry["results"]
     data_cols = [f"d{ds}" for ds in meta["data_seeds"]]
-    lines = _suite_header(name, meta, _weak_teacher_warnings(meta, results)) + [
+    lines = _suite_header(name, meta, _teacher_warnings(meta, results)) + [
         "", "| method | weight | AP | " + " | ".join(f"AP {c}" for c in data_cols)
         + " | AP50 | AP75 | APs | APm | gain over student | KD / task loss | s/step |",
         "|---|---|---|" + "---|" * len(data_cols) + "---|---|---|---|---|---|---|"]

@@ -101,7 +101,7 @@ def cached_run(raw: dict, work: Path, name: str, train: bool = True, need_weight
     out = run_dir(work, name, raw)
     record = record_file(work, out)
     if (out / "summary.json").is_file():
-        summary = _with_loss_ratio(json.loads((out / "summary.json").read_text()), out)
+        summary = json.loads((out / "summary.json").read_text())
     elif record.is_file() and not need_weights:
         return json.loads(record.read_text())
     elif not train:
@@ -115,29 +115,49 @@ def cached_run(raw: dict, work: Path, name: str, train: bool = True, need_weight
         cfg = config_from_dict({**raw, "output_dir": str(out)}, source=f"bench:{name}")
         # "auto": on from the newest checkpoint (a teacher's, TEACHER_CHECKPOINT_STEPS), else a fresh start
         summary = train_run(cfg, resume="auto")
-    summary = _with_loss_ratio(summary, out)
+    summary = _with_provenance(summary, raw, out)
     _keep_record(record, summary, name)
     return summary
 
 
-def _with_loss_ratio(summary: dict, out: Path) -> dict:
-    """The summary with ``kd_to_task`` (the table's KD / task loss column), read from the run's train.csv while the
-    folder is there: the record keeps it, the folder may be gone when the table is built."""
-    return {**summary, "kd_to_task": kd_to_task_loss(out / "train.csv")}
+def _with_provenance(summary: dict, raw: dict, out: Path) -> dict:
+    """The summary with what the table needs once the folder is gone: ``kd_to_task`` (the KD / task loss column,
+    from train.csv), the hash of a plain run's weights (``weights_sha1``: a teacher) and of the teacher a student
+    learned from (``teacher_sha1``): CPU training is not bit-reproducible, so a teacher trained again in a later
+    sitting is another teacher, and the table says when its rows learned from more than one."""
+    extra = {"kd_to_task": kd_to_task_loss(out / "train.csv")}
+    if (out / "model.pt").is_file():
+        extra["weights_sha1"] = _sha1(out / "model.pt")
+    teacher = Path((raw.get("teacher") or {}).get("checkpoint") or "")
+    if teacher.is_file():
+        extra["teacher_sha1"] = _sha1(teacher)
+    return {**summary, **extra}
+
+
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def _keep_record(record: Path, summary: dict, name: str) -> None:
-    """Write a run's record once. A run trained again (a teacher whose weights were gone) keeps the first record;
-    if its AP differs, say so: the students recorded earlier learned from the earlier weights."""
+    """Write a run's record once. A run trained again (a teacher whose weights were gone) keeps the first record
+    and is added to its ``trained_again`` list, with a warning: students recorded before learned from the first."""
     if not record.is_file():
         record.parent.mkdir(parents=True, exist_ok=True)
         write_json(record, summary)
         return
-    first = run_ap(json.loads(record.read_text()))
-    if abs(first - run_ap(summary)) > 1e-6:
-        print(f"[bench] warning: {name} trained again reached AP {run_ap(summary):.2f}, its record {first:.2f}; "
-              f"the record is kept ({record}), the students recorded before learned from the first weights",
-              flush=True)
+    kept = json.loads(record.read_text())
+    if summary.get("weights_sha1") in (None, kept.get("weights_sha1")):
+        return
+    again = {"AP": run_ap(summary), "weights_sha1": summary["weights_sha1"]}
+    if again not in kept.setdefault("trained_again", []):
+        kept["trained_again"].append(again)
+        write_json(record, kept)
+        print(f"[bench] warning: {name} was trained again (AP {again['AP']:.2f}; its record: {run_ap(kept):.2f}); "
+              f"the record keeps both ({record}), and a table whose rows learned from both says so", flush=True)
 
 
 def _cached_run_logged(args: tuple) -> dict:

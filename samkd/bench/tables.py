@@ -86,6 +86,7 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "jobs": jobs, "data_seeds": list(data_seeds),
             "seeds": list(seeds), "weights": dict(weights), "tuning": suite.tuning, "command": command,
             "teacher_AP": {str(ds): run_ap(t[1]) for ds, t in teachers.items()},
+            "teacher_trainings": _teacher_trainings(plan, summaries),
             **params.as_dict(), "teacher_steps_run": suite.teacher_steps(params)}
     if suite.measure_costs and train:
         meta["cost_reps"] = 1 if quick else 5
@@ -95,6 +96,16 @@ def run_suite(name: str, work: Path, params: BenchParams, seeds=None, data_seeds
         entry["cost"] = suite_costs(str(weights_file(teacher)), suite, params, root, meta["cost_reps"])
     entry["meta"] = meta
     return entry
+
+
+def _teacher_trainings(plan: list[tuple], summaries: list[dict]) -> dict[str, int]:
+    """``{data seed: n}`` for the data seeds whose students learned from n > 1 trainings of their teacher (it was
+    trained again in a later sitting, from scratch: another teacher)."""
+    seen: dict[int, set] = {}
+    for (_, ds, _), summary in zip(plan, summaries):
+        if summary.get("teacher_sha1"):
+            seen.setdefault(ds, set()).add(summary["teacher_sha1"])
+    return {str(ds): len(hashes) for ds, hashes in seen.items() if len(hashes) > 1}
 
 
 def _tuning_markdown(suite_name: str, params: BenchParams, grid: dict, best: dict, student_ap: float,
