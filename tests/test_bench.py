@@ -166,6 +166,14 @@ def test_quick_tuning_runs_the_same_grid_for_every_method(quick_bench):
     assert (quick_bench / "work" / "data_s1_96px_16" / "annotations" / "val.json").is_file()
     # the validation data has its own teacher, not the report's
     assert [p for p in (quick_bench / "work" / "runs").iterdir() if p.name.startswith("teacher-fcos-d1")]
+    # one method tuned again (after a default changed) replaces its own row only, and the table says so
+    first = payload
+    assert main(["bench", "--tune", "--quick", "--out", str(quick_bench), "--methods", "fitnet"]) == 0
+    again = json.loads((quick_bench / "tuning.json").read_text())
+    assert again["grid"] == first["grid"] and again["best"] == first["best"]  # the same (cached) runs
+    assert set(again["retuned"]) == {"fitnet"} and again["command"] == first["command"]
+    assert "Tuned again on" in (quick_bench / "tuning.md").read_text()
+    assert "`samkd bench --tune --quick --methods fitnet`" in (quick_bench / "tuning.md").read_text()
 
 
 def test_tuned_weights_match_the_recorded_tuning():

@@ -135,6 +135,15 @@ def _tuning_markdown(suite_name: str, params: BenchParams, grid: dict, best: dic
     return "\n".join(lines) + "\n"
 
 
+def _retuned_markdown(retuned: dict) -> str:
+    if not retuned:
+        return ""
+    return "\n" + "\n".join(
+        f"Tuned again on {r['date']}: {m} (`{r['command']}`), on the validation teacher trained again (AP "
+        f"{r['teacher_AP']:.1f}; student alone {r['student_AP']:.1f}). The other rows are from the first search."
+        for m, r in retuned.items()) + "\n"
+
+
 def tuning_run_name(method: str, factor: Optional[float], suite_name: str = "fcos") -> str:
     """``tune-<method>-w<factor>-s<seed>`` (``tune-<suite>-...`` for another suite than FCOS's)."""
     prefix = "tune" if suite_name == "fcos" else f"tune-{suite_name}"
@@ -197,15 +206,26 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
         asked = [(m, f) for m in tuned if (f := extend_grid(grid[m], the_suite.tune_extensions)) is not None]
         if asked:
             print(f"[tune] {suite}: extending the grid: " + ", ".join(f"{m} x{f:g}" for m, f in asked), flush=True)
-    best = {m: float(best_factor(row)) for m, row in grid.items()}
-    recorded = {m: {f"{f:g}": row[f] for f in sorted(row)} for m, row in grid.items()}
     teacher_ap = run_ap(teacher)
     command = command_line(quick, None if suite == "fcos" else suite, jobs, tune=True, methods=methods, **overrides)
     md, js = _tuning_files(out, suite)
-    md.write_text(_tuning_markdown(suite, params, grid, best, ap[("student", None)], teacher_ap, command))
     payload = {"suite": suite, "data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "factors": list(TUNE_FACTORS),
-               "extensions": the_suite.tune_extensions, "student_AP": ap[("student", None)], "grid": recorded,
-               "best": best, "teacher_AP": teacher_ap}
+               "extensions": the_suite.tune_extensions, "student_AP": ap[("student", None)], "grid": {}, "best": {},
+               "teacher_AP": teacher_ap, "command": command}
+    retuned = {}
+    if methods and js.is_file():  # some methods tuned again (e.g. after a default changed): the others are kept
+        payload = json.loads(js.read_text())
+        payload.setdefault("command", command_line(quick, None if suite == "fcos" else suite, jobs, tune=True))
+        retuned = {**payload.get("retuned", {}), **{m: {"teacher_AP": teacher_ap, "student_AP": ap[("student", None)],
+                                                         "date": time.strftime("%Y-%m-%d"), "command": command}
+                                                     for m in tuned}}
+        grid = {**{m: {float(f): v for f, v in row.items()} for m, row in payload["grid"].items()}, **grid}
+    best = {m: float(best_factor(row)) for m, row in grid.items()}
+    payload.update(grid={m: {f"{f:g}": row[f] for f in sorted(row)} for m, row in grid.items()}, best=best,
+                   **({"retuned": retuned} if retuned else {}))
+    md.write_text(_tuning_markdown(suite, params, grid, best, payload["student_AP"], payload["teacher_AP"],
+                                   payload["command"])
+                  + _retuned_markdown(retuned))
     js.write_text(json.dumps(payload, indent=2))
     print(md.read_text())
     return payload
