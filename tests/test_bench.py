@@ -444,6 +444,26 @@ def test_tuning_runs_keep_their_folders():
         assert run_dir(WORK, bench.tuning_run_name(method, factor, name), raw).name == folder
 
 
+def test_design_runs_keep_their_folders(tmp_path, monkeypatch):
+    """The design-choice runs (measured 2026-11-28, recorded in benchmarks/work/records) are found again after a
+    SAMKD default changes: their configs pin the defaults they were measured against."""
+    asked = {}
+
+    def fake_run_all(runs, work, jobs, train=True, need_weights=()):
+        asked.update({name: run_dir(work, name, raw).name for raw, name in runs})
+        return [{"output_dir": "x", "metrics": {"AP": 1.0}} for _ in runs]
+
+    monkeypatch.setattr(samkd.bench.runner, "run_all", fake_run_all)
+    bench.run_design(out_dir=str(tmp_path), work_dir=str(WORK))
+    assert asked["teacher-fcos-efficientnet_lite2-imagenet-d1"] == "teacher-fcos-efficientnet_lite2-imagenet-d1-30313ec8a2"
+    pinned = {"tune-paper_fcos-samkd-w1-s100": "9c8ceb6d9c", "design-paper_fcos-sfd_only-s100": "72ce1245c1",
+              "design-paper_fcos-top_only-s100": "9091a4ee83", "design-paper_fcos-random_only-s100": "8ab03c8169",
+              "design-paper_fcos-sampled-s100": "a8fabf7c95", "design-paper_fcos-soft-s100": "1026c7f10c",
+              "design-paper_fcos-global_mask-s100": "c4895ceea8", "design-paper_fcos-sld_location-s100": "0b7eea3890"}
+    for name, key in pinned.items():
+        assert asked[name] == f"{name}-{key}"
+
+
 def test_every_suite_keeps_every_folder():
     """All 594 folders of every suite, method, data seed 0-2 and training seed 0-2 at the default budget, as one
     digest (computed by the code before the bench became a package)."""
@@ -507,9 +527,12 @@ def test_design_runs_one_samkd_variant_each_and_reuses_the_tuning_baseline(tmp_p
     monkeypatch.setattr(samkd.bench.tables, "students_on_one_teacher", fake_students)
     payload = run_design(out_dir=str(tmp_path), suite="paper_fcos")
     assert asked.pop("data_seed") == bench.TUNE_DATA_SEED and asked.pop("seed") == bench.TUNE_SEED
-    assert asked[tuning_run_name("samkd", 1.0, "paper_fcos")] == {"samkd": {}}
+    base = {"random_share": 0.5, "placement": "top", "global_mask": False, "level_weighting": "level", "region": 1,
+            "weighting": "softmax"}  # the defaults the design runs were measured against, pinned
+    assert asked[tuning_run_name("samkd", 1.0, "paper_fcos")] == {"samkd": base}
     assert asked[tuning_run_name("student", None, "paper_fcos")] is None
-    assert asked["design-paper_fcos-soft-s100"] == {"samkd": {"placement": "soft"}}
+    assert asked["design-paper_fcos-soft-s100"] == {"samkd": {**base, "placement": "soft"}}
+    assert asked["design-paper_fcos-random_only-s100"] == {"samkd": {**base, "random_share": 1.0}}
     assert len(asked) == len(DESIGN_VARIANTS) + 1 <= 11  # at most 10 variants, plus the student alone
     table = (tmp_path / "design_paper_fcos.md").read_text()
     assert "| soft | `placement: \"soft\"` |" in table and "samkd bench --design --suite paper_fcos" in table

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from .costs import suite_costs
-from .methods import DESIGN_VARIANTS, TUNE_FACTORS, TUNED_METHODS, check_methods, method_losses, suite_weights
+from .methods import DESIGN_BASE, DESIGN_VARIANTS, TUNE_FACTORS, TUNED_METHODS, check_methods, method_losses, suite_weights
 from .report import aggregate, command_line, lead_verdict, load_payload, machine, run_ap, write_report
 from .runner import finished, run_all, students_on_one_teacher, teacher_checkpoint, train_teachers, weights_file
 from .suites import SUITES, TUNE_DATA_SEED, TUNE_SEED, BenchParams, student_run_name, synthetic_data
@@ -232,7 +232,8 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
 
 
 def design_run_name(variant: str, suite_name: str) -> str:
-    """``design-<suite>-<variant>-s<seed>``; the baseline is the tuning grid's SAMKD run at factor 1 (the same run)."""
+    """``design-<suite>-<variant>-s<seed>``; the baseline is the tuning grid's SAMKD run at factor 1 (the same run,
+    under the defaults of :data:`~samkd.bench.methods.DESIGN_BASE`)."""
     if variant == "baseline":
         return tuning_run_name("samkd", 1.0, suite_name)
     return f"design-{suite_name}-{variant}-s{TUNE_SEED}"
@@ -249,7 +250,8 @@ def run_design(out_dir: str = "benchmarks", suite: str = "paper_fcos", quick: bo
     out, work = _folders(out_dir, work_dir)
     names = {design_run_name(v, suite): v for v in DESIGN_VARIANTS}
     names[tuning_run_name("student", None, suite)] = "student"
-    variants = {name: (None if v == "student" else {"samkd": dict(DESIGN_VARIANTS[v])}) for name, v in names.items()}
+    variants = {name: (None if v == "student" else {"samkd": {**DESIGN_BASE, **DESIGN_VARIANTS[v]}})
+                for name, v in names.items()}
     teacher, done = students_on_one_teacher(params, work, SUITES[suite], TUNE_DATA_SEED, TUNE_SEED, variants, jobs,
                                             quick, train)
     ap = {v: run_ap(done[name][1]) for name, v in names.items()}
