@@ -573,9 +573,9 @@ class SFDLoss(nn.Module):
     """
 
     def __init__(self, channels: Widths, num_levels: int, *, pyramid: Sequence[int] = (4, 2, 1),
-                 mask_ratio: float = 0.5, random_share: float = 0.5, alpha_sfd: float = 5e-5,
+                 mask_ratio: float = 0.5, random_share: float = 1.0, alpha_sfd: float = 5e-5,
                  use_channel_attention: bool = True, channel_tau: float = 0.5, generator_ratio: float = 0.5,
-                 placement: str = "top", global_mask: bool = False, weight: float = 1.0):
+                 placement: str = "top", global_mask: bool = True, weight: float = 1.0):
         super().__init__()
         check_layout(channels, num_levels)
         self.pyramid = _check_pyramid(pyramid)
@@ -687,7 +687,7 @@ class SLDLoss(nn.Module):
     """
 
     def __init__(self, channels: Widths, num_levels: int, *, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
-                 weighting: str = "softmax", level_weighting: str = "level",
+                 weighting: str = "softmax", level_weighting: str = "location",
                  beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
                  roi_sampling_ratio: int = 2, weight: float = 1.0):
         super().__init__()
