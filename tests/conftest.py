@@ -109,9 +109,19 @@ def student_teacher(num_rois: int = 0, n: int = N):
     return make_taps(1, requires_grad=True, num_rois=num_rois, n=n), make_taps(2, num_rois=num_rois, n=n)
 
 
+# The formula tests write SAMKD's terms out for the choices SAMKD was first built with: half of the masked cells on
+# the most attended ones (random_share 0.5), no global mask, each FPN level's mean KD weighing the same. The
+# defaults chosen later on validation data (random_share 1.0, global_mask, level_weighting location) have their
+# own written-out tests (test_samkd_choices.py) and a test of the default values themselves.
+FIRST_SFD = {"random_share": 0.5, "global_mask": False}
+FIRST_SLD = {"level_weighting": "level"}
+FIRST_CHOICES = {"sfd": FIRST_SFD, "sld": FIRST_SLD, "samkd": {**FIRST_SFD, **FIRST_SLD}}
+
+
 def build(name: str, seed: int = 0, **params):
+    """Loss ``name`` on the test taps' layout; SAMKD's terms with :data:`FIRST_CHOICES` unless ``params`` say."""
     torch.manual_seed(seed)
-    return build_loss(name, C, LEVELS, **params)
+    return build_loss(name, C, LEVELS, **{**FIRST_CHOICES.get(name, {}), **params})
 
 
 def val(x: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import LEVELS, C, N, SIZES, build, make_taps, student_teacher
+from conftest import FIRST_CHOICES, FIRST_SLD, LEVELS, C, N, SIZES, build, make_taps, student_teacher
 from reference import (fgd_by_hand, freekd_terms_by_hand, generator_by_hand, mgd_block_weights, sfd_by_hand,
                        sld_dense_by_hand)
 from samkd.losses import LOSSES, build_loss
@@ -39,7 +39,7 @@ def test_one_width_and_that_width_per_level_build_the_same_loss(name):
     value: a checkpoint of one layout loads into the other."""
     as_int = build(name, seed=3)
     torch.manual_seed(3)
-    as_list = build_loss(name, [C] * LEVELS, LEVELS)
+    as_list = build_loss(name, [C] * LEVELS, LEVELS, **FIRST_CHOICES.get(name, {}))
     one, other = as_int.state_dict(), as_list.state_dict()
     assert list(one) == list(other)
     for key in one:
@@ -64,6 +64,13 @@ EXPECTED_PARAMETERS = {"mgd": LEVELS * _MGD_LEVEL, "dmkd": LEVELS * (2 * _MGD_LE
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMETERS))
 def test_one_width_parameter_counts_written_out(name):
     assert sum(p.numel() for p in build(name).parameters()) == EXPECTED_PARAMETERS[name]
+
+
+def test_default_sfd_has_a_fourth_generator_for_the_global_mask():
+    """The default (global_mask, chosen on validation data): per level 4 generators (k = 4, 2, 1 and the global
+    pixel mask) of conv3x3 C->C/2 and C/2->C with biases, and 4 fusion logits."""
+    generator = 9 * C * C // 2 + C // 2 + 9 * C // 2 * C + C
+    assert sum(p.numel() for p in build_loss("sfd", C, LEVELS).parameters()) == LEVELS * (4 * generator + 4)
 
 
 # ------------------------------------------------------------------------------------------- one width per level
@@ -95,7 +102,7 @@ def test_per_level_widths_equal_the_formulas_written_out():
         ref = ref + ((generator_by_hand(mgd_block_weights(mgd.generation[level]), fs * mask) - ft) ** 2).sum() / N
     torch.testing.assert_close(out, 2e-5 * ref)
 
-    sfd = build_loss("sfd", WIDTHS, LEVELS, pyramid=(2, 1), random_share=0.0, channel_tau=0.3)
+    sfd = build_loss("sfd", WIDTHS, LEVELS, pyramid=(2, 1), random_share=0.0, channel_tau=0.3, global_mask=False)
     torch.testing.assert_close(sfd(s, t)["sfd"], sfd_by_hand(sfd, s, t, ratio=0.5, channel_tau=0.3))
 
     freekd = build_loss("freekd", WIDTHS, LEVELS)
@@ -105,7 +112,7 @@ def test_per_level_widths_equal_the_formulas_written_out():
     fgd = build_loss("fgd", WIDTHS, LEVELS)
     torch.testing.assert_close(fgd(s, t)["fgd"], fgd_by_hand(fgd, s, t).float(), rtol=2e-5, atol=1e-6)
 
-    sld = build_loss("sld", WIDTHS, LEVELS)(s, t)["sld"]
+    sld = build_loss("sld", WIDTHS, LEVELS, **FIRST_SLD)(s, t)["sld"]
     torch.testing.assert_close(sld.double(), sld_dense_by_hand(s, t, 2.0, 1.0, 1), rtol=2e-5, atol=1e-6)
 
 

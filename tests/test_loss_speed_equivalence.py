@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import K
+from conftest import FIRST_CHOICES, FIRST_SFD, FIRST_SLD, K
 from reference import (channel_attention_by_hand, dense_kd_map_by_hand, fgd_by_hand, freekd_terms_by_hand,
                        generator_by_hand, mgd_block_weights, sfd_by_hand, sld_dense_by_hand, sld_weights_by_hand,
                        softmax_kl_by_hand, spatial_attention_by_hand, top_keep_mask_by_hand)
@@ -174,7 +174,7 @@ def test_level_input_masks_equal_the_per_level_masks_with_the_same_draws(sizes, 
 
 
 def _sfd_with_random_fusion(sizes, **params):
-    sfd = randomise(SFDLoss(C, len(sizes), **params), seed=2, scale=0.2)
+    sfd = randomise(SFDLoss(C, len(sizes), **{**FIRST_SFD, **params}), seed=2, scale=0.2)
     return sfd
 
 
@@ -252,7 +252,7 @@ def test_sld_value_and_gradients_equal_the_formula(sizes, level_weighting, regio
 def test_sld_power_weighting_value_and_gradients_equal_the_formula():
     sizes = LAYOUTS["fcos_odd"]
     s, t = taps_pair(sizes, seed=12)
-    sld = SLDLoss(C, len(sizes), T=2.0, tau_d=0.5, weighting="power")
+    sld = SLDLoss(C, len(sizes), **FIRST_SLD, T=2.0, tau_d=0.5, weighting="power")
 
     def reference():
         return sum((power_weights_by_hand(ft, fs.detach(), 0.5)[:, 0].double() * dense_kd_map_by_hand(zs, zt, 1, 2.0)
@@ -270,7 +270,7 @@ def test_sld_roi_term_value_and_gradients_equal_the_formula():
     t.roi_logits = torch.randn(4, K + 1, generator=g)
     s.roi_logits = (t.roi_logits + torch.randn(4, K + 1, generator=g)).requires_grad_(True)
     s.proposals = t.proposals = proposals
-    sld = SLDLoss(C, len(sizes), T=3.0, tau_d=0.5, roi_weight=0.4)
+    sld = SLDLoss(C, len(sizes), **FIRST_SLD, T=3.0, tau_d=0.5, roi_weight=0.4)
 
     def reference():
         maps = {str(i): sld_weights_by_hand(ft, fs.detach(), 0.5, 1) for i, (fs, ft) in enumerate(zip(s.features,
@@ -332,7 +332,8 @@ def test_fused_generator_path_of_the_gpu_equals_the_per_generator_path(loss_name
     """SFD and DMKD run their generators fused on CUDA and one by one elsewhere: the same values and gradients,
     run of levels of one width by run."""
     sizes = LAYOUTS["fcos_odd"]
-    loss = randomise(build_loss(loss_name, widths, len(sizes)), seed=4, scale=0.2)
+    loss = randomise(build_loss(loss_name, widths, len(sizes), **FIRST_CHOICES.get(loss_name, {})), seed=4,
+                     scale=0.2)
     g = torch.Generator().manual_seed(5)
     runs = width_runs([torch.empty(1, c) for c in widths])
     if loss_name == "sfd":
@@ -414,7 +415,7 @@ def test_runs_of_level_widths_value_and_gradients_equal_the_per_level_formula(na
     params = {"sfd": dict(random_share=0.0, mask_ratio=0.4, channel_tau=0.7, alpha_sfd=0.01),
               "fgd": dict(alpha_fgd=0.3, beta_fgd=0.2, gamma_fgd=0.5, lambda_fgd=0.1),
               "dmkd": dict(alpha_dmkd=0.01), "freekd": dict(train_tokens=True), "sld": dict(T=1.5, tau_d=0.8)}[name]
-    loss = build_loss(name, MIXED, len(sizes), **params)
+    loss = build_loss(name, MIXED, len(sizes), **{**FIRST_CHOICES.get(name, {}), **params})
     if name in ("fgd", "dmkd", "sfd"):
         randomise(loss, seed=6, scale=0.2)
 

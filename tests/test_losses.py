@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import (A, BOXES, LEVELS, SIZES, STRIDES, C, K, N, assert_close_to_exact, build, make_taps,
+from conftest import (FIRST_SLD, A, BOXES, LEVELS, SIZES, STRIDES, C, K, N, assert_close_to_exact, build, make_taps,
                       student_teacher, val)
 from reference import (bernoulli_kl_by_hand, channel_attention_by_hand, dense_kd_map_by_hand, fgd_by_hand,
                        fgd_masks_by_hand, fgd_terms_by_hand, fpn_level_by_hand, gc_block_by_hand, generator_by_hand,
@@ -402,7 +402,7 @@ def test_sld_region_averages_discrepancy_over_each_cell():
 def test_sld_dense_equals_formula():
     s, t = student_teacher()
     T, tau_d, region, beta = 3.0, 0.5, 3, 0.7
-    out = SLDLoss(C, LEVELS, T=T, tau_d=tau_d, region=region, beta_sld=beta, weight=2.0)(s, t)["sld"]
+    out = SLDLoss(C, LEVELS, **FIRST_SLD, T=T, tau_d=tau_d, region=region, beta_sld=beta, weight=2.0)(s, t)["sld"]
     assert_close_to_exact(out, 2.0 * beta * sld_dense_by_hand(s, t, T, tau_d, region))
 
 
@@ -410,7 +410,7 @@ def test_sld_with_uniform_discrepancy_equals_logit_kd():
     s, t = student_teacher(num_rois=8)
     # Identical features -> zero discrepancy everywhere -> uniform weights.
     s.features = [f.detach().clone() for f in t.features]
-    sld = SLDLoss(C, LEVELS, T=3.0)(s, t)["sld"]
+    sld = SLDLoss(C, LEVELS, **FIRST_SLD, T=3.0)(s, t)["sld"]
     kd = LogitKDLoss(C, LEVELS, T=3.0)(s, t)["logit_kd"]
     torch.testing.assert_close(sld, kd)
 
@@ -441,7 +441,7 @@ def test_sld_roi_term_equals_formula_across_pyramid_levels():
     levels = [fpn_level_by_hand(b, 2, 4) for p in PYRAMID_PROPOSALS for b in p.tolist()]
     assert sorted(set(levels)) == [0, 1, 2]  # the RoIs really are pooled from three levels
     T, tau_d, roi_weight = 3.0, 0.5, 0.4
-    sld = SLDLoss(C, LEVELS, T=T, tau_d=tau_d, roi_weight=roi_weight, beta_sld=0.7)
+    sld = SLDLoss(C, LEVELS, **FIRST_SLD, T=T, tau_d=tau_d, roi_weight=roi_weight, beta_sld=0.7)
     maps = {str(i): sld_weights_by_hand(ft, fs.detach(), tau_d, 1)
             for i, (fs, ft) in enumerate(zip(s.features, t.features))}
     pooled = MultiScaleRoIAlign(["0", "1", "2"], 7, 2)(maps, PYRAMID_PROPOSALS, s.image_sizes)  # (R, 1, 7, 7)
@@ -505,7 +505,7 @@ def test_samkd_terms_are_sfd_and_sld_with_their_parameters():
     out = samkd(s, t)
     torch.testing.assert_close(out["sfd"], sfd_by_hand(samkd.sfd, s, t, ratio=0.4, tau=0.5, channel_tau=0.3))
     assert samkd.sfd.weight == 2.0 and samkd.sld.weight == 2.0
-    sld_alone = SLDLoss(C, LEVELS, T=3.0, tau_d=0.5, region=2, beta_sld=0.7, roi_weight=0.4, weight=2.0)
+    sld_alone = SLDLoss(C, LEVELS, **FIRST_SLD, T=3.0, tau_d=0.5, region=2, beta_sld=0.7, roi_weight=0.4, weight=2.0)
     torch.testing.assert_close(out["sld"], sld_alone(s, t)["sld"])
     s_dense, t_dense = student_teacher()
     assert_close_to_exact(samkd(s_dense, t_dense)["sld"], 2.0 * 0.7 * sld_dense_by_hand(s_dense, t_dense, 3.0, 0.5, 2))

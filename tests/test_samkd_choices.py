@@ -137,16 +137,26 @@ def test_sld_location_weighting_moves_weight_to_the_large_levels():
 # --------------------------------------------------------------------------------------------------
 # Defaults reproduce the loss as it was, and the bench's cache keys with it
 # --------------------------------------------------------------------------------------------------
-def test_added_options_at_their_defaults_leave_cache_keys_unchanged():
+def test_defaults_are_the_validation_choices_and_older_runs_keep_their_cache_keys():
+    """The defaults chosen on validation data (benchmarks/design_paper_fcos.md); a run of the first loss (before the
+    options existed: their neutral values) keeps its cache key, because those options stay out of it."""
+    import hashlib
+    import json
+
+    from samkd.losses import loss_params
     defaults = SAMKDLoss.hyper_params()
-    for name, neutral in ADDED_LATER["samkd"].items():
-        assert defaults[name] == neutral
-    raw = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": {"weight": 0.25}}}}
-    explicit = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": {"weight": 0.25, **ADDED_LATER["samkd"]}}}}
-    assert cache_key(raw) == cache_key(explicit)
+    assert (defaults["random_share"], defaults["global_mask"], defaults["level_weighting"]) == (1.0, True, "location")
+    assert ADDED_LATER["samkd"] == {"placement": "top", "global_mask": False, "level_weighting": "level"}
+    first = {"weight": 0.25, "random_share": 0.5, **ADDED_LATER["samkd"]}
+    raw = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": first}}}
+    resolved = {k: v for k, v in {**loss_params("samkd"), **first}.items() if k not in ADDED_LATER["samkd"]}
+    before = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": json.loads(json.dumps(resolved))}}}
+    assert cache_key(raw) == hashlib.sha1(json.dumps(before, sort_keys=True).encode()).hexdigest()[:10]
     for name, value in (("placement", "soft"), ("global_mask", True), ("level_weighting", "location")):
-        changed = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": {"weight": 0.25, name: value}}}}
+        changed = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": {**first, name: value}}}}
         assert cache_key(changed) != cache_key(raw)
+    today = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": {"weight": 0.25}}}}
+    assert cache_key(today) != cache_key(raw)  # the new defaults are new runs
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ TUNED_WEIGHTS: dict[str, float] = {"fitnet": 4.0, "logit_kd": 4.0, "mgd": 4.0, "
 # The paper regime's own search (``samkd bench --tune --suite paper_fcos``: benchmarks/tuning_paper_fcos.json, the
 # grid extended x4 at an edge, at most twice): the weights of the suites whose ``tuning`` is ``paper_fcos``.
 PAPER_TUNED_WEIGHTS: dict[str, float] = {"fitnet": 4.0, "logit_kd": 0.015625, "mgd": 16.0, "fgd": 1.0, "cwd": 4.0,
-                                         "pkd": 0.0625, "freekd": 1.0, "dmkd": 4.0, "samkd": 0.0625}
+                                         "pkd": 0.0625, "freekd": 1.0, "dmkd": 4.0, "samkd": 1.0}
 # suite whose tuning grid chose the weights -> those weights
 WEIGHTS_OF_TUNING: dict[str, dict[str, float]] = {"fcos": TUNED_WEIGHTS, "paper_fcos": PAPER_TUNED_WEIGHTS}
 

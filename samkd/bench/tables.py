@@ -256,7 +256,7 @@ def run_design(out_dir: str = "benchmarks", suite: str = "paper_fcos", quick: bo
                                             quick, train)
     ap = {v: run_ap(done[name][1]) for name, v in names.items()}
     payload = {"suite": suite, "data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "AP": ap,
-               "variants": {v: DESIGN_VARIANTS[v] for v in DESIGN_VARIANTS},
+               "base": dict(DESIGN_BASE), "variants": {v: DESIGN_VARIANTS[v] for v in DESIGN_VARIANTS},
                "teacher_AP": run_ap(teacher),
                "command": command_line(quick, suite, jobs, design=True, **overrides)}
     (out / f"design_{suite}.json").write_text(json.dumps(payload, indent=2))
@@ -275,6 +275,11 @@ def _design_markdown(payload: dict, params: BenchParams) -> str:
              f"{ap['student']:.1f}.", "",
              "| variant | changes | AP | vs baseline |", "|---|---|---|---|"]
     for v, change in payload["variants"].items():
-        what = ", ".join(f"`{k}: {json.dumps(x)}`" for k, x in change.items()) or "today's defaults"
+        what = ", ".join(f"`{k}: {json.dumps(x)}`" for k, x in change.items()) or "the defaults then: " + ", ".join(
+            f"`{k}: {json.dumps(x)}`" for k, x in payload["base"].items())
         lines.append(f"| {v} | {what} | {ap[v]:.1f} | {ap[v] - base:+.1f} |")
+    lines += ["", "Rule (the same for every choice): a default changes when its variant beats the baseline by more than "
+              "1 AP; of the exclusive mask placements (top_only, random_only, sampled, soft), the best. The changed "
+              "defaults are then tuned again with the weight grid every method got (tuning_" + payload["suite"]
+              + ".md)."]
     return "\n".join(lines) + "\n"
