@@ -46,7 +46,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -1239,7 +1238,7 @@ def _cell(v, digits: int = 1, signed: bool = False) -> str:
 
 
 def _effect_table(payload: dict) -> list[str]:
-    runs, teachers, a = payload["runs"], payload["teachers"], payload["analysis"]
+    runs, teachers = payload["runs"], payload["teachers"]
     variants = [v for v in VARIANTS if v != "sfd" and any(r["variant"] == v for r in runs.values())]
     seeds = sorted({r["seed"] for r in runs.values()})
     data_seeds = sorted({int(k[1:]) for k in teachers} | {r["data_seed"] for r in runs.values()})
@@ -1311,7 +1310,7 @@ def answer(a: dict) -> str:
 def markdown(payload: dict) -> str:
     meta, a = payload["meta"], payload["analysis"]
     s = a["sld_effect"]["all"]
-    lines = [f"### SLD study: why SLD helps SAMKD on some data sets and costs it AP on others", "",
+    lines = ["### SLD study: why SLD helps SAMKD on some data sets and costs it AP on others", "",
              f"Command: `{meta['command']}` ({meta['date']})  ", f"Machine: {meta['machine']}  ",
              f"Status: {meta.get('status', 'running')}, {len(payload['runs'])} of {meta['planned_students']} student "
              f"runs and {len(payload['teachers'])} of {len(meta['data_seeds'])} teachers finished in "
