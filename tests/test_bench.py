@@ -131,10 +131,12 @@ def test_a_table_says_when_its_students_learned_from_two_trainings_of_a_teacher(
     summaries = [{"teacher_sha1": "aaa"}, {"teacher_sha1": "bbb"}, {"teacher_sha1": "ccc"}, {}]
     trainings = samkd.bench.tables._teacher_trainings(plan, summaries)
     assert trainings == {"0": 2}  # data seed 2: one training (the student alone learned from none)
-    meta = {"teacher_AP": {"0": 60.0, "2": 58.0}, "teacher_trainings": trainings}
+    meta = {"teacher_AP": {"0": 60.0, "2": 58.0}, "teacher_trainings": trainings, "date": "2026-11-29"}
     lines = samkd.bench.report._teacher_warnings(meta, {"student": {"AP_by_data_seed": {"d0": 30.0, "d2": 59.0}}})
     assert len(lines) == 2 and "data-seed-2 teacher (AP 58.0) is no better" in lines[0]
     assert "data-seed-0 students learned from 2 trainings of their teacher" in lines[1]
+    older = samkd.bench.report._teacher_warnings({**meta, "date": "2026-11-27"}, {})  # SAMKD's defaults changed since
+    assert any("the SAMKD rows use its first defaults" in line for line in older)
 
 
 def test_a_suite_finished_meanwhile_by_another_bench_keeps_its_table(quick_bench, tmp_path, monkeypatch):
@@ -174,6 +176,8 @@ def test_quick_tuning_runs_the_same_grid_for_every_method(quick_bench):
     assert set(again["retuned"]) == {"fitnet"} and again["command"] == first["command"]
     assert "Tuned again on" in (quick_bench / "tuning.md").read_text()
     assert "`samkd bench --tune --quick --methods fitnet`" in (quick_bench / "tuning.md").read_text()
+    results = (quick_bench / "results.md").read_text()  # the report shows the validation grid under the tables
+    assert "## On validation data" in results and "### Tuning (fcos)" in results and "| fitnet |" in results
 
 
 def test_tuned_weights_match_the_recorded_tuning():
@@ -537,6 +541,7 @@ def test_design_runs_one_samkd_variant_each_and_reuses_the_tuning_baseline(tmp_p
     assert len(asked) == len(DESIGN_VARIANTS) + 1 <= 11  # at most 10 variants, plus the student alone
     table = (tmp_path / "design_paper_fcos.md").read_text()
     assert "| soft | `placement: \"soft\"` |" in table and "samkd bench --design --suite paper_fcos" in table
+    assert "### SAMKD design choices (paper_fcos)" in (tmp_path / "results.md").read_text()
     assert set(payload["AP"]) == set(DESIGN_VARIANTS) | {"student"}
 
 

@@ -143,6 +143,10 @@ def _suite_header(name: str, meta: dict, warnings: list[str]) -> list[str]:
             "over the detection loss in the second half of training (mean of the runs)."]
 
 
+# The day SAMKD's defaults changed (chosen on the paper regime's validation data): tables measured before it say so.
+SAMKD_DEFAULTS_CHANGED = "2026-11-28"
+
+
 def _teacher_warnings(meta: dict, results: dict) -> list[str]:
     """A line per data seed whose teacher is no better than the student alone, or whose students learned from
     more than one training of it."""
@@ -150,6 +154,9 @@ def _teacher_warnings(meta: dict, results: dict) -> list[str]:
     return ([f"**Warning:** the data-seed-{ds} teacher (AP {ap:.1f}) is no better than the student alone "
              f"(AP {alone[f'd{ds}']:.1f}): distilling from it cannot show a gain.  "
              for ds, ap in meta["teacher_AP"].items() if f"d{ds}" in alone and ap <= alone[f"d{ds}"]]
+            + ([f"**Note:** measured before {SAMKD_DEFAULTS_CHANGED}: the SAMKD rows use its first defaults "
+                "(`random_share: 0.5`, `global_mask: false`, `level_weighting: level`), not today's.  "]
+               if meta.get("date", "") < SAMKD_DEFAULTS_CHANGED else [])
             + [f"**Note:** the data-seed-{ds} students learned from {n} trainings of their teacher (it was trained "
                f"again in a later sitting; CPU training is not bit-reproducible: each training's AP is in its record "
                f"under benchmarks/work/records).  " for ds, n in meta.get("teacher_trainings", {}).items()])
@@ -220,10 +227,25 @@ def write_report(out: Path, payload: dict) -> str:
     for name in SUITES:
         if name in payload["suites"]:
             lines += suite_markdown(name, payload["suites"][name]) + [""]
+    lines += _validation_sections(out)
     text = "\n".join(lines)
     (out / "results.md").write_text(text)
     _plot(payload, out / "results.png")
     return text
+
+
+def _validation_sections(out: Path) -> list[str]:
+    """The tables measured on validation data (``tuning*.md``, ``design_*.md`` beside results.md), each under a
+    heading one level down: the weights and the defaults the tables above use."""
+    files = sorted(out.glob("tuning*.md")) + sorted(out.glob("design_*.md"))
+    if not files:
+        return []
+    lines = ["## On validation data: the tuning grids and SAMKD's design choices", ""]
+    for path in files:
+        text = path.read_text().strip().splitlines()
+        lines += [("###" + text[0][1:]) if text[0].startswith("# ") else text[0], *text[1:],
+                  f"(from [{path.name}]({path.name}))", ""]
+    return lines
 
 
 def _plot(payload: dict, path: Path) -> None:

@@ -227,6 +227,7 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
                                    payload["command"])
                   + _retuned_markdown(retuned))
     js.write_text(json.dumps(payload, indent=2))
+    write_report(out, load_payload(out))  # results.md shows the validation tables too
     print(md.read_text())
     return payload
 
@@ -261,6 +262,7 @@ def run_design(out_dir: str = "benchmarks", suite: str = "paper_fcos", quick: bo
                "command": command_line(quick, suite, jobs, design=True, **overrides)}
     (out / f"design_{suite}.json").write_text(json.dumps(payload, indent=2))
     (out / f"design_{suite}.md").write_text(_design_markdown(payload, params))
+    write_report(out, load_payload(out))
     print((out / f"design_{suite}.md").read_text())
     return payload
 
