@@ -62,7 +62,8 @@ def test_readme_carries_every_benchmark_table_as_last_measured():
     readme = (ROOT / "README.md").read_text()
     sections = []
     for report in ("results.md", "h100_retinanet.md"):  # the bench's report; the H100 RetinaNet table
-        results = (ROOT / "benchmarks" / report).read_text()
+        # the suites' tables (the validation tables after them are retold in the README's own words)
+        results = (ROOT / "benchmarks" / report).read_text().split("\n## On validation data")[0]
         found = re.split(r"(?m)^(?=### )", results)[1:]
         assert found, f"benchmarks/{report} has no table"
         sections += found
