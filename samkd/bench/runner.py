@@ -64,15 +64,10 @@ def run_dir(work: Path, name: str, raw: dict) -> Path:
     return Path(work) / "runs" / f"{name.replace(' ', '_').replace('=', '')}-{cache_key(raw)}"
 
 
-def weights_file(summary: dict, must_exist: bool = True) -> Path:
+def weights_file(summary: dict) -> Path:
     """The trained weights of a finished run (``model.pt`` of a plain run, ``student.pt`` of a distilled one).
-
-    ``must_exist=False`` names a plain run's ``model.pt`` even when it is not on disk (a cache copied without
-    its weights still gives the students' configs, which name their teacher's weights).
-    """
+    (Where a teacher's weights will be, before it is trained: :func:`teacher_checkpoint`.)"""
     out = Path(summary["output_dir"])
-    if not must_exist:
-        return out / "model.pt"
     for name in ("model.pt", "student.pt"):
         if (out / name).is_file():
             return out / name
@@ -101,6 +96,10 @@ def cached_run(raw: dict, work: Path, name: str, train: bool = True, need_weight
     out = run_dir(work, name, raw)
     record = record_file(work, out)
     if (out / "summary.json").is_file():
+        if record.is_file() and not (out / "model.pt").is_file():
+            # a distilled student is never trained twice: its record was written from this folder, provenance and
+            # all (no need to hash its teacher's weights again on every read)
+            return json.loads(record.read_text())
         summary = json.loads((out / "summary.json").read_text())
     elif record.is_file() and not need_weights:
         return json.loads(record.read_text())

@@ -207,7 +207,8 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
         if asked:
             print(f"[tune] {suite}: extending the grid: " + ", ".join(f"{m} x{f:g}" for m, f in asked), flush=True)
     teacher_ap = run_ap(teacher)
-    command = command_line(quick, None if suite == "fcos" else suite, jobs, tune=True, methods=methods, **overrides)
+    suite_arg = None if suite == "fcos" else suite  # the from-scratch tuning's command names no suite
+    command = command_line(quick, suite_arg, jobs, tune=True, methods=methods, **overrides)
     md, js = _tuning_files(out, suite)
     payload = {"suite": suite, "data_seed": TUNE_DATA_SEED, "seed": TUNE_SEED, "factors": list(TUNE_FACTORS),
                "extensions": the_suite.tune_extensions, "student_AP": ap[("student", None)], "grid": {}, "best": {},
@@ -215,7 +216,7 @@ def run_tuning(out_dir: str = "benchmarks", quick: bool = False, work_dir: Optio
     retuned = {}
     if methods and js.is_file():  # some methods tuned again (e.g. after a default changed): the others are kept
         payload = json.loads(js.read_text())
-        payload.setdefault("command", command_line(quick, None if suite == "fcos" else suite, jobs, tune=True))
+        payload.setdefault("command", command_line(quick, suite_arg, jobs, tune=True))
         retuned = {**payload.get("retuned", {}), **{m: {"teacher_AP": teacher_ap, "student_AP": ap[("student", None)],
                                                          "date": time.strftime("%Y-%m-%d"), "command": command}
                                                      for m in tuned}}
@@ -267,6 +268,10 @@ def run_design(out_dir: str = "benchmarks", suite: str = "paper_fcos", quick: bo
     return payload
 
 
+def _options(params: dict) -> str:
+    return ", ".join(f"`{k}: {json.dumps(x)}`" for k, x in params.items())
+
+
 def _design_markdown(payload: dict, params: BenchParams) -> str:
     ap, base = payload["AP"], payload["AP"]["baseline"]
     lines = [f"# SAMKD design choices ({payload['suite']}) — {time.strftime('%Y-%m-%d')}", "",
@@ -277,8 +282,7 @@ def _design_markdown(payload: dict, params: BenchParams) -> str:
              f"{ap['student']:.1f}.", "",
              "| variant | changes | AP | vs baseline |", "|---|---|---|---|"]
     for v, change in payload["variants"].items():
-        what = ", ".join(f"`{k}: {json.dumps(x)}`" for k, x in change.items()) or "the defaults then: " + ", ".join(
-            f"`{k}: {json.dumps(x)}`" for k, x in payload["base"].items())
+        what = _options(change) or "the defaults then: " + _options(payload["base"])
         lines.append(f"| {v} | {what} | {ap[v]:.1f} | {ap[v] - base:+.1f} |")
     lines += ["", "Rule (the same for every choice): a default changes when its variant beats the baseline by more than "
               "1 AP; of the exclusive mask placements (top_only, random_only, sampled, soft), the best. The changed "
