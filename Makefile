@@ -41,13 +41,16 @@ bench-tune: install
 	$(VENV)/bin/samkd bench --tune --out benchmarks --jobs 2
 
 # The paper's regime (ImageNet Lite2 teacher -> Lite0 student): its own weight grid (extended at the edges), SAMKD's
-# design choices on validation data, then the FCOS and RetinaNet tables. Runs are cached: a rerun resumes. The
-# grid's best factors go into PAPER_TUNED_WEIGHTS (samkd/bench/methods.py) before the tables can run.
+# design choices on validation data, then the FCOS, RetinaNet and Faster R-CNN tables and FCOS at 256 px. Runs are
+# cached: a rerun resumes. The grid's best factors go into PAPER_TUNED_WEIGHTS (samkd/bench/methods.py) before the
+# tables can run.
 bench-paper: install
 	$(VENV)/bin/samkd bench --tune --suite paper_fcos --out benchmarks --jobs 2
 	$(VENV)/bin/samkd bench --design --suite paper_fcos --out benchmarks --jobs 2
 	$(VENV)/bin/samkd bench --suite paper_fcos --out benchmarks --jobs 2
 	$(VENV)/bin/samkd bench --suite paper_retinanet --out benchmarks --jobs 2
+	$(VENV)/bin/samkd bench --suite paper_faster_rcnn --out benchmarks --jobs 2
+	$(VENV)/bin/samkd bench --suite paper_fcos_256 --out benchmarks --jobs 2
 
 bench-quick: install
 	$(VENV)/bin/samkd bench --quick --out /tmp/samkd-bench-quick

@@ -408,6 +408,8 @@ PINNED_RUNS = [
     ("paper_fcos", "teacher", 1, None, "teacher-fcos-efficientnet_lite2-imagenet-d1-30313ec8a2"),
     ("paper_fcos", "samkd", 0, 0, "paper_fcos-samkd-d0-s0-dde222fed6"),
     ("paper_retinanet", "mgd", 2, 1, "paper_retinanet-mgd-d2-s1-76d0963e69"),
+    ("paper_faster_rcnn", "teacher", 0, None, "teacher-faster_rcnn-efficientnet_lite2-imagenet-d0-bd911a70da"),
+    ("paper_faster_rcnn", "samkd", 2, 1, "paper_faster_rcnn-samkd-d2-s1-8eeb4a41fa"),
     ("fcos", "teacher", 0, None, "teacher-fcos-d0-c59f8de949"),
     ("fcos", "samkd", 0, 0, "fcos-samkd-d0-s0-e8567fd4e4"),
     ("retinanet", "samkd_sfd", 0, 1, "retinanet-samkd_sfd-d0-s1-eb7f9decd5"),
@@ -561,6 +563,20 @@ def test_the_256_px_suite_makes_its_data_and_models_at_256_px_with_objects_scale
     raw = suite.student_raw(params, Path("data"), 0, {"mgd": {}}, "t.pt")
     assert raw["model"]["min_size"] == raw["model"]["max_size"] == 256 == raw["teacher"]["min_size"]
     assert set(suite.methods) <= set(METHODS) and suite.tuning == "paper_fcos"
+
+
+def test_the_paper_faster_rcnn_suite_takes_the_best_two_rivals_of_the_validation_grid():
+    """Its rows were chosen on validation data only: the two best rivals after MGD in the paper regime's grid
+    (benchmarks/tuning_paper_fcos.json), plus the student, MGD and SAMKD's two forms, on the FCOS table's seeds."""
+    grid = json.loads(Path("benchmarks/tuning_paper_fcos.json").read_text())["grid"]
+    best = {m: max(aps.values()) for m, aps in grid.items() if m not in ("mgd", "samkd")}
+    top_two = sorted(best, key=best.get, reverse=True)[:2]
+    suite, fcos = SUITES["paper_faster_rcnn"], SUITES["paper_fcos"]
+    assert set(suite.methods) == {"student", "mgd", "samkd_sfd", "samkd", *top_two}
+    assert suite.arch == "faster_rcnn" and suite.tuning == "paper_fcos"
+    for field_name in ("seeds", "data_seeds", "teacher_backbone", "student_backbone", "teacher_extra",
+                       "student_extra", "teacher_step_factor"):
+        assert getattr(suite, field_name) == getattr(fcos, field_name), field_name
 
 
 def test_yolo_suite_keeps_its_folders():
