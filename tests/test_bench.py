@@ -403,13 +403,14 @@ def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, 
 # Folders of the real benchmark (`<work>/runs/<name>-<key>`, work dir benchmarks/work): a change to how a run's
 # config is written, hashed or named would orphan them and train every run again. The SAMKD rows' keys changed
 # once on purpose, with SAMKD's defaults (2026-11-28, chosen on validation data): a new default is a new run.
+# The paper_faster_rcnn keys changed on 2026-11-29, before any of its runs was recorded (128 RoIs per image).
 PINNED_RUNS = [
     ("paper_fcos", "teacher", 0, None, "teacher-fcos-efficientnet_lite2-imagenet-d0-dc88275c7c"),
     ("paper_fcos", "teacher", 1, None, "teacher-fcos-efficientnet_lite2-imagenet-d1-30313ec8a2"),
     ("paper_fcos", "samkd", 0, 0, "paper_fcos-samkd-d0-s0-dde222fed6"),
     ("paper_retinanet", "mgd", 2, 1, "paper_retinanet-mgd-d2-s1-76d0963e69"),
-    ("paper_faster_rcnn", "teacher", 0, None, "teacher-faster_rcnn-efficientnet_lite2-imagenet-d0-bd911a70da"),
-    ("paper_faster_rcnn", "samkd", 2, 1, "paper_faster_rcnn-samkd-d2-s1-8eeb4a41fa"),
+    ("paper_faster_rcnn", "teacher", 0, None, "teacher-faster_rcnn-efficientnet_lite2-imagenet-d0-ba2bde5815"),
+    ("paper_faster_rcnn", "samkd", 2, 1, "paper_faster_rcnn-samkd-d2-s1-c4c1c42fa2"),
     ("fcos", "teacher", 0, None, "teacher-fcos-d0-c59f8de949"),
     ("fcos", "samkd", 0, 0, "fcos-samkd-d0-s0-e8567fd4e4"),
     ("retinanet", "samkd_sfd", 0, 1, "retinanet-samkd_sfd-d0-s1-eb7f9decd5"),
@@ -609,3 +610,14 @@ def test_paper_weights_match_the_recorded_paper_tuning():
         assert cells[best] == max(cells.values())
         outside = [f for f in cells if f < 0.25 or f > 4]
         assert min(cells) < best < max(cells) or len([f for f in outside if (f < 1) == (best < 1)]) == 2
+
+
+def test_report_carries_the_cost_profiles_under_the_tables(tmp_path):
+    """results.md ends with the cost profiles `samkd bench --costs` wrote beside it, headings two levels down."""
+    (tmp_path / "costs_cpu.md").write_text("# Cost profile — today\n\n## fcos\n\n| method | loss vs MGD |\n|---|---|\n"
+                                           "| samkd | 2.06x |\n")
+    text = samkd.bench.report.write_report(tmp_path, {"suites": {}})
+    costs = text.split("\n## What each method costs per step")[1]
+    assert "\n### Cost profile — today\n" in costs and "\n#### fcos\n" in costs and "| samkd | 2.06x |" in costs
+    assert "(from [costs_cpu.md](costs_cpu.md))" in costs and "gpu.md" not in costs.split("speed.md")[1]
+    assert (tmp_path / "results.md").read_text() == text

@@ -227,7 +227,7 @@ def write_report(out: Path, payload: dict) -> str:
     for name in SUITES:
         if name in payload["suites"]:
             lines += suite_markdown(name, payload["suites"][name]) + [""]
-    lines += _validation_sections(out)
+    lines += _validation_sections(out) + _cost_sections(out)
     text = "\n".join(lines)
     (out / "results.md").write_text(text)
     _plot(payload, out / "results.png")
@@ -235,16 +235,28 @@ def write_report(out: Path, payload: dict) -> str:
 
 
 def _validation_sections(out: Path) -> list[str]:
-    """The tables measured on validation data (``tuning*.md``, ``design_*.md`` beside results.md), each under a
-    heading one level down: the weights and the defaults the tables above use."""
-    files = sorted(out.glob("tuning*.md")) + sorted(out.glob("design_*.md"))
+    """The tables measured on validation data (``tuning*.md``, ``design_*.md`` beside results.md): the weights and
+    the defaults the tables above use."""
+    return _included_sections("On validation data: the tuning grids and SAMKD's design choices",
+                              sorted(out.glob("tuning*.md")) + sorted(out.glob("design_*.md")))
+
+
+def _cost_sections(out: Path) -> list[str]:
+    """The cost profiles ``samkd bench --costs`` wrote beside results.md (CPU, and GPU when one was lent)."""
+    files = [out / name for name in ("costs_cpu.md", "gpu.md") if (out / name).exists()]
+    return _included_sections("What each method costs per step (`samkd bench --costs`; before/after the speed work: "
+                              "[speed.md](speed.md))", files)
+
+
+def _included_sections(heading: str, files: list[Path]) -> list[str]:
+    """Each file's text under ``heading`` (its headings two levels down), followed by a link to the file."""
     if not files:
         return []
-    lines = ["## On validation data: the tuning grids and SAMKD's design choices", ""]
+    lines = [f"## {heading}", ""]
     for path in files:
         text = path.read_text().strip().splitlines()
-        lines += [("###" + text[0][1:]) if text[0].startswith("# ") else text[0], *text[1:],
-                  f"(from [{path.name}]({path.name}))", ""]
+        lines += [("##" + line) if line.startswith("#") else line for line in text]
+        lines += [f"(from [{path.name}]({path.name}))", ""]
     return lines
 
 
