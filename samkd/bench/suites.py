@@ -184,7 +184,7 @@ _FASTER_RCNN = dict(anchor_sizes=(8, 16, 32, 64, 128))
 # 128 px images hold a few objects each (32 positives at the 0.25 fraction are plenty), and on CPU the RoIAlign
 # backward and the box head's 1024-wide layers over 512 RoIs x 8 images made a Lite2 teacher step 6.3 s (128: 2.0
 # s), a 2.6 h teacher that no sitting holds. The same for every row, teacher and students alike.
-_FASTER_RCNN_PAPER = dict(anchor_sizes=(8, 16, 32, 64, 128), detector_kwargs={"box_batch_size_per_image": 128})
+_FASTER_RCNN_PAPER = dict(_FASTER_RCNN, detector_kwargs={"box_batch_size_per_image": 128})
 _RIVALS = ("student", "fitnet", "logit_kd", "mgd", "fgd", "cwd", "pkd", "freekd", "dmkd", "samkd")
 _IMAGENET = {"backbone_weights": "IMAGENET"}
 # The paper's regime: an ImageNet-pretrained student distilled from a stronger ImageNet-pretrained teacher
