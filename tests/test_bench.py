@@ -248,6 +248,29 @@ def test_lead_verdict():
     assert v["lead"] < 0 and "does not lead" in samkd.bench.report.verdict_text(v)
 
 
+def test_a_row_is_the_mean_and_sample_std_of_its_runs():
+    """Written out: mean, sample std (n - 1), per data seed means, paired differences' sample std."""
+    from samkd.bench.report import aggregate
+    runs = [{"metrics": {"AP": 10.0, "AP50": 20.0, "APl": -1.0}, "s_per_step": 1.0, "kd_to_task": 0.5},
+            {"metrics": {"AP": 14.0, "AP50": 30.0, "APl": -1.0}, "s_per_step": 2.0, "kd_to_task": 1.5},
+            {"metrics": {"AP": 18.0, "AP50": 40.0, "APl": -1.0}, "s_per_step": 3.0, "kd_to_task": 1.0}]
+    row = aggregate(runs, [(0, 0), (0, 1), (2, 0)])
+    assert row["AP"] == pytest.approx(14.0) and row["AP50"] == pytest.approx(30.0)
+    assert row["AP_std"] == pytest.approx(((16 + 0 + 16) / 2) ** 0.5)  # sample std: divide by n - 1
+    assert row["AP50_std"] == pytest.approx(10.0)
+    assert row["APl"] is None  # COCO's -1 (no large objects) is not a measurement
+    assert row["s_per_step"] == pytest.approx(2.0) and row["kd_to_task"] == pytest.approx(1.0)
+    assert row["AP_by_data_seed"] == pytest.approx({"d0": 12.0, "d2": 18.0})
+    assert row["per_run_AP"] == {"d0/s0": 10.0, "d0/s1": 14.0, "d2/s0": 18.0} and row["runs"] == 3
+
+    rival = aggregate([{"metrics": {"AP": a}} for a in (11.0, 11.0, 21.0)], [(0, 0), (0, 1), (2, 0)])
+    v = lead_verdict({"student": rival, "samkd": row, "mgd": rival})
+    diffs = [10 - 11, 14 - 11, 18 - 21]  # -1, 3, -3: mean -1/3
+    mean = sum(diffs) / 3
+    assert v["paired_std"] == pytest.approx((sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5)
+    assert v["wins"] == 1 and v["pairs"] == 3 and v["lead"] == pytest.approx(14.0 - 43 / 3)
+
+
 def test_cost_goal_verdicts():
     cost = {"mgd": {"loss_vs_mgd": 1.0, "step_ratio": 1.5}, "fitnet": {"step_ratio": 1.40},
             "samkd": {"loss_vs_mgd": 0.9, "step_ratio": 1.48}}

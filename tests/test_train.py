@@ -215,3 +215,47 @@ def test_speed_options_reach_both_detectors_of_a_distillation(tiny_data, tmp_pat
     assert generators and {id(p) for p in run.model.distill_parameters()} == generators
     plain = StudentTraining(student)
     assert plain.detectors() == [student] and plain.distill_parameters() == []
+
+
+def test_learning_rate_schedule_follows_its_equations():
+    """Warm-up ``f0 (1 - s/W) + s/W`` for s < W, then cosine ``(1 + cos(pi (s - W) / (S - W))) / 2`` down to 0,
+    or the step schedule ``gamma ^ #(milestones passed)``, written out here rather than taken from the code."""
+    import math
+
+    from samkd.config import TrainConfig
+    from samkd.engine.optim import lr_factor
+
+    cfg = TrainConfig(warmup_steps=10, warmup_factor=0.001, scheduler="cosine")
+    total = 110
+    assert lr_factor(0, total, cfg) == pytest.approx(0.001)
+    assert lr_factor(5, total, cfg) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(10, total, cfg) == pytest.approx(1.0)
+    assert lr_factor(35, total, cfg) == pytest.approx((1 + math.cos(math.pi * 25 / 100)) / 2)
+    assert lr_factor(60, total, cfg) == pytest.approx(0.5)
+    assert lr_factor(110, total, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(500, total, cfg) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+
+    step = TrainConfig(warmup_steps=0, scheduler="step", milestones=[0.5, 0.75], gamma=0.1)
+    assert [lr_factor(s, 100, step) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    assert lr_factor(7, 100, TrainConfig(warmup_steps=0, scheduler="constant")) == 1.0
+
+
+@pytest.mark.parametrize("name,kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_optimizer_decays_weights_but_not_norms_and_biases(name, kind):
+    from samkd.config import TrainConfig
+    from samkd.engine.optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)  # frozen parameters are left out
+    cfg = TrainConfig(optimizer=name, lr=0.02, momentum=0.8, weight_decay=0.05)
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, kind)
+    decay, no_decay = opt.param_groups
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
+                                                  id(model[2].bias)}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert all(g["lr"] == 0.02 for g in opt.param_groups)
+    if name == "sgd":
+        assert decay["momentum"] == 0.8

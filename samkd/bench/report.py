@@ -61,7 +61,8 @@ def aggregate(runs: list[dict], keys: list[tuple[int, int]]) -> dict:
         vals = np.array([v for v in (measured((r["metrics"] or {}).get(k)) for r in runs) if v is not None])
         row[k] = float(vals.mean()) if len(vals) else None
         row[k + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-    row["s_per_step"] = float(np.nanmean([r.get("s_per_step") or np.nan for r in runs]))
+    timed = [r["s_per_step"] for r in runs if r.get("s_per_step")]
+    row["s_per_step"] = float(np.mean(timed)) if timed else float("nan")  # nan: printed as such, no warning
     row["runs"] = len(runs)
     ratios = [r["kd_to_task"] if "kd_to_task" in r else kd_to_task_loss(Path(r["output_dir"]) / "train.csv")
               for r in runs if "kd_to_task" in r or r.get("output_dir")]  # bench runs carry it (their records)
