@@ -552,7 +552,13 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: pass one")
     own_group = not (dist.is_available() and dist.is_initialized())
     try:
-        return _train(cfg, resume, overwrite)
+        summary = _train(cfg, resume, overwrite)
+        if own_group and dist.is_available() and dist.is_initialized():
+            # Every rank leaves together, after rank 0 has written the weights and summary: a rank that tore its
+            # gloo group down while rank 0 was still writing aborted once at exit on a loaded 2-core machine
+            # ("terminate called without an active exception"), failing a run whose results were all written.
+            dist.barrier()
+        return summary
     finally:
         if own_group and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
