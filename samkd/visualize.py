@@ -202,7 +202,9 @@ def predict(cfg: Config, image_paths, out_dir, checkpoint: Optional[str] = None,
             found = _detections(model([image])[0], labels, score_thresh)
             texts = [f"{d['name'] or d['label']} {d['score']:.2f}" for d in found]
             boxes = torch.tensor([d["box"] for d in found], dtype=torch.float32).reshape(-1, 4)
-            drawn = draw_bounding_boxes((image * 255).to(torch.uint8), boxes, labels=texts, colors="red", width=2)
+            drawn = (image * 255).to(torch.uint8)
+            if len(found):  # nothing above score_thresh: the image as it is (torchvision would warn)
+                drawn = draw_bounding_boxes(drawn, boxes, labels=texts, colors="red", width=2)
             target = out / f"{Path(path).stem}_detections.png"
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
             target.with_suffix(".json").write_text(json.dumps({"image": str(path), "detections": found}, indent=2))

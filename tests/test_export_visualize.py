@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -182,3 +183,16 @@ def test_export_records_the_label_map_and_predict_on_the_export_uses_it(tiny_dat
     names = {1: "circle", 2: "square", 3: "triangle"}
     assert found and {d["label"] for d in found} <= {1, 2, 3}
     assert all((d["category_id"], d["name"]) == (ids[d["label"]], names[d["label"]]) for d in found)
+
+    # Nothing scores above 1.01: the picture is the image itself, written without torchvision's empty-box warning.
+    import warnings
+
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["predict", "-c", str(cfg), "--checkpoint", str(tmp_path / "export" / "student_state_dict.pt"),
+                     "--image", str(image), "--out", str(tmp_path / "none"), "--score-thresh", "1.01"]) == 0
+    assert json.loads((tmp_path / "none" / f"{image.stem}_detections.json").read_text())["detections"] == []
+    drawn = torch.from_numpy(np.array(Image.open(tmp_path / "none" / f"{image.stem}_detections.png")))
+    original = torch.from_numpy(np.array(Image.open(image).convert("RGB")))
+    assert drawn.shape == original.shape and (drawn.int() - original.int()).abs().max() <= 1  # float round trip
