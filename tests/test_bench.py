@@ -644,3 +644,50 @@ def test_report_carries_the_cost_profiles_under_the_tables(tmp_path):
     assert "\n### Cost profile — today\n" in costs and "\n#### fcos\n" in costs and "| samkd | 2.06x |" in costs
     assert "(from [costs_cpu.md](costs_cpu.md))" in costs and "gpu.md" not in costs.split("speed.md")[1]
     assert (tmp_path / "results.md").read_text() == text
+
+
+def _load_script(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name[:-3], REPO / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sld_logit_diagnostic_marks_box_centres_of_the_box_class_only():
+    """A location is positive for a logit when its centre ((j + 0.5) * stride) lies in a box of that class."""
+    import torch
+    diag = _load_script("sld_logit_diagnostic.py")
+    boxes = {"boxes": torch.tensor([[0.0, 0.0, 16.0, 8.0]]), "labels": torch.tensor([2])}
+    pos = diag.positive_entries([boxes], (1, 3, 4, 4), (32, 32))  # stride 8: centres 4, 12, 20, 28
+    expected = torch.zeros(1, 3, 4, 4, dtype=torch.bool)
+    expected[0, 2, 0, 0] = expected[0, 2, 0, 1] = True  # x in {4, 12} <= 16, y = 4 <= 8
+    assert torch.equal(pos, expected)
+
+
+def test_sld_logit_diagnostic_splits_fcos_own_classification_loss_exactly(shapes_data, tmp_path):
+    """Its positive and background parts add up to the classification loss FCOS itself returns."""
+    import argparse
+
+    import torch
+
+    from samkd.config import ModelConfig
+    from samkd.data import CocoDetection, collate_fn
+    from samkd.models import detector_from_config
+
+    diag = _load_script("sld_logit_diagnostic.py")
+    suite = bench.SUITES["fcos"]
+    ds = CocoDetection(f"{shapes_data}/annotations/val.json", f"{shapes_data}/images/val")
+    torch.manual_seed(0)
+    model = detector_from_config(ModelConfig(**suite.model_block("resnet18", BenchParams())), ds.num_classes)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    split = diag.own_classification_loss(argparse.Namespace(val_images=4), suite, ds,
+                                          {"m": ("resnet18", str(tmp_path / "m.pt"))})["m"]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    with torch.no_grad():
+        own = float(model(*collate_fn([ds[i] for i in range(4)]))["classification"])
+    assert split["positives"] > 0 and split["negative_loss"] > 0
+    assert abs(split["positive_loss"] + split["negative_loss"] - own) < 1e-4 * own
