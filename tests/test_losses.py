@@ -8,6 +8,7 @@ regression pin only.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -404,6 +405,30 @@ def test_sld_dense_equals_formula():
     T, tau_d, region, beta = 3.0, 0.5, 3, 0.7
     out = SLDLoss(C, LEVELS, **FIRST_SLD, T=T, tau_d=tau_d, region=region, beta_sld=beta, weight=2.0)(s, t)["sld"]
     assert_close_to_exact(out, 2.0 * beta * sld_dense_by_hand(s, t, T, tau_d, region))
+
+
+def test_sld_logit_offset_remove_centres_each_models_logits_over_every_location():
+    """``z <- z - mean_{l,h,w} z`` per image and logit channel, for both models, before the KD; and then a common
+    shift of the student's logits (its global offset) changes neither the loss nor, to first order, anything."""
+    s, t = student_teacher()
+    T, tau_d = 2.0, 1.0
+    sld = SLDLoss(C, LEVELS, T=T, tau_d=tau_d, logit_offset="remove")
+    centred = []
+    for taps in (s, t):
+        flat = torch.cat([z.flatten(2) for z in taps.cls_logits], dim=2)  # (N, A K, P)
+        mean = flat.mean(dim=2, keepdim=True)[..., None]
+        centred.append([z - mean for z in taps.cls_logits])
+    s_c, t_c = copy.copy(s), copy.copy(t)
+    s_c.cls_logits, t_c.cls_logits = centred
+    expected = sld_dense_by_hand(s_c, t_c, T, tau_d, 1, level_weighting="location")
+    assert_close_to_exact(sld(s, t)["sld"], expected)
+    shifted = copy.copy(s)
+    shifted.cls_logits = [z - 3.0 for z in s.cls_logits]
+    torch.testing.assert_close(sld(shifted, t)["sld"], sld(s, t)["sld"])
+    keep = SLDLoss(C, LEVELS, T=T, tau_d=tau_d)
+    assert not torch.isclose(keep(shifted, t)["sld"], keep(s, t)["sld"])  # the default copies the offset
+    with pytest.raises(ValueError, match="logit_offset"):
+        SLDLoss(C, LEVELS, logit_offset="centre")
 
 
 def test_sld_with_uniform_discrepancy_equals_logit_kd():

@@ -146,13 +146,15 @@ def test_defaults_are_the_validation_choices_and_older_runs_keep_their_cache_key
     from samkd.losses import loss_params
     defaults = SAMKDLoss.hyper_params()
     assert (defaults["random_share"], defaults["global_mask"], defaults["level_weighting"]) == (1.0, True, "location")
-    assert ADDED_LATER["samkd"] == {"placement": "top", "global_mask": False, "level_weighting": "level"}
+    assert ADDED_LATER["samkd"] == {"placement": "top", "global_mask": False, "level_weighting": "level",
+                                    "logit_offset": "keep"}
     first = {"weight": 0.25, "random_share": 0.5, **ADDED_LATER["samkd"]}
     raw = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": first}}}
     resolved = {k: v for k, v in {**loss_params("samkd"), **first}.items() if k not in ADDED_LATER["samkd"]}
     before = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": json.loads(json.dumps(resolved))}}}
     assert cache_key(raw) == hashlib.sha1(json.dumps(before, sort_keys=True).encode()).hexdigest()[:10]
-    for name, value in (("placement", "soft"), ("global_mask", True), ("level_weighting", "location")):
+    for name, value in (("placement", "soft"), ("global_mask", True), ("level_weighting", "location"),
+                        ("logit_offset", "remove")):
         changed = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": {**first, name: value}}}}
         assert cache_key(changed) != cache_key(raw)
     today = {"model": {"arch": "fcos"}, "distill": {"losses": {"samkd": {"weight": 0.25}}}}

@@ -51,6 +51,12 @@ locations where the student's *features* still differ most from the teacher's:
     L_dense = sum_l mean_{n,h,w} W_l * kd_l             (level_weighting: level)
     L_dense = L sum_l sum_{n,h,w} W_l kd_l / sum_l N H_l W_l   (level_weighting: location)
 
+``logit_offset: remove`` (not the default) first subtracts from each model's dense logits their mean over every
+location of every level, per image and logit channel (``z <- z - mean_{l,h,w} z``), so that the KD matches where
+the teacher scores high or low but not its global offset (a teacher trained far on the same images puts its
+background near -7.5: copying that offset sinks the positives a student has not learned yet; README, *What SLD
+does*). The RoI softmax term is offset-free already.
+
 Two-stage detectors (``roi_logits`` present, ``(R, K+1)`` softmax logits of both models on the
 student's proposals): each RoI ``r`` gets ``w_r`` = mean of the ``W`` maps RoI-aligned over its box
 (``MultiScaleRoIAlign`` on the first ``roi_levels`` levels, ``roi_output_size``, ``roi_sampling_ratio``),
@@ -403,6 +409,7 @@ SLD_WEIGHTINGS = ("softmax", "power")
 # How SLD's per-level terms are summed: each level's mean (every level weighs the same, a 1x1 P7 as much as P3),
 # or each location the same (a level weighs by its number of locations, as a detector's own loss does).
 SLD_LEVEL_WEIGHTINGS = ("level", "location")
+SLD_LOGIT_OFFSETS = ("keep", "remove")
 
 
 def sld_weights(teacher_feat: Tensor, student_feat: Tensor, tau_d: float = 1.0, region: int = 1,
@@ -677,6 +684,8 @@ class SLDLoss(nn.Module):
         weighting: ``softmax`` or ``power`` (:func:`sld_weights`).
         level_weighting: ``level`` (each level's mean, summed) or ``location`` (every location of every level
             the same weight, scaled to the same total; the coarse levels then weigh by their size).
+        logit_offset: ``keep`` (the dense logits as they are) or ``remove`` (each model's mean dense logit per
+            image and logit channel subtracted first; module docstring).
         beta_sld: loss coefficient.
         roi_weight: factor of the two-stage RoI term relative to the dense term.
         roi_levels: how many of the first levels the RoI pooler uses (torchvision Faster R-CNN: 4).
@@ -687,7 +696,7 @@ class SLDLoss(nn.Module):
     """
 
     def __init__(self, channels: Widths, num_levels: int, *, T: float = 2.0, tau_d: float = 1.0, region: int = 1,
-                 weighting: str = "softmax", level_weighting: str = "location",
+                 weighting: str = "softmax", level_weighting: str = "location", logit_offset: str = "keep",
                  beta_sld: float = 1.0, roi_weight: float = 1.0, roi_levels: int = 4, roi_output_size: int = 7,
                  roi_sampling_ratio: int = 2, weight: float = 1.0):
         super().__init__()
@@ -701,9 +710,11 @@ class SLDLoss(nn.Module):
         if level_weighting not in SLD_LEVEL_WEIGHTINGS:
             raise ValueError(f"level_weighting must be one of {', '.join(SLD_LEVEL_WEIGHTINGS)}, "
                              f"got {level_weighting!r}")
+        if logit_offset not in SLD_LOGIT_OFFSETS:
+            raise ValueError(f"logit_offset must be one of {', '.join(SLD_LOGIT_OFFSETS)}, got {logit_offset!r}")
         check_weight(weight)
         self.channels, self.num_levels, self.weighting = channels, num_levels, weighting
-        self.level_weighting = level_weighting
+        self.level_weighting, self.logit_offset = level_weighting, logit_offset
         self.T, self.tau_d, self.region, self.beta_sld = T, tau_d, int(region), beta_sld
         self.roi_weight, self.roi_levels = roi_weight, roi_levels
         self.roi_output_size, self.roi_sampling_ratio = roi_output_size, roi_sampling_ratio
@@ -736,6 +747,8 @@ class SLDLoss(nn.Module):
         n = weights.shape[0]
         s = flatten_levels(student.cls_logits).unsqueeze(-1)  # (N, A K, P, 1): the KD map's "H, W" = P, 1
         t = flatten_levels(teacher.cls_logits).unsqueeze(-1)
+        if self.logit_offset == "remove":  # per image and logit channel, over every location of every level
+            s, t = s - s.mean(dim=2, keepdim=True), t - t.mean(dim=2, keepdim=True)
         kd = dense_kd_map(s, t, teacher.num_anchors, teacher.num_logit_classes, self.T)[..., 0]  # (N, P)
         if self.level_weighting == "location":
             return len(layout.sizes) * (weights * kd).sum() / (n * kd.shape[1])
@@ -773,7 +786,7 @@ class SLDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"T={self.T}, tau_d={self.tau_d}, region={self.region}, weighting={self.weighting!r}, "
-                f"level_weighting={self.level_weighting!r}, beta_sld={self.beta_sld}, "
+                f"level_weighting={self.level_weighting!r}, logit_offset={self.logit_offset!r}, beta_sld={self.beta_sld}, "
                 f"roi_weight={self.roi_weight}, roi_levels={self.roi_levels}, weight={self.weight}")
 
 
