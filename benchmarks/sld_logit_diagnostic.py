@@ -40,6 +40,28 @@ from samkd.models import detector_from_config  # noqa: E402
 from samkd.models.adapter import TapAdapter  # noqa: E402
 
 
+def build(suite, backbone: str, num_classes=None, checkpoint=None, **extra):
+    """A detector of ``suite``'s family at the bench's image size, as the bench builds it."""
+    return detector_from_config(ModelConfig(**suite.model_block(backbone, BenchParams(), **extra)), num_classes,
+                                checkpoint=checkpoint)
+
+
+def batches(ds, limit: int, size: int = 8):
+    """``(images, targets)`` of the first ``limit`` items of ``ds``, ``size`` at a time."""
+    stop = min(limit, len(ds))
+    for start in range(0, stop, size):
+        yield collate_fn([ds[i] for i in range(start, min(start + size, stop))])
+
+
+def train_mode_with_running_statistics(model):
+    """Train mode (the detector returns its losses) with BatchNorm on its running statistics, as evaluated."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
 def positive_entries(targets, logits_shape, batch_shape) -> torch.Tensor:
     """``(N, K, H, W)`` booleans: the location's centre lies inside a box whose label is that logit's class."""
     n, k, h, w = logits_shape
@@ -67,10 +89,8 @@ def object_best_scores(targets, logits, batch_shape) -> torch.Tensor:
 
 def gradient_split(args, suite, ds) -> dict:
     """Part 1: a fresh student's gradients on its class logits, positive entries against the rest."""
-    teacher = detector_from_config(ModelConfig(**suite.model_block(suite.teacher_backbone, BenchParams())),
-                                   checkpoint=args.teacher)
-    student = detector_from_config(ModelConfig(**suite.model_block(suite.student_backbone, BenchParams(),
-                                                                   **suite.student_extra)), ds.num_classes)
+    teacher = build(suite, suite.teacher_backbone, checkpoint=args.teacher)
+    student = build(suite, suite.student_backbone, ds.num_classes, **suite.student_extra)
     distiller = Distiller(student, teacher, losses={}).train()
     terms = {"sld": build_loss("sld", distiller.channels, distiller.num_levels),
              "logit_kd": build_loss("logit_kd", distiller.channels, distiller.num_levels)}
@@ -99,13 +119,11 @@ def score_stats(args, suite, ds, named_weights: dict[str, tuple[str, str]]) -> d
     """Part 2: each model's class scores on the validation images, positive entries against background."""
     out = {}
     for name, (backbone, path) in named_weights.items():
-        model = detector_from_config(ModelConfig(**suite.model_block(backbone, BenchParams())), ds.num_classes,
-                                     checkpoint=path).eval()
+        model = build(suite, backbone, ds.num_classes, path).eval()
         taps = TapAdapter(model)
         acc = {"object_best": [], "pos_score": [], "pos_logit": [], "bg_max_score": [], "bg_logit": [],
                "bg_above_0.05": []}
-        for start in range(0, min(args.val_images, len(ds)), 8):
-            images, targets = collate_fn([ds[i] for i in range(start, min(start + 8, args.val_images, len(ds)))])
+        for images, targets in batches(ds, args.val_images):
             batch, resized = model.transform(images, targets)
             tap = taps.run_on_batch(batch.tensors, batch.image_sizes, resized)
             acc["object_best"].append(object_best_scores(tap.targets, tap.cls_logits[:2], tap.batch_shape))
@@ -130,12 +148,7 @@ def own_classification_loss(args, suite, ds, named_weights: dict[str, tuple[str,
     from torchvision.ops import sigmoid_focal_loss
     out = {}
     for name, (backbone, path) in named_weights.items():
-        model = detector_from_config(ModelConfig(**suite.model_block(backbone, BenchParams())), ds.num_classes,
-                                     checkpoint=path)
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        model = train_mode_with_running_statistics(build(suite, backbone, ds.num_classes, path))
         captured = {}
         original = model.head.compute_loss
 
@@ -147,8 +160,7 @@ def own_classification_loss(args, suite, ds, named_weights: dict[str, tuple[str,
         pos_loss = neg_loss = pos_score = pos_low = 0.0
         positives = 0
         with torch.no_grad():
-            for start in range(0, min(args.val_images, len(ds)), 8):
-                images, targets = collate_fn([ds[i] for i in range(start, min(start + 8, args.val_images, len(ds)))])
+            for images, targets in batches(ds, args.val_images):
                 model(images, targets)
                 logits = captured["logits"]
                 onehot = torch.zeros_like(logits)
@@ -162,8 +174,8 @@ def own_classification_loss(args, suite, ds, named_weights: dict[str, tuple[str,
                 pos_low += float((logits.sigmoid()[onehot == 1] < 0.05).sum())
                 positives += int(onehot.sum())
         out[name] = {"positive_loss": pos_loss / max(1, positives), "negative_loss": neg_loss / max(1, positives),
-                     "positive_score": pos_score / max(1, positives), "positive_below_0.05": pos_low / max(1, positives),
-                     "positives": positives}
+                     "positive_score": pos_score / max(1, positives),
+                     "positive_below_0.05": pos_low / max(1, positives), "positives": positives}
     return out
 
 
@@ -191,12 +203,12 @@ def main(argv=None) -> int:
     weights = {"teacher": (suite.teacher_backbone, args.teacher)}
     weights.update({n: (suite.student_backbone, p) for n, p in (s.split("=", 1) for s in args.students)})
     stats = score_stats(args, suite, val, weights)
-    print("\n| model (P3, P4, validation images) | best score per object | positive score | positive logit | background max score | "
-          "background logit | background locations above 0.05 |")
+    print("\n| model (P3, P4, validation images) | best score per object | positive score | positive logit | "
+          "background max score | background logit | background locations above 0.05 |")
     print("|---|---|---|---|---|---|---|")
     for n, v in stats.items():
-        print(f"| {n} | {v['object_best']:.3f} | {v['pos_score']:.3f} | {v['pos_logit']:+.2f} | {v['bg_max_score']:.4f} | "
-              f"{v['bg_logit']:+.2f} | {v['bg_above_0.05']:.4f} |")
+        print(f"| {n} | {v['object_best']:.3f} | {v['pos_score']:.3f} | {v['pos_logit']:+.2f} | "
+              f"{v['bg_max_score']:.4f} | {v['bg_logit']:+.2f} | {v['bg_above_0.05']:.4f} |")
     own = {split_name: own_classification_loss(args, suite, data, weights)
            for split_name, data in (("train", train), ("val", val))}
     print("\n| model | own focal loss on positives (train images) | on the rest (train) | score of positives (train) "

@@ -384,7 +384,6 @@ def test_the_retinanet_teacher_starts_from_imagenet_and_students_read_it_from_it
 @pytest.mark.parametrize("script", ["sfd_weight_diagnostic.py", "retinanet_sfd_diagnostic.py"])
 def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, tmp_path, monkeypatch, capsys):
     """The README's diagnostics call the bench's public functions: a change there must not leave them broken."""
-    import importlib.util
     import sys
 
     from samkd.config import config_from_dict
@@ -407,9 +406,7 @@ def test_the_diagnostic_scripts_build_valid_runs_from_a_trained_teacher(script, 
     monkeypatch.setattr(samkd.bench.runner, "run_all", fake_run_all)
     monkeypatch.setattr(samkd.bench, "kd_to_task_loss", lambda path: 1.0)
     monkeypatch.setattr(sys, "argv", [script, "--work-dir", str(tmp_path)])
-    spec = importlib.util.spec_from_file_location(script[:-3], REPO / "benchmarks" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script(script)
     module.main()
     variants = module.VARIANTS
     assert len(trained) == len(variants) and capsys.readouterr().out.count("AP 1.0") == len(variants)
@@ -671,22 +668,17 @@ def test_sld_logit_diagnostic_splits_fcos_own_classification_loss_exactly(shapes
 
     import torch
 
-    from samkd.config import ModelConfig
     from samkd.data import CocoDetection, collate_fn
-    from samkd.models import detector_from_config
 
     diag = _load_script("sld_logit_diagnostic.py")
     suite = bench.SUITES["fcos"]
     ds = CocoDetection(f"{shapes_data}/annotations/val.json", f"{shapes_data}/images/val")
     torch.manual_seed(0)
-    model = detector_from_config(ModelConfig(**suite.model_block("resnet18", BenchParams())), ds.num_classes)
+    model = diag.build(suite, "resnet18", ds.num_classes)
     torch.save(model.state_dict(), tmp_path / "m.pt")
     split = diag.own_classification_loss(argparse.Namespace(val_images=4), suite, ds,
                                           {"m": ("resnet18", str(tmp_path / "m.pt"))})["m"]
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    diag.train_mode_with_running_statistics(model)
     with torch.no_grad():
         own = float(model(*collate_fn([ds[i] for i in range(4)]))["classification"])
     assert split["positives"] > 0 and split["negative_loss"] > 0

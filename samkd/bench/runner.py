@@ -26,7 +26,8 @@ from .suites import BenchParams, Suite, synthetic_data
 DISK_ONLY = ("keep_checkpoints", "checkpoint_every_steps")
 # Loss parameters added after runs were cached, with the value that computes what the loss computed before they
 # existed: at that value they stay out of the key, so the cached runs (hours of CPU) are still found.
-ADDED_LATER = {"samkd": {"placement": "top", "global_mask": False, "level_weighting": "level", "logit_offset": "keep"}}
+ADDED_LATER = {"samkd": {"placement": "top", "global_mask": False, "level_weighting": "level",
+                         "logit_offset": "keep"}}
 
 
 class MissingRun(RuntimeError):
