@@ -233,6 +233,27 @@ def test_the_report_warns_when_a_teacher_is_no_better_than_the_student_alone():
                    suite_markdown("fcos", {"meta": meta, "results": {"student": row(0.9, 0.6)}}))
 
 
+def test_s_per_step_measured_on_shared_cores_is_starred_with_its_load():
+    from samkd.bench.report import aggregate
+    meta = {"command": "samkd bench", "date": "today", "machine": "here", "teacher_steps": 10,
+            "teacher_batch_size": 2, "teacher_AP": {"0": 50.0}, "steps": 3, "batch_size": 2, "optimizer": "adamw",
+            "lr": 1e-3, "image_size": 96, "data_seeds": [0], "seeds": [0, 1], "weights": {}}
+    keys = [(0, 0), (0, 1)]
+    run = {"metrics": {"AP": 10.0}, "s_per_step": 1.5}
+    results = {"student": aggregate([{**run, "machine_load": 1.0}, {**run}], keys),  # older records: no load
+               "mgd": aggregate([{**run, "machine_load": 0.9}, {**run, "machine_load": 2.0}], keys)}
+    assert results["student"]["machine_load"] == 1.0 and results["mgd"]["machine_load"] == 2.0  # the worst run
+    lines = suite_markdown("fcos", {"meta": meta, "results": results})
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith(("| student", "| mgd"))}
+    # 1.0 per core is the bench's own load (one thread per core); 2.0 means the steps waited for the cores
+    assert rows["student"].endswith("| 1.50 |") and rows["mgd"].endswith("| 1.50* |")
+    notes = [line for line in lines if "other work shared the cores" in line]
+    assert len(notes) == 1 and "mgd 2.0" in notes[0] and "student" not in notes[0]
+    results["mgd"]["machine_load"] = 1.2
+    assert not any("*" in line for line in suite_markdown("fcos", {"meta": meta, "results": results})
+                   if line.startswith("| mgd"))
+
+
 def test_lead_verdict():
     results = {"student": _row(1, [1, 1, 1]), "mgd": _row(10, [9.0, 10.0, 11.0]),
                "samkd": _row(14, [13.5, 14.0, 14.5]), "samkd_sfd": _row(20, [20.0, 20.0, 20.0])}

@@ -50,6 +50,18 @@ def test_training_lowers_loss_and_beats_fresh_model(easy_data, tmp_path):
     assert trained_ap50 > fresh_ap50, (trained_ap50, fresh_ap50)
 
 
+def test_summary_reports_the_load_per_core_the_steps_ran_under(tiny_data, tmp_path, monkeypatch):
+    # 1-minute load averages of 3.0 then 6.0 on a 4-core machine, one per log row: (0.75 + 1.5) / 2
+    loads = iter([3.0, 6.0, 6.0, 6.0])
+    monkeypatch.setattr(os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 2, "log_every": 1, "checkpoint_every": 0},
+                      data={"max_val_images": 1})
+    summary = train(cfg)
+    assert summary["machine_load"] == pytest.approx((3.0 / 4 + 6.0 / 4) / 2)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["machine_load"] == summary["machine_load"]
+
+
 def _resume_cfg(data, out, epochs):
     return tiny_config(data, out, train={"epochs": epochs, "scheduler": "constant", "warmup_steps": 0,
                                          "checkpoint_every": 1, "keep_checkpoints": 5},

@@ -18,6 +18,10 @@ import numpy as np
 from .methods import ABLATIONS, EXTERNAL_ROWS, METHODS, SAMKD_ROWS
 from .suites import SUITES
 
+# A run whose mean 1-minute load average exceeds this per core shared its cores with other work (the bench's own
+# runs, one thread per core, make ~1.0): its s/step is starred in the table.
+OVERSUBSCRIBED = 1.25
+
 
 def kd_to_task_loss(train_csv: Path) -> Optional[float]:
     """How hard the distillation pulls against the detector's own loss in one run, from its ``train.csv``.
@@ -63,6 +67,8 @@ def aggregate(runs: list[dict], keys: list[tuple[int, int]]) -> dict:
         row[k + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     timed = [r["s_per_step"] for r in runs if r.get("s_per_step")]
     row["s_per_step"] = float(np.mean(timed)) if timed else float("nan")  # nan: printed as such, no warning
+    loads = [r["machine_load"] for r in runs if r.get("machine_load") is not None]  # older records have none
+    row["machine_load"] = max(loads) if loads else None
     row["runs"] = len(runs)
     ratios = [r["kd_to_task"] if "kd_to_task" in r else kd_to_task_loss(Path(r["output_dir"]) / "train.csv")
               for r in runs if "kd_to_task" in r or r.get("output_dir")]  # bench runs carry it (their records)
@@ -180,11 +186,17 @@ def suite_markdown(name: str, entry: dict) -> list[str]:
         cells += [format_metric(r[k]) for k in ("AP50", "AP75", "APs", "APm")]
         gain = f"{r['AP'] - base:+.1f}" if base is not None else "n/a"
         ratio = f"{r['kd_to_task']:.1f}" if r.get("kd_to_task") is not None else "—"
+        loaded = "*" if (r.get("machine_load") or 0) > OVERSUBSCRIBED else ""
         lines.append(f"| {'**' + method + '**' if method == 'samkd' else method} | {weight} | "
-                     + " | ".join(cells) + f" | {gain} | {ratio} | {r['s_per_step']:.2f} |")
+                     + " | ".join(cells) + f" | {gain} | {ratio} | {r['s_per_step']:.2f}{loaded} |")
     text = verdict_text(entry.get("verdict", {}))
     if text:
         lines += ["", text]
+    loaded = {m: r["machine_load"] for m, r in results.items() if (r.get("machine_load") or 0) > OVERSUBSCRIBED}
+    if loaded:
+        lines += ["", "\\* s/step measured while other work shared the cores (a run's mean 1-minute load average per "
+                  "core: " + ", ".join(f"{m} {v:.1f}" for m, v in loaded.items()) + f"; above {OVERSUBSCRIBED:g} "
+                  "its steps waited): not a measure of the method's cost."]
     theirs = [f"{m} {r['their_AP']:.1f}" for m, r in results.items() if r.get("their_AP") is not None]
     if theirs:
         lines += ["", "ultralytics' own validator on the same checkpoints (mAP50-95, its letterboxed images): "

@@ -11,6 +11,7 @@ checkpoint have all been checked.
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import os
@@ -261,6 +262,7 @@ class Run:
     step: int = 0
     saved_step: int = -1  # step of the newest checkpoint (the one loaded or written)
     step_times: list = field(default_factory=list)
+    machine_loads: list = field(default_factory=list)  # the 1-min load average per core at each log row
     num_classes: int = 0
     replaced: Optional[SetAside] = None  # the record --overwrite set aside, until this run can replace it
 
@@ -485,9 +487,20 @@ def train_one_epoch(run: Run, epoch: int, logger: RunLogger, bar, skip: int = 0,
         if run.step % cfg.log_every == 0 or run.step == run.total_steps:
             logger.row("train", {"step": run.step, "epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"],
                                  **losses, "s_per_step": float(np.mean(run.step_times[-cfg.log_every:]))})
+            load = machine_load()
+            if load is not None:
+                run.machine_loads.append(load)
             bar.set_postfix(loss=f"{losses['loss']:.3f}")
         if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
             save_training_state(run)
+
+
+def machine_load() -> Optional[float]:
+    """The machine's 1-minute load average over its core count (None where the OS has none: Windows)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return None
 
 
 def evaluate_run(run: Run, epoch: int, logger: RunLogger) -> dict:
@@ -530,6 +543,8 @@ def finish(run: Run, metrics: dict, history: list[dict]) -> dict:
     timed = run.step_times[2:] or run.step_times  # the first steps pay one-off allocation costs
     summary = {"metrics": metrics, "history": history, "steps": run.step,
                "s_per_step": float(np.mean(timed)) if timed else float("nan"),
+               # above ~1 the steps waited for cores other work held: s_per_step is then no measure of cost
+               "machine_load": float(np.mean(run.machine_loads)) if run.machine_loads else None,
                "checkpoint": str(last) if last.is_file() else None, "weights": str(weights),
                "output_dir": str(run.out)}
     if run.is_main:
@@ -541,8 +556,8 @@ def finish(run: Run, metrics: dict, history: list[dict]) -> dict:
 
 
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
-    """Train as configured; returns ``{"metrics", "history", "steps", "s_per_step", "checkpoint", "weights",
-    "output_dir"}`` (also written to ``<output_dir>/summary.json``).
+    """Train as configured; returns ``{"metrics", "history", "steps", "s_per_step", "machine_load", "checkpoint",
+    "weights", "output_dir"}`` (also written to ``<output_dir>/summary.json``).
 
     ``resume``: a checkpoint path, or ``"auto"``: the newest checkpoint of ``output_dir`` that loads (a fresh
     start when there is none). Resuming a finished run (summary.json with all steps done) does nothing and
@@ -561,6 +576,9 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         return summary
     finally:
         if own_group and dist.is_available() and dist.is_initialized():
+            # The run's DDP reducer holds the gloo group and lives in reference cycles: free it now, so that the
+            # group's threads stop here and not during interpreter shutdown (a rank aborted there once, under load).
+            gc.collect()
             dist.destroy_process_group()
 
 
