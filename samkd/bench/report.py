@@ -179,6 +179,7 @@ def suite_markdown(name: str, entry: dict) -> list[str]:
         + " | AP50 | AP75 | APs | APm | gain over student | KD / task loss | s/step |",
         "|---|---|---|" + "---|" * len(data_cols) + "---|---|---|---|---|---|---|"]
     base = results.get("student", {}).get("AP")
+    shared = {m: r["machine_load"] for m, r in results.items() if (r.get("machine_load") or 0) > OVERSUBSCRIBED}
     for method, r in results.items():
         weight = "—" if METHODS.get(method) is None else f"{meta['weights'].get(ABLATIONS.get(method, method), 1.0):g}"
         cells = [f"{r['AP']:.1f} ± {r['AP_std']:.1f}"] + [f"{r['AP_by_data_seed'].get(c, float('nan')):.1f}"
@@ -186,16 +187,15 @@ def suite_markdown(name: str, entry: dict) -> list[str]:
         cells += [format_metric(r[k]) for k in ("AP50", "AP75", "APs", "APm")]
         gain = f"{r['AP'] - base:+.1f}" if base is not None else "n/a"
         ratio = f"{r['kd_to_task']:.1f}" if r.get("kd_to_task") is not None else "—"
-        loaded = "*" if (r.get("machine_load") or 0) > OVERSUBSCRIBED else ""
+        star = "*" if method in shared else ""
         lines.append(f"| {'**' + method + '**' if method == 'samkd' else method} | {weight} | "
-                     + " | ".join(cells) + f" | {gain} | {ratio} | {r['s_per_step']:.2f}{loaded} |")
+                     + " | ".join(cells) + f" | {gain} | {ratio} | {r['s_per_step']:.2f}{star} |")
     text = verdict_text(entry.get("verdict", {}))
     if text:
         lines += ["", text]
-    loaded = {m: r["machine_load"] for m, r in results.items() if (r.get("machine_load") or 0) > OVERSUBSCRIBED}
-    if loaded:
+    if shared:
         lines += ["", "\\* s/step measured while other work shared the cores (a run's mean 1-minute load average per "
-                  "core: " + ", ".join(f"{m} {v:.1f}" for m, v in loaded.items()) + f"; above {OVERSUBSCRIBED:g} "
+                  "core: " + ", ".join(f"{m} {v:.1f}" for m, v in shared.items()) + f"; above {OVERSUBSCRIBED:g} "
                   "its steps waited): not a measure of the method's cost."]
     theirs = [f"{m} {r['their_AP']:.1f}" for m, r in results.items() if r.get("their_AP") is not None]
     if theirs:

@@ -787,7 +787,8 @@ class SLDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"T={self.T}, tau_d={self.tau_d}, region={self.region}, weighting={self.weighting!r}, "
                 f"level_weighting={self.level_weighting!r}, logit_offset={self.logit_offset!r}, "
-                f"beta_sld={self.beta_sld}, roi_weight={self.roi_weight}, roi_levels={self.roi_levels}, weight={self.weight}")
+                f"beta_sld={self.beta_sld}, roi_weight={self.roi_weight}, roi_levels={self.roi_levels}, "
+                f"weight={self.weight}")
 
 
 def _keyword_params(cls) -> dict[str, object]:
