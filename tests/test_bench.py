@@ -606,6 +606,8 @@ def test_the_256_px_suite_makes_its_data_and_models_at_256_px_with_objects_scale
     raw = suite.student_raw(params, Path("data"), 0, {"mgd": {}}, "t.pt")
     assert raw["model"]["min_size"] == raw["model"]["max_size"] == 256 == raw["teacher"]["min_size"]
     assert set(suite.methods) <= set(METHODS) and suite.tuning == "paper_fcos"
+    assert suite.teacher_steps(params) == 600 == round(1000 * 0.6)  # evaluated every 2 epochs: 150 steps
+    assert suite.teacher_raw(params, Path("data"))["train"]["eval_every"] == 2
 
 
 def test_the_paper_faster_rcnn_suite_takes_the_best_two_rivals_of_the_validation_grid():
