@@ -232,12 +232,18 @@ def test_export_refuses_onnx_and_an_ultralytics_teacher_checkpoint_distils(pipel
 def test_yolo_suite_trains_every_method_on_scaled_data_and_their_trainer_on_the_same_budget(tmp_path):
     from samkd.bench import METHODS, SUITES, cache_key
     from samkd.bench.external import external_raw, yolo_dataset
+    from samkd.bench.suites import BenchParams
     suite = SUITES["yolo"]
     assert set(suite.methods) == set(METHODS) | {"ultralytics", "ultralytics_distill"}
     assert (suite.seeds, suite.data_seeds) == ((0, 1), (0, 2))
     params = suite.params()
     assert (params.image_size, params.min_object_size, params.steps, params.batch_size) == (256, 16, 300, 4)
     assert suite.params(quick=True).image_size % 32 == 0  # --quick keeps a size YOLO takes
+    # what `samkd bench --suite yolo` passes when --steps / --teacher-steps / --batch-size are not given
+    from_cli = suite.params(steps=None, teacher_steps=None, batch_size=None)
+    assert from_cli == params and from_cli.teacher_steps == 300 != BenchParams().teacher_steps
+    assert suite.teacher_raw(from_cli, tmp_path)["train"]["max_steps"] == 300
+    assert suite.params(teacher_steps=50, steps=None).teacher_steps == 50  # a given option still wins
     samkd = suite.run_raw("samkd", params, tmp_path / "data", 1, "t.pt")
     assert samkd["model"] == {"arch": "yolo", "backbone": "yolo11n", "min_size": 256, "max_size": 256,
                               "score_thresh": 0.05}

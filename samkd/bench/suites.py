@@ -94,8 +94,10 @@ class Suite:
         return label + (" with an ImageNet backbone" if self.teacher_extra.get("backbone_weights") else "")
 
     def params(self, quick: bool = False, **overrides) -> BenchParams:
-        """This suite's budget: :class:`BenchParams` with :attr:`budget` (not when ``quick``), then ``overrides``."""
-        return BenchParams.of(quick, **{**({} if quick else self.budget), **overrides})
+        """This suite's budget: :class:`BenchParams` with :attr:`budget` (not when ``quick``), then the ``overrides``
+        that are set (the command line passes ``None`` for an option not given: it must not undo the budget)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return BenchParams.of(quick, **{**({} if quick else self.budget), **given})
 
     def teacher_steps(self, params: BenchParams) -> int:
         return max(1, round(params.teacher_steps * self.teacher_step_factor))
