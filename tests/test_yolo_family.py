@@ -284,6 +284,33 @@ def test_their_per_epoch_losses_give_the_kd_to_task_column(tmp_path):
     assert kd_to_task_loss(tmp_path / "train.csv") == pytest.approx(0.5 / 2.0)  # the second half: epoch 2
 
 
+def test_their_trainer_is_told_the_run_folder_absolutely(tmp_path, monkeypatch):
+    """ultralytics puts a relative `project` under the runs_dir of its settings file, not under the working
+    directory (a bench run from `benchmarks/work/runs/...` found no results.csv there): the job must name the
+    run folder and the data absolutely, whatever folder the bench runs from."""
+    import samkd.bench.external as external
+
+    class Stop(Exception):
+        pass
+
+    jobs = []
+
+    def trainer_that_stops(job, out):
+        jobs.append(job)
+        raise Stop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(external, "_run_trainer", trainer_that_stops)
+    monkeypatch.setattr(external, "yolo_dataset", lambda root: Path(f"{root}_yolo") / "data.yaml")
+    raw = {"data": {"root": "data"}, "model": {"backbone": "yolo11n"}, "args": {"epochs": 2}, "steps_per_epoch": 150}
+    with pytest.raises(Stop):
+        external.train_external_run(raw, Path("runs") / "yolo-ultralytics-d0-s0")
+    args = jobs[0]["args"]
+    assert args["project"] == str((tmp_path / "runs" / "yolo-ultralytics-d0-s0").resolve())
+    assert args["data"] == str((tmp_path / "data_yolo" / "data.yaml").resolve())
+    assert (args["name"], args["epochs"], jobs[0]["model"]) == ("train", 2, "yolo11n.yaml")
+
+
 @pytest.mark.slow
 def test_quick_yolo_suite_runs_their_trainer_beside_samkd(tmp_path):
     """`samkd bench --quick --suite yolo` with ultralytics' two rows: their trainer for one epoch (4 steps)."""

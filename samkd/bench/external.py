@@ -191,7 +191,9 @@ def train_external_run(raw: dict, out: Path) -> dict:
     from ..engine.train import write_json
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "train", ignore_errors=True)  # an interrupted attempt's files: their trainer appends to them
-    args = {**raw["args"], "data": str(yolo_dataset(Path(raw["data"]["root"]))), "project": str(out), "name": "train"}
+    # absolute paths: their trainer puts a relative `project` under its own settings' runs_dir, not the cwd
+    args = {**raw["args"], "data": str(yolo_dataset(Path(raw["data"]["root"])).resolve()),
+            "project": str(out.resolve()), "name": "train"}
     if "teacher" in raw:
         args["distill_model"] = str(_teacher_for_ultralytics(raw["teacher"], out))
     import torch
