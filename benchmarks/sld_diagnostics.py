@@ -22,13 +22,16 @@ import yaml
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
-from samkd.bench import SUITES, BenchParams  # noqa: E402
+from samkd.bench import SUITES  # noqa: E402
 from samkd.config import ModelConfig  # noqa: E402
 from samkd.data import CocoDetection, collate_fn  # noqa: E402
 from samkd.distill import Distiller  # noqa: E402
 from samkd.losses import build_loss  # noqa: E402
 from samkd.losses.samkd import sld_weights  # noqa: E402
 from samkd.models import detector_from_config  # noqa: E402
+
+# the detector's own classification term, by family (the loss that shares SLD's logits)
+CLASSIFICATION_LOSS = {"fcos": "classification", "retinanet": "classification", "yolo": "loss_cls"}
 
 
 
@@ -57,10 +60,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     params = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     ds = CocoDetection(f"{args.data}/annotations/train.json", f"{args.data}/images/train")
-    teacher = detector_from_config(ModelConfig(**suite.model_block(suite.teacher_backbone, BenchParams())),
+    bench = suite.params()  # the suite's own budget (image size: YOLO's is 256 px)
+    teacher = detector_from_config(ModelConfig(**suite.model_block(suite.teacher_backbone, bench)),
                                    checkpoint=args.teacher)
     fresh = args.student == "fresh"  # a fresh student starts where the bench's do (ImageNet backbone, if any)
-    student_block = suite.model_block(suite.student_backbone, BenchParams(), **(suite.student_extra if fresh else {}))
+    student_block = suite.model_block(suite.student_backbone, bench, **(suite.student_extra if fresh else {}))
     student = detector_from_config(ModelConfig(**student_block), ds.num_classes,
                                    checkpoint=None if fresh else args.student)
     distiller = Distiller(student, teacher, losses={}).train()
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
         det, s, t = distiller.compare(images, targets)
         logits = s.cls_logits  # the hooked head outputs: the detector's own loss was computed from them too
         grads = {}
-        for name, value in (("cls", det["classification"]), ("sld", sld(s, t)["sld"]), ("kd", kd(s, t)["logit_kd"])):
+        own_cls = det[CLASSIFICATION_LOSS[suite.arch]]
+        for name, value in (("cls", own_cls), ("sld", sld(s, t)["sld"]), ("kd", kd(s, t)["logit_kd"])):
             g = torch.autograd.grad(value, logits, retain_graph=True, allow_unused=True)
             value = value.detach()
             per_level = [float(x.norm() ** 2) if x is not None else 0.0 for x in g]
