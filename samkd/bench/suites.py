@@ -42,9 +42,11 @@ class BenchParams:
     weight_decay: float = 0.05
 
     @classmethod
-    def of(cls, quick: bool = False, **overrides) -> "BenchParams":
-        """The default budget (``quick``: :data:`QUICK`) with the overrides that are not ``None``."""
-        base = QUICK if quick else cls()
+    def of(cls, quick: bool = False, budget: Optional[dict] = None, **overrides) -> "BenchParams":
+        """The default budget (``quick``: :data:`QUICK`; else with a suite's ``budget`` fields), then the overrides
+        that are not ``None`` (the command line passes ``None`` for an option not given: it must not undo a
+        suite's budget)."""
+        base = QUICK if quick else dataclasses.replace(cls(), **(budget or {}))
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def as_dict(self) -> dict:
@@ -94,10 +96,8 @@ class Suite:
         return label + (" with an ImageNet backbone" if self.teacher_extra.get("backbone_weights") else "")
 
     def params(self, quick: bool = False, **overrides) -> BenchParams:
-        """This suite's budget: :class:`BenchParams` with :attr:`budget` (not when ``quick``), then the ``overrides``
-        that are set (the command line passes ``None`` for an option not given: it must not undo the budget)."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return BenchParams.of(quick, **{**({} if quick else self.budget), **given})
+        """This suite's budget: :class:`BenchParams` with :attr:`budget` (not when ``quick``), then ``overrides``."""
+        return BenchParams.of(quick, budget=self.budget, **overrides)
 
     def teacher_steps(self, params: BenchParams) -> int:
         return max(1, round(params.teacher_steps * self.teacher_step_factor))
