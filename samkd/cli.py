@@ -231,7 +231,8 @@ def _add_bench(add) -> None:
     p.add_argument("--tune", action="store_true",
                    help="the same weight grid for every method on validation data; writes tuning.md")
     p.add_argument("--design", action="store_true",
-                   help="SAMKD's design-choice variants on the validation data of --suite (default paper_fcos)")
+                   help="SAMKD's design-choice variants on the validation data of --suite: paper_fcos (the default; it "
+                        "decided the defaults) or yolo (the shipped defaults measured on YOLO)")
     p.add_argument("--costs", action="store_true",
                    help="only the cost profile, on synthetic batches (e.g. --device cuda --image-size 800)")
     p.add_argument("--device", default="cpu", help="--costs: device to measure on")

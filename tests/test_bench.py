@@ -583,11 +583,55 @@ def test_design_runs_one_samkd_variant_each_and_reuses_the_tuning_baseline(tmp_p
     assert asked[tuning_run_name("student", None, "paper_fcos")] is None
     assert asked["design-paper_fcos-soft-s100"] == {"samkd": {**base, "placement": "soft"}}
     assert asked["design-paper_fcos-random_only-s100"] == {"samkd": {**base, "random_share": 1.0}}
-    assert len(asked) == len(DESIGN_VARIANTS) + 1 <= 11  # at most 10 variants, plus the student alone
+    # the ten runs measured on 2026-11-28; the inverse variants (local_only, sld_level) equal its base: not run
+    assert set(asked) - {tuning_run_name("samkd", 1.0, "paper_fcos"), tuning_run_name("student", None, "paper_fcos")} \
+        == {f"design-paper_fcos-{v}-s100" for v in ("sfd_only", "top_only", "random_only", "sampled", "soft",
+                                                     "global_mask", "sld_location", "sld_region2", "sld_power")}
     table = (tmp_path / "design_paper_fcos.md").read_text()
     assert "| soft | `placement: \"soft\"` |" in table and "samkd bench --design --suite paper_fcos" in table
+    assert "tuned again with the weight grid" in table
     assert "### SAMKD design choices (paper_fcos)" in (tmp_path / "results.md").read_text()
-    assert set(payload["AP"]) == set(DESIGN_VARIANTS) | {"student"}
+    assert set(payload["AP"]) == set(DESIGN_VARIANTS) - {"local_only", "sld_level"} | {"student"}
+
+
+def test_yolo_design_runs_start_from_the_shipped_defaults_and_skip_variants_equal_to_them(tmp_path, monkeypatch):
+    """On YOLO the design runs measure the library's defaults as shipped (2026-12-07), written out; a variant
+    that changes nothing (random_only, global_mask, sld_location) would train the baseline twice."""
+    from samkd.bench import run_design, tuning_run_name
+    from samkd.losses import SAMKDLoss
+    asked = {}
+
+    def fake_students(params, work, suite, data_seed, seed, variants, jobs, quiet=True, train=True):
+        asked.update(variants, params=params)
+        return ({"metrics": {"AP": 40.0}},
+                {name: ({}, {"metrics": {"AP": 10.0 + i}}) for i, name in enumerate(variants)})
+
+    monkeypatch.setattr(samkd.bench.tables, "students_on_one_teacher", fake_students)
+    payload = run_design(out_dir=str(tmp_path), suite="yolo")
+    assert asked.pop("params").image_size == 256  # the yolo suite's budget
+    base = {"random_share": 1.0, "placement": "top", "global_mask": True, "level_weighting": "location",
+            "region": 1, "weighting": "softmax"}
+    shipped = SAMKDLoss.hyper_params()
+    assert {k: shipped[k] for k in base} == base  # the base is what the library ships (update both together)
+    assert asked[tuning_run_name("samkd", 1.0, "yolo")] == {"samkd": base}
+    assert asked["design-yolo-sfd_only-s100"] == {"samkd": {**base, "use_sld": False}}
+    assert asked["design-yolo-local_only-s100"] == {"samkd": {**base, "global_mask": False}}
+    assert asked["design-yolo-sld_level-s100"] == {"samkd": {**base, "level_weighting": "level"}}
+    assert asked["design-yolo-top_only-s100"] == {"samkd": {**base, "random_share": 0.0}}
+    for same in ("random_only", "global_mask", "sld_location"):
+        assert f"design-yolo-{same}-s100" not in asked
+    assert len(asked) == 9 + 1  # baseline and 8 variants, plus the student alone
+    table = (tmp_path / "design_yolo.md").read_text()
+    assert "samkd bench --design --suite yolo" in table and "the library's defaults stay" in table
+    assert "| local_only | `global_mask: false` |" in table
+    assert payload["base"] == base
+
+
+def test_design_runs_refuse_a_suite_without_a_design_base(tmp_path):
+    from samkd.bench import run_design
+    with pytest.raises(ValueError, match="no design base for suite 'retinanet'"):
+        run_design(out_dir=str(tmp_path / "out"), suite="retinanet")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_paper_suites_refuse_to_run_before_their_tuning_is_recorded(monkeypatch):

@@ -29,7 +29,7 @@ configs), :mod:`~samkd.bench.runner` (the cache), :mod:`~samkd.bench.costs`, :mo
 :mod:`~samkd.bench.tables` (the entry points).
 """
 from .costs import measure_costs, run_costs
-from .methods import (ABLATIONS, DESIGN_VARIANTS, METHODS, PAPER_TUNED_WEIGHTS, SAMKD_ROWS, TUNE_FACTORS, TUNED_METHODS, TUNED_WEIGHTS, check_methods,
+from .methods import (ABLATIONS, DESIGN_VARIANTS, METHODS, design_base, design_variants, PAPER_TUNED_WEIGHTS, SAMKD_ROWS, TUNE_FACTORS, TUNED_METHODS, TUNED_WEIGHTS, check_methods,
                       method_losses, suite_weights)
 from .report import cost_goals, kd_to_task_loss, lead_verdict, machine, suite_markdown
 from .runner import (MissingRun, cache_key, cached_run, finished, record_file, run_all, run_dir, students_on_one_teacher,
@@ -38,7 +38,7 @@ from .suites import (DATA_SEEDS, QUICK, SUITES, TUNE_DATA_SEED, TUNE_SEED, Bench
                      synthetic_data)
 from .tables import design_run_name, extend_grid, run_bench, run_design, run_suite, run_tuning, tuning_run_name
 
-__all__ = ["ABLATIONS", "DESIGN_VARIANTS", "PAPER_TUNED_WEIGHTS", "design_run_name", "extend_grid", "run_design",
+__all__ = ["ABLATIONS", "DESIGN_VARIANTS", "design_base", "design_variants", "PAPER_TUNED_WEIGHTS", "design_run_name", "extend_grid", "run_design",
            "suite_weights", "DATA_SEEDS", "METHODS", "QUICK", "SAMKD_ROWS", "SUITES", "TUNE_DATA_SEED", "TUNE_FACTORS",
            "TUNE_SEED", "TUNED_METHODS", "TUNED_WEIGHTS", "BenchParams", "MissingRun", "Suite", "cache_key",
            "cached_run", "check_methods", "finished", "record_file", "teacher_checkpoint", "cost_goals", "kd_to_task_loss", "lead_verdict", "machine", "measure_costs",

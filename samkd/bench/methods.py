@@ -41,10 +41,17 @@ PAPER_TUNED_WEIGHTS: dict[str, float] = {"fitnet": 4.0, "logit_kd": 0.015625, "m
 WEIGHTS_OF_TUNING: dict[str, dict[str, float]] = {"fcos": TUNED_WEIGHTS, "paper_fcos": PAPER_TUNED_WEIGHTS}
 
 # SAMKD's open design choices (issue 20), one run each at SAMKD's default weight on the validation data of a
-# suite. Each variant changes one choice of ``distill.losses.samkd`` from DESIGN_BASE: the defaults the runs were
-# measured against (2026-11-28), written out so that the runs keep their cache keys after a default changes.
+# suite. Each variant changes one choice of ``distill.losses.samkd`` from the suite's design base: the defaults
+# its runs were measured against, written out so that the runs keep their cache keys after a default changes.
+# paper_fcos decided the library's defaults (2026-11-28: random_share 1.0, global_mask true, level_weighting
+# location came from it); yolo measures those defaults again on another family (2026-12-07).
+DEFAULTS_SUITE = "paper_fcos"  # the suite whose design runs decide the library's SAMKD defaults
 DESIGN_BASE: dict = {"random_share": 0.5, "placement": "top", "global_mask": False, "level_weighting": "level",
                      "region": 1, "weighting": "softmax"}
+DESIGN_BASES: dict[str, dict] = {
+    "paper_fcos": DESIGN_BASE,
+    "yolo": {**DESIGN_BASE, "random_share": 1.0, "global_mask": True, "level_weighting": "location"},
+}
 DESIGN_VARIANTS: dict[str, dict] = {
     "baseline": {},
     "sfd_only": {"use_sld": False},
@@ -53,10 +60,28 @@ DESIGN_VARIANTS: dict[str, dict] = {
     "sampled": {"placement": "sampled"},
     "soft": {"placement": "soft"},
     "global_mask": {"global_mask": True},
+    "local_only": {"global_mask": False},
     "sld_location": {"level_weighting": "location"},
+    "sld_level": {"level_weighting": "level"},
     "sld_region2": {"region": 2},
     "sld_power": {"weighting": "power"},
 }
+
+
+def design_base(suite: str) -> dict:
+    """The SAMKD options a suite's design runs start from (:data:`DESIGN_BASES`)."""
+    if suite not in DESIGN_BASES:
+        raise ValueError(f"no design base for suite {suite!r}: the design runs exist for "
+                         f"{', '.join(DESIGN_BASES)} (add the suite's base to DESIGN_BASES in samkd/bench/methods.py)")
+    return DESIGN_BASES[suite]
+
+
+def design_variants(suite: str) -> dict[str, dict]:
+    """The baseline and every variant that changes the suite's base (a variant equal to the base is skipped:
+    it would train the baseline again)."""
+    base = design_base(suite)
+    return {v: change for v, change in DESIGN_VARIANTS.items()
+            if v == "baseline" or any(k not in base or base[k] != x for k, x in change.items())}
 
 
 def suite_weights(tuning: str) -> dict[str, float]:
