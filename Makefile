@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # On x86_64 this torch/torchvision pair installs offline from the local pip cache here; elsewhere pip finds a build.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo demo-quick test test-slow bench bench-tune bench-paper bench-quick bench-gpu clean
+.PHONY: install demo demo-quick test test-slow bench bench-tune bench-paper bench-yolo bench-quick bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 # The benchmark tables, one detector family at a time (each merges into benchmarks/results.md).
-bench: install bench-tune bench-paper
+bench: install bench-tune bench-paper bench-yolo
 	$(VENV)/bin/samkd bench --suite all --out benchmarks --jobs 2
 
 # The same weight grid for every method on validation data (benchmarks/tuning.md).
@@ -51,6 +51,12 @@ bench-paper: install
 	$(VENV)/bin/samkd bench --suite paper_retinanet --out benchmarks --jobs 2
 	$(VENV)/bin/samkd bench --suite paper_faster_rcnn --out benchmarks --jobs 2
 	$(VENV)/bin/samkd bench --suite paper_fcos_256 --out benchmarks --jobs 2
+
+# YOLO (the yolo extra): SAMKD's choices on YOLO's validation data, then the YOLO11s -> YOLO11n table with
+# ultralytics' own trainer beside it (about 80 CPU minutes per data seed on 2 cores; cached, resumes).
+bench-yolo: install
+	$(VENV)/bin/samkd bench --design --suite yolo --out benchmarks --jobs 2
+	$(VENV)/bin/samkd bench --suite yolo --out benchmarks --jobs 2
 
 bench-quick: install
 	$(VENV)/bin/samkd bench --quick --out /tmp/samkd-bench-quick

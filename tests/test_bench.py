@@ -514,6 +514,25 @@ def test_design_runs_keep_their_folders(tmp_path, monkeypatch):
         assert asked[name] == f"{name}-{key}"
 
 
+def test_yolo_design_runs_keep_their_folders(tmp_path, monkeypatch):
+    """YOLO's design runs (2026-12-07, recorded in benchmarks/work/records) are found again: their folders are
+    pinned as they were measured."""
+    asked = {}
+
+    def fake_run_all(runs, work, jobs, train=True, need_weights=()):
+        asked.update({name: run_dir(work, name, raw).name for raw, name in runs})
+        return [{"output_dir": "x", "metrics": {"AP": 1.0}} for _ in runs]
+
+    monkeypatch.setattr(samkd.bench.runner, "run_all", fake_run_all)
+    bench.run_design(out_dir=str(tmp_path), suite="yolo", work_dir=str(WORK))
+    pinned = {"teacher-yolo-yolo11s-d1": "78aa7d4662", "tune-yolo-student-s100": "8c9cbcc265",
+              "tune-yolo-samkd-w1-s100": "3d2be080b5", "design-yolo-sfd_only-s100": "4966b27a7b",
+              "design-yolo-sld_power-s100": "e49dd76fbe", "design-yolo-local_only-s100": "df530964e7",
+              "design-yolo-sld_level-s100": "6bc206734a", "design-yolo-top_only-s100": "07c5632f36"}
+    for name, key in pinned.items():
+        assert asked[name] == f"{name}-{key}"
+
+
 def test_every_suite_keeps_every_folder():
     """All 594 folders of every suite, method, data seed 0-2 and training seed 0-2 at the default budget, as one
     digest (computed by the code before the bench became a package)."""
