@@ -494,9 +494,8 @@ def test_tuning_runs_keep_their_folders():
         assert run_dir(WORK, bench.tuning_run_name(method, factor, name), raw).name == folder
 
 
-def test_design_runs_keep_their_folders(tmp_path, monkeypatch):
-    """The design-choice runs (measured 2026-11-28, recorded in benchmarks/work/records) are found again after a
-    SAMKD default changes: their configs pin the defaults they were measured against."""
+def _design_folders(tmp_path, monkeypatch, **suite) -> dict[str, str]:
+    """run name -> the cache folder `samkd bench --design` would train it in (nothing is trained)."""
     asked = {}
 
     def fake_run_all(runs, work, jobs, train=True, need_weights=()):
@@ -504,7 +503,14 @@ def test_design_runs_keep_their_folders(tmp_path, monkeypatch):
         return [{"output_dir": "x", "metrics": {"AP": 1.0}} for _ in runs]
 
     monkeypatch.setattr(samkd.bench.runner, "run_all", fake_run_all)
-    bench.run_design(out_dir=str(tmp_path), work_dir=str(WORK))
+    bench.run_design(out_dir=str(tmp_path), work_dir=str(WORK), **suite)
+    return asked
+
+
+def test_design_runs_keep_their_folders(tmp_path, monkeypatch):
+    """The design-choice runs (measured 2026-11-28, recorded in benchmarks/work/records) are found again after a
+    SAMKD default changes: their configs pin the defaults they were measured against."""
+    asked = _design_folders(tmp_path, monkeypatch)
     assert asked["teacher-fcos-efficientnet_lite2-imagenet-d1"] == "teacher-fcos-efficientnet_lite2-imagenet-d1-30313ec8a2"
     pinned = {"tune-paper_fcos-samkd-w1-s100": "9c8ceb6d9c", "design-paper_fcos-sfd_only-s100": "72ce1245c1",
               "design-paper_fcos-top_only-s100": "9091a4ee83", "design-paper_fcos-random_only-s100": "8ab03c8169",
@@ -517,14 +523,7 @@ def test_design_runs_keep_their_folders(tmp_path, monkeypatch):
 def test_yolo_design_runs_keep_their_folders(tmp_path, monkeypatch):
     """YOLO's design runs (2026-12-07, recorded in benchmarks/work/records) are found again: their folders are
     pinned as they were measured."""
-    asked = {}
-
-    def fake_run_all(runs, work, jobs, train=True, need_weights=()):
-        asked.update({name: run_dir(work, name, raw).name for raw, name in runs})
-        return [{"output_dir": "x", "metrics": {"AP": 1.0}} for _ in runs]
-
-    monkeypatch.setattr(samkd.bench.runner, "run_all", fake_run_all)
-    bench.run_design(out_dir=str(tmp_path), suite="yolo", work_dir=str(WORK))
+    asked = _design_folders(tmp_path, monkeypatch, suite="yolo")
     pinned = {"teacher-yolo-yolo11s-d1": "78aa7d4662", "tune-yolo-student-s100": "8c9cbcc265",
               "tune-yolo-samkd-w1-s100": "3d2be080b5", "design-yolo-sfd_only-s100": "4966b27a7b",
               "design-yolo-sld_power-s100": "e49dd76fbe", "design-yolo-local_only-s100": "df530964e7",
